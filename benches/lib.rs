@@ -1,0 +1,1 @@
+//! Spillway benchmarks (criterion). Run with `cargo bench`.

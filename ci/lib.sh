@@ -1,0 +1,60 @@
+# Shared helpers for the ci/ scripts: sourced, not run.
+
+SPILLWAY_CACHE="${SPILLWAY_CACHE:-$HOME/.cache/spillway}"
+TANSU_VERSION=0.6.0
+
+step() { printf '\n==> %s\n' "$*"; }
+
+apt_install() {
+  step "apt-get install $*"
+  if [[ -z "${SPILLWAY_APT_UPDATED:-}" ]]; then
+    apt-get update -qq
+    SPILLWAY_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# C toolchain and headers the bundled librdkafka build needs.
+ensure_build_tools() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(gcc)
+  command -v g++ >/dev/null || missing+=(g++)
+  command -v make >/dev/null || missing+=(make)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
+  if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
+  rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+}
+
+pg_bindir() {
+  if [[ -n "${SPILLWAY_PG_BIN:-}" ]]; then echo "$SPILLWAY_PG_BIN"; return; fi
+  local d
+  for d in /usr/lib/postgresql/*/bin; do
+    [[ -x "$d/initdb" ]] && { echo "$d"; return; }
+  done
+  return 1
+}
+
+# PostgreSQL server binaries (initdb, postgres); the tests start their own clusters.
+ensure_postgres() {
+  pg_bindir >/dev/null || apt_install postgresql
+  pg_bindir >/dev/null || { echo "PostgreSQL server binaries still missing after install" >&2; exit 1; }
+  id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
+}
+
+tansu_bin() {
+  if [[ -n "${SPILLWAY_TANSU_BIN:-}" ]]; then echo "$SPILLWAY_TANSU_BIN"; return; fi
+  echo "$SPILLWAY_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+}
+
+# The Tansu broker, built once from crates.io and cached (about 15 minutes on 2 cores).
+ensure_tansu() {
+  local bin
+  bin="$(tansu_bin)"
+  if [[ -x "$bin" ]]; then return; fi
+  step "cargo install tansu $TANSU_VERSION (first run only, ~15 min)"
+  mkdir -p "$SPILLWAY_CACHE"
+  CARGO_TARGET_DIR="$SPILLWAY_CACHE/tansu-target" cargo install tansu --version "$TANSU_VERSION" \
+    --locked --no-default-features --features libsql --root "$SPILLWAY_CACHE/tansu-$TANSU_VERSION"
+  rm -rf "$SPILLWAY_CACHE/tansu-target"
+}

@@ -1,0 +1,680 @@
+//! The batcher: a sans-IO state machine that turns a stream of records into flushable batches.
+//!
+//! The shell drives it like this (the consumer's loop does exactly this):
+//!
+//! 1. [`Batcher::assign`] each partition at the position read from the durable store.
+//! 2. [`Batcher::push`] every record as it arrives. [`Push::Full`] hands the record back: the
+//!    buffer is at its bound, so pause the source and push it again after a flush.
+//! 3. Call [`Batcher::poll_batch`] until it returns `None`, and flush every batch it gives.
+//! 4. Give every batch back with [`Batcher::on_flush_result`] and the outcome.
+//! 5. Sleep until [`Batcher::poll_timeout`] (or the next record), then go to 3.
+//!
+//! Guarantees, each checked by the property tests at the bottom of this file:
+//! - every record pushed comes out exactly once, written or dead-lettered, in order per
+//!   partition (at most one batch per partition is in flight);
+//! - a batch whose flush failed is retried after a backoff, never dropped;
+//! - a batch rejected for a poison record is split in halves until the record is alone; only
+//!   that record is dead-lettered and the rest is written;
+//! - buffered records and bytes never exceed the configured capacity (a single record bigger
+//!   than the byte capacity is still accepted into an empty buffer, or it could never pass);
+//! - a record waits no longer than `max_age` before its batch is emitted, while the sink keeps
+//!   up (nothing in flight on its partition).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::adaptive::{AdaptiveConfig, BatchSizer};
+use crate::error::ConfigError;
+use crate::ledger::{OffsetLedger, Partition, Position};
+use crate::retry::{RetryConfig, RetryPolicy};
+
+/// Bytes counted per record on top of its payload (coordinates, bookkeeping).
+pub const RECORD_OVERHEAD: usize = 48;
+
+/// One record read from Kafka: its coordinates and its raw JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Kafka partition.
+    pub partition: Partition,
+    /// Kafka offset of the message that carried it.
+    pub offset: i64,
+    /// Index of the record inside that message.
+    pub index: u32,
+    /// Whether this is the message's last record (the position after it is the next message).
+    pub last_in_message: bool,
+    /// When the producer accepted the request, UTC microseconds.
+    pub received_at_micros: i64,
+    /// The record's bytes (JSON from a valid envelope, or a whole undecodable message).
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    /// Where this record stands.
+    pub fn position(&self) -> Position {
+        Position::new(self.offset, self.index)
+    }
+
+    /// Where the record after it stands.
+    pub fn next_position(&self) -> Position {
+        if self.last_in_message {
+            Position::new(self.offset + 1, 0)
+        } else {
+            Position::new(self.offset, self.index + 1)
+        }
+    }
+
+    /// The bytes this record counts against the buffer's capacity.
+    pub fn size(&self) -> usize {
+        self.payload.len() + RECORD_OVERHEAD
+    }
+}
+
+/// A record in a batch: to be written as a row, or dead-lettered with a reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The record.
+    pub record: Record,
+    /// `Some(reason)` when the record goes to the dead-letter table instead of the records table.
+    pub dead_reason: Option<String>,
+}
+
+/// Identifies a batch while it is in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchId(pub u64);
+
+/// A contiguous run of one partition's records to write in one transaction.
+#[derive(Debug)]
+pub struct Batch {
+    /// Hand this back with the batch.
+    pub id: BatchId,
+    /// The partition all entries belong to.
+    pub partition: Partition,
+    /// The partition's durable position before this batch: the store must still hold it
+    /// (compare-and-set), or another consumer has moved on and this batch must not be written.
+    pub start: Position,
+    /// The position after this batch, to store in the same transaction.
+    pub end: Position,
+    /// The records, in partition order.
+    pub entries: Vec<Entry>,
+    /// 1 for the first try, 2 for the first retry, ...
+    pub attempt: u32,
+    /// When the oldest entry was pushed.
+    pub oldest_pushed_at: Instant,
+}
+
+impl Batch {
+    /// Records to write as rows.
+    pub fn rows(&self) -> impl Iterator<Item = &Record> {
+        self.entries
+            .iter()
+            .filter(|e| e.dead_reason.is_none())
+            .map(|e| &e.record)
+    }
+
+    /// Records to dead-letter, with their reasons.
+    pub fn dead_letters(&self) -> impl Iterator<Item = (&Record, &str)> {
+        self.entries
+            .iter()
+            .filter_map(|e| e.dead_reason.as_deref().map(|r| (&e.record, r)))
+    }
+
+    /// Number of rows to write.
+    pub fn row_count(&self) -> usize {
+        self.rows().count()
+    }
+
+    fn bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.record.size()).sum()
+    }
+}
+
+/// How a flush went, as classified by the shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// Rows, dead letters and the new position are committed.
+    Written,
+    /// Nothing was committed, and the same batch may succeed later.
+    Retriable {
+        /// For logs and metrics.
+        reason: String,
+    },
+    /// Nothing was committed because a record was rejected.
+    Poison {
+        /// The database's message, stored with the dead letter.
+        reason: String,
+        /// Index into `entries` of the rejected record when the database said which one
+        /// (saves the bisection).
+        culprit: Option<usize>,
+    },
+    /// Nothing was committed because the stored position was no longer `start`: another
+    /// consumer owns the partition now. Everything buffered for it is dropped.
+    Fenced,
+}
+
+/// What [`Batcher::on_flush_result`] did with a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AfterFlush {
+    /// Durable; the partition now stands at `position` (commit it to Kafka).
+    Committed {
+        /// The partition.
+        partition: Partition,
+        /// Its new durable position.
+        position: Position,
+        /// Rows written.
+        rows: usize,
+        /// Records dead-lettered.
+        dead_letters: usize,
+    },
+    /// Will be tried again, not before `at`.
+    RetryAt {
+        /// When.
+        at: Instant,
+        /// Which try failed.
+        attempt: u32,
+    },
+    /// Split (or a record marked dead); the pieces are ready to flush now.
+    Isolating,
+    /// The partition was dropped; re-read its position and [`Batcher::assign`] it again.
+    Fenced {
+        /// The partition.
+        partition: Partition,
+    },
+    /// The batch was not in flight (its partition was revoked or reassigned meanwhile):
+    /// ignored.
+    Stale,
+}
+
+/// Result of [`Batcher::push`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Buffered.
+    Accepted,
+    /// Before the partition's position: already written, skipped.
+    Skipped,
+    /// The buffer is at capacity: pause the source; push this record again later.
+    Full(Record),
+    /// The partition is not assigned.
+    Unassigned(Record),
+}
+
+/// Batcher settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatcherConfig {
+    /// A batch never holds more bytes than this (unless one record alone is bigger).
+    pub max_batch_bytes: usize,
+    /// A record is emitted in a batch at most this long after it was pushed.
+    pub max_age: Duration,
+    /// Most records buffered, in all partitions, including batches in flight.
+    pub capacity_records: usize,
+    /// Most bytes buffered ([`Record::size`]), in all partitions, including batches in flight.
+    pub capacity_bytes: usize,
+    /// Batch size in records, adapted to flush latency.
+    pub size: AdaptiveConfig,
+    /// Backoff between retries of a failed batch.
+    pub retry: RetryConfig,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        BatcherConfig {
+            max_batch_bytes: 8 << 20,
+            max_age: Duration::from_millis(500),
+            capacity_records: 200_000,
+            capacity_bytes: 64 << 20,
+            size: AdaptiveConfig::default(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+impl BatcherConfig {
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.size.validate()?;
+        self.retry.validate()?;
+        if self.max_batch_bytes == 0 {
+            return Err(ConfigError::new("batch-max-bytes", "must be greater than zero"));
+        }
+        if self.max_age.is_zero() {
+            return Err(ConfigError::new("batch-max-age", "must be greater than zero"));
+        }
+        if self.capacity_records < self.size.max_records {
+            return Err(ConfigError::new(
+                "buffer-max-records",
+                format!(
+                    "must hold at least one full batch (batch-max-records = {}), got {}",
+                    self.size.max_records, self.capacity_records
+                ),
+            ));
+        }
+        if self.capacity_bytes < self.max_batch_bytes {
+            return Err(ConfigError::new(
+                "buffer-max-bytes",
+                format!(
+                    "must hold at least one full batch (batch-max-bytes = {}), got {}",
+                    self.max_batch_bytes, self.capacity_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Counters and gauges for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatcherStats {
+    /// Records buffered (pending, queued and in flight).
+    pub buffered_records: usize,
+    /// Bytes buffered.
+    pub buffered_bytes: usize,
+    /// Batches in flight.
+    pub in_flight: usize,
+    /// Current target batch size.
+    pub target_batch_records: usize,
+    /// Batches retried since start.
+    pub retries: u64,
+    /// Records marked dead since start.
+    pub dead_lettered: u64,
+    /// Records skipped as already written.
+    pub skipped: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    pushed_at: Instant,
+    entry: Entry,
+}
+
+/// A batch waiting to be flushed again (a retry, or a piece of a split).
+#[derive(Debug)]
+struct Queued {
+    entries: Vec<Entry>,
+    attempt: u32,
+    oldest_pushed_at: Instant,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: BatchId,
+    emitted_at: Instant,
+    was_full: bool,
+}
+
+#[derive(Debug)]
+struct Lane {
+    /// The next position the source should deliver.
+    next_push: Position,
+    pending: VecDeque<Pending>,
+    pending_bytes: usize,
+    queued: VecDeque<Queued>,
+    in_flight: Option<InFlight>,
+    not_before: Option<Instant>,
+    /// Records and bytes held by this lane (pending, queued, in flight).
+    records: usize,
+    bytes: usize,
+}
+
+impl Lane {
+    fn new(at: Position) -> Self {
+        Lane {
+            next_push: at,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            queued: VecDeque::new(),
+            in_flight: None,
+            not_before: None,
+            records: 0,
+            bytes: 0,
+        }
+    }
+
+    fn age_deadline(&self, max_age: Duration) -> Option<Instant> {
+        self.pending.front().map(|p| p.pushed_at + max_age)
+    }
+}
+
+/// The batching state machine. See the module documentation for the driving loop.
+#[derive(Debug)]
+pub struct Batcher {
+    config: BatcherConfig,
+    lanes: BTreeMap<Partition, Lane>,
+    ledger: OffsetLedger,
+    sizer: BatchSizer,
+    retry: RetryPolicy,
+    next_id: u64,
+    draining: bool,
+    stats: BatcherStats,
+}
+
+impl Batcher {
+    /// A batcher with no partitions assigned. Validate `config` first.
+    pub fn new(config: BatcherConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let sizer = BatchSizer::new(config.size.clone());
+        let retry = RetryPolicy::new(config.retry.clone());
+        Ok(Batcher {
+            config,
+            lanes: BTreeMap::new(),
+            ledger: OffsetLedger::new(),
+            sizer,
+            retry,
+            next_id: 0,
+            draining: false,
+            stats: BatcherStats::default(),
+        })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &BatcherConfig {
+        &self.config
+    }
+
+    /// Takes ownership of `partition`, which is durable up to `at`. Anything buffered for it
+    /// before is dropped (it will be delivered again from `at`).
+    pub fn assign(&mut self, partition: Partition, at: Position) {
+        self.revoke(partition);
+        self.lanes.insert(partition, Lane::new(at));
+        self.ledger.set(partition, at);
+    }
+
+    /// Gives up `partition`: its buffered records are dropped (not durable, so whoever owns
+    /// the partition next reads them again) and a batch in flight will come back as
+    /// [`AfterFlush::Stale`]. Returns how many records were dropped.
+    pub fn revoke(&mut self, partition: Partition) -> usize {
+        self.ledger.remove(partition);
+        match self.lanes.remove(&partition) {
+            Some(lane) => {
+                self.stats.buffered_records -= lane.records;
+                self.stats.buffered_bytes -= lane.bytes;
+                if lane.in_flight.is_some() {
+                    self.stats.in_flight -= 1;
+                }
+                lane.records
+            }
+            None => 0,
+        }
+    }
+
+    /// The assigned partitions.
+    pub fn partitions(&self) -> impl Iterator<Item = Partition> + '_ {
+        self.lanes.keys().copied()
+    }
+
+    /// The durable positions, per assigned partition.
+    pub fn ledger(&self) -> &OffsetLedger {
+        &self.ledger
+    }
+
+    /// Whether a record of `size` bytes ([`Record::size`]) would be accepted now.
+    pub fn has_room_for(&self, size: usize) -> bool {
+        let empty = self.stats.buffered_records == 0;
+        empty
+            || (self.stats.buffered_records < self.config.capacity_records
+                && self.stats.buffered_bytes + size <= self.config.capacity_bytes)
+    }
+
+    /// Buffers a record to be written as a row.
+    pub fn push(&mut self, record: Record, now: Instant) -> Push {
+        self.push_entry(record, None, now)
+    }
+
+    /// Buffers a record that must go to the dead-letter table (for example a message that is
+    /// not a valid envelope), keeping its place in the partition's order.
+    pub fn push_dead_letter(&mut self, record: Record, reason: String, now: Instant) -> Push {
+        self.push_entry(record, Some(reason), now)
+    }
+
+    fn push_entry(&mut self, record: Record, dead_reason: Option<String>, now: Instant) -> Push {
+        let size = record.size();
+        let Some(lane) = self.lanes.get(&record.partition) else {
+            return Push::Unassigned(record);
+        };
+        if record.position() < lane.next_push {
+            self.stats.skipped += 1;
+            return Push::Skipped;
+        }
+        if !self.has_room_for(size) {
+            return Push::Full(record);
+        }
+        if dead_reason.is_some() {
+            self.stats.dead_lettered += 1;
+        }
+        let lane = self
+            .lanes
+            .get_mut(&record.partition)
+            .expect("lane checked above");
+        lane.next_push = record.next_position();
+        lane.pending_bytes += size;
+        lane.records += 1;
+        lane.bytes += size;
+        lane.pending.push_back(Pending {
+            pushed_at: now,
+            entry: Entry {
+                record,
+                dead_reason,
+            },
+        });
+        self.stats.buffered_records += 1;
+        self.stats.buffered_bytes += size;
+        Push::Accepted
+    }
+
+    /// Makes every buffered record due now (shutdown, or a revocation with a last flush), or
+    /// returns to normal batching.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Whether nothing is buffered or in flight.
+    pub fn is_empty(&self) -> bool {
+        self.stats.buffered_records == 0
+    }
+
+    /// The next batch to flush, if one is due at `now`. Call until it returns `None`.
+    pub fn poll_batch(&mut self, now: Instant) -> Option<Batch> {
+        let target = self.sizer.target();
+        let partitions: Vec<Partition> = self.lanes.keys().copied().collect();
+        for partition in partitions {
+            let lane = self.lanes.get_mut(&partition).expect("listed above");
+            if lane.in_flight.is_some() || lane.not_before.is_some_and(|t| t > now) {
+                continue;
+            }
+            let (entries, attempt, oldest_pushed_at, was_full) =
+                if let Some(q) = lane.queued.pop_front() {
+                    (q.entries, q.attempt, q.oldest_pushed_at, false)
+                } else {
+                    let due_by_size = lane.pending.len() >= target
+                        || lane.pending_bytes >= self.config.max_batch_bytes;
+                    let due_by_age = lane
+                        .age_deadline(self.config.max_age)
+                        .is_some_and(|d| d <= now);
+                    let draining = self.draining && !lane.pending.is_empty();
+                    if !(due_by_size || due_by_age || draining) {
+                        continue;
+                    }
+                    let Some(oldest) = lane.pending.front().map(|p| p.pushed_at) else {
+                        continue;
+                    };
+                    let mut entries = Vec::with_capacity(target.min(lane.pending.len()));
+                    let mut bytes = 0;
+                    while let Some(p) = lane.pending.front() {
+                        let size = p.entry.record.size();
+                        let over = bytes + size > self.config.max_batch_bytes;
+                        if entries.len() >= target || (over && !entries.is_empty()) {
+                            break;
+                        }
+                        bytes += size;
+                        let p = lane.pending.pop_front().expect("front checked");
+                        entries.push(p.entry);
+                    }
+                    lane.pending_bytes -= bytes;
+                    (entries, 1, oldest, due_by_size)
+                };
+            let start = self
+                .ledger
+                .position(partition)
+                .expect("assigned lanes are in the ledger");
+            let end = entries
+                .last()
+                .map_or(start, |e| e.record.next_position());
+            let id = BatchId(self.next_id);
+            self.next_id += 1;
+            lane.not_before = None;
+            lane.in_flight = Some(InFlight {
+                id,
+                emitted_at: now,
+                was_full,
+            });
+            self.stats.in_flight += 1;
+            return Some(Batch {
+                id,
+                partition,
+                start,
+                end,
+                entries,
+                attempt,
+                oldest_pushed_at,
+            });
+        }
+        None
+    }
+
+    /// When [`Batcher::poll_batch`] may next have something without a new push or flush
+    /// result: the earliest age deadline or retry time.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.lanes
+            .values()
+            .filter(|lane| lane.in_flight.is_none())
+            .filter_map(|lane| {
+                if !lane.queued.is_empty() {
+                    lane.not_before
+                } else {
+                    let age = lane.age_deadline(self.config.max_age);
+                    match (age, lane.not_before) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        (a, None) => a,
+                        (None, Some(_)) => None,
+                    }
+                }
+            })
+            .min()
+    }
+
+    /// Takes a flushed batch back with its outcome.
+    pub fn on_flush_result(
+        &mut self,
+        batch: Batch,
+        outcome: FlushOutcome,
+        now: Instant,
+    ) -> AfterFlush {
+        let Some(lane) = self.lanes.get_mut(&batch.partition) else {
+            return AfterFlush::Stale;
+        };
+        let Some(flight) = lane.in_flight.take_if(|f| f.id == batch.id) else {
+            return AfterFlush::Stale;
+        };
+        self.stats.in_flight -= 1;
+        match outcome {
+            FlushOutcome::Written => {
+                if self
+                    .ledger
+                    .advance(batch.partition, batch.start, batch.end)
+                    .is_err()
+                {
+                    // Cannot happen with one batch in flight per lane; refuse to guess.
+                    return self.fence(batch.partition);
+                }
+                let bytes = batch.bytes();
+                lane.records -= batch.entries.len();
+                lane.bytes -= bytes;
+                self.stats.buffered_records -= batch.entries.len();
+                self.stats.buffered_bytes -= bytes;
+                self.sizer
+                    .on_success(now.saturating_duration_since(flight.emitted_at), flight.was_full);
+                AfterFlush::Committed {
+                    partition: batch.partition,
+                    position: batch.end,
+                    rows: batch.row_count(),
+                    dead_letters: batch.dead_letters().count(),
+                }
+            }
+            FlushOutcome::Retriable { .. } => self.requeue_after_failure(batch, now),
+            FlushOutcome::Poison { reason, culprit } => {
+                let mut entries = batch.entries;
+                let live: Vec<usize> = (0..entries.len())
+                    .filter(|&i| entries[i].dead_reason.is_none())
+                    .collect();
+                let culprit = culprit
+                    .filter(|&c| c < entries.len() && entries[c].dead_reason.is_none())
+                    .or(if live.len() == 1 { Some(live[0]) } else { None });
+                if let Some(c) = culprit {
+                    entries[c].dead_reason = Some(reason);
+                    self.stats.dead_lettered += 1;
+                    lane.queued.push_front(Queued {
+                        entries,
+                        attempt: batch.attempt,
+                        oldest_pushed_at: batch.oldest_pushed_at,
+                    });
+                    return AfterFlush::Isolating;
+                }
+                if live.is_empty() {
+                    // Only dead letters and still rejected: the shell's dead-letter write is
+                    // broken, which no split can fix. Retry with backoff; never drop.
+                    let batch = Batch { entries, ..batch };
+                    return self.requeue_after_failure(batch, now);
+                }
+                let cut = live[live.len() / 2];
+                let tail = entries.split_off(cut);
+                lane.queued.push_front(Queued {
+                    entries: tail,
+                    attempt: 1,
+                    oldest_pushed_at: batch.oldest_pushed_at,
+                });
+                lane.queued.push_front(Queued {
+                    entries,
+                    attempt: 1,
+                    oldest_pushed_at: batch.oldest_pushed_at,
+                });
+                AfterFlush::Isolating
+            }
+            FlushOutcome::Fenced => self.fence(batch.partition),
+        }
+    }
+
+    fn requeue_after_failure(&mut self, batch: Batch, now: Instant) -> AfterFlush {
+        let delay = self.retry.delay(batch.attempt);
+        self.sizer.on_failure();
+        self.stats.retries += 1;
+        let at = now + delay;
+        let lane = self
+            .lanes
+            .get_mut(&batch.partition)
+            .expect("caller checked the lane");
+        lane.not_before = Some(at);
+        lane.queued.push_front(Queued {
+            entries: batch.entries,
+            attempt: batch.attempt + 1,
+            oldest_pushed_at: batch.oldest_pushed_at,
+        });
+        AfterFlush::RetryAt {
+            at,
+            attempt: batch.attempt,
+        }
+    }
+
+    fn fence(&mut self, partition: Partition) -> AfterFlush {
+        self.revoke(partition);
+        AfterFlush::Fenced { partition }
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> BatcherStats {
+        BatcherStats {
+            target_batch_records: self.sizer.target(),
+            ..self.stats.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

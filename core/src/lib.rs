@@ -1,0 +1,30 @@
+//! Spillway's engine, with no IO and no clock.
+//!
+//! This crate decides everything about *what* to write and *when*: how an accepted HTTP request
+//! is framed as one Kafka message ([`envelope`]), when buffered records form a batch and what
+//! happens to a batch after its flush succeeds, fails or is rejected for a bad record
+//! ([`batcher`]), how big batches should be ([`adaptive`]), how long to wait before trying
+//! again ([`retry`]), and which Kafka position is safe to commit ([`ledger`]).
+//!
+//! It never performs IO and never reads a clock: every method that depends on time takes `now`
+//! as an argument. The services (`spillway-producer`, `spillway-consumer`) are thin shells that
+//! own sockets and timers, call into this crate, and map their errors into [`ErrorClass`].
+//! As a result every batching and retry decision can be replayed exactly in a test.
+#![warn(missing_docs)]
+
+pub mod adaptive;
+pub mod batcher;
+pub mod envelope;
+pub mod error;
+pub mod ledger;
+pub mod retry;
+
+pub use adaptive::{AdaptiveConfig, BatchSizer};
+pub use batcher::{
+    AfterFlush, Batch, BatchId, Batcher, BatcherConfig, BatcherStats, Entry, FlushOutcome, Push,
+    Record,
+};
+pub use envelope::{DecodeError, Envelope, RequestId};
+pub use error::{ConfigError, ErrorClass};
+pub use ledger::{OffsetLedger, Partition, Position};
+pub use retry::{Jitter, RetryConfig, RetryPolicy};
