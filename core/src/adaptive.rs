@@ -162,8 +162,10 @@ mod tests {
 
     #[test]
     fn validation_names_the_setting() {
-        let mut c = AdaptiveConfig::default();
-        c.initial_records = 1;
+        let c = AdaptiveConfig {
+            initial_records: 1,
+            ..AdaptiveConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().setting, "batch-initial-records");
     }
 }

@@ -233,10 +233,16 @@ impl BatcherConfig {
         self.size.validate()?;
         self.retry.validate()?;
         if self.max_batch_bytes == 0 {
-            return Err(ConfigError::new("batch-max-bytes", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "batch-max-bytes",
+                "must be greater than zero",
+            ));
         }
         if self.max_age.is_zero() {
-            return Err(ConfigError::new("batch-max-age", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "batch-max-age",
+                "must be greater than zero",
+            ));
         }
         if self.capacity_records < self.size.max_records {
             return Err(ConfigError::new(
@@ -514,9 +520,7 @@ impl Batcher {
                 .ledger
                 .position(partition)
                 .expect("assigned lanes are in the ledger");
-            let end = entries
-                .last()
-                .map_or(start, |e| e.record.next_position());
+            let end = entries.last().map_or(start, |e| e.record.next_position());
             let id = BatchId(self.next_id);
             self.next_id += 1;
             lane.not_before = None;
@@ -589,8 +593,10 @@ impl Batcher {
                 lane.bytes -= bytes;
                 self.stats.buffered_records -= batch.entries.len();
                 self.stats.buffered_bytes -= bytes;
-                self.sizer
-                    .on_success(now.saturating_duration_since(flight.emitted_at), flight.was_full);
+                self.sizer.on_success(
+                    now.saturating_duration_since(flight.emitted_at),
+                    flight.was_full,
+                );
                 AfterFlush::Committed {
                     partition: batch.partition,
                     position: batch.end,

@@ -109,7 +109,11 @@ impl<'a> Envelope<'a> {
         let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.push(if self.source.is_some() { FLAG_SOURCE } else { 0 });
+        out.push(if self.source.is_some() {
+            FLAG_SOURCE
+        } else {
+            0
+        });
         out.extend_from_slice(&self.received_at_micros.to_be_bytes());
         out.extend_from_slice(&self.request_id.0);
         if let Some(source) = self.source {
@@ -226,7 +230,10 @@ mod tests {
         let mut v2 = good.clone();
         v2[4] = 2;
         check(&v2, DecodeErrorKind::UnsupportedVersion(2));
-        check(&good[..good.len() - 1], DecodeErrorKind::Truncated("record"));
+        check(
+            &good[..good.len() - 1],
+            DecodeErrorKind::Truncated("record"),
+        );
         let mut extra = good.clone();
         extra.push(0);
         check(&extra, DecodeErrorKind::TrailingBytes(1));

@@ -22,7 +22,10 @@ pub struct Position {
 
 impl Position {
     /// The start of a partition that has never been written.
-    pub const BEGINNING: Position = Position { offset: 0, index: 0 };
+    pub const BEGINNING: Position = Position {
+        offset: 0,
+        index: 0,
+    };
 
     /// Record `index` of message `offset`.
     pub const fn new(offset: i64, index: u32) -> Self {
@@ -53,7 +56,9 @@ pub struct OffsetLedger {
 
 /// The ledger refused to move: a batch did not start where the partition stands.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("partition {partition} is at {at}, but the batch started at {start}: refusing to skip records")]
+#[error(
+    "partition {partition} is at {at}, but the batch started at {start}: refusing to skip records"
+)]
 pub struct Gap {
     /// The partition.
     pub partition: Partition,
@@ -118,11 +123,19 @@ mod tests {
     fn advances_only_from_where_it_stands() {
         let mut l = OffsetLedger::new();
         l.set(0, Position::new(10, 0));
-        assert!(l.advance(0, Position::new(10, 0), Position::new(12, 3)).is_ok());
+        assert!(l
+            .advance(0, Position::new(10, 0), Position::new(12, 3))
+            .is_ok());
         assert_eq!(l.position(0), Some(Position::new(12, 3)));
-        let gap = l.advance(0, Position::new(13, 0), Position::new(20, 0)).unwrap_err();
+        let gap = l
+            .advance(0, Position::new(13, 0), Position::new(20, 0))
+            .unwrap_err();
         assert_eq!(gap.at, Position::new(12, 3));
-        assert_eq!(l.position(0), Some(Position::new(12, 3)), "a refused advance moves nothing");
+        assert_eq!(
+            l.position(0),
+            Some(Position::new(12, 3)),
+            "a refused advance moves nothing"
+        );
     }
 
     #[test]

@@ -46,7 +46,10 @@ impl RetryConfig {
     /// Checks that the settings can work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.initial.is_zero() {
-            return Err(ConfigError::new("retry-initial", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "retry-initial",
+                "must be greater than zero",
+            ));
         }
         if self.max < self.initial {
             return Err(ConfigError::new(
@@ -154,18 +157,31 @@ mod tests {
             assert_ne!(da, dc, "another seed must give other delays");
             for (n, d) in da.iter().enumerate() {
                 let plain = policy(Jitter::None, 0).delay(n as u32 + 1);
-                let low = if jitter == Jitter::Equal { plain / 2 } else { Duration::ZERO };
-                assert!(*d >= low && *d <= plain, "attempt {}: {d:?} outside [{low:?}, {plain:?}]", n + 1);
+                let low = if jitter == Jitter::Equal {
+                    plain / 2
+                } else {
+                    Duration::ZERO
+                };
+                assert!(
+                    *d >= low && *d <= plain,
+                    "attempt {}: {d:?} outside [{low:?}, {plain:?}]",
+                    n + 1
+                );
             }
         }
     }
 
     #[test]
     fn validation_names_the_setting() {
-        let mut c = RetryConfig::default();
-        c.max = Duration::from_millis(1);
+        let mut c = RetryConfig {
+            max: Duration::from_millis(1),
+            ..RetryConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().setting, "retry-max");
-        c = RetryConfig { multiplier: 0.5, ..RetryConfig::default() };
+        c = RetryConfig {
+            multiplier: 0.5,
+            ..RetryConfig::default()
+        };
         assert_eq!(c.validate().unwrap_err().setting, "retry-multiplier");
     }
 }

@@ -52,11 +52,17 @@ fn a_batch_leaves_when_it_reaches_the_target_size() {
     let mut b = Batcher::new(config(3, 100)).unwrap();
     b.assign(0, Position::BEGINNING);
     push_messages(&mut b, 0, 2, t0);
-    assert!(b.poll_batch(t0).is_none(), "2 of 3 records, not yet old: nothing due");
+    assert!(
+        b.poll_batch(t0).is_none(),
+        "2 of 3 records, not yet old: nothing due"
+    );
     push_messages(&mut b, 2, 4, t0);
     let batch = b.poll_batch(t0).unwrap();
     assert_eq!(offsets(&batch), vec![0, 1, 2]);
-    assert_eq!((batch.start, batch.end), (Position::new(0, 0), Position::new(3, 0)));
+    assert_eq!(
+        (batch.start, batch.end),
+        (Position::new(0, 0), Position::new(3, 0))
+    );
 }
 
 #[test]
@@ -67,10 +73,16 @@ fn a_partial_batch_leaves_at_max_age_and_poll_timeout_says_when() {
     push_messages(&mut b, 0, 1, t0);
     push_messages(&mut b, 1, 2, t0 + Duration::from_millis(30));
     assert_eq!(b.poll_timeout(), Some(t0 + MAX_AGE));
-    assert!(b.poll_batch(t0 + MAX_AGE - Duration::from_millis(1)).is_none());
+    assert!(b
+        .poll_batch(t0 + MAX_AGE - Duration::from_millis(1))
+        .is_none());
     let batch = b.poll_batch(t0 + MAX_AGE).unwrap();
     assert_eq!(offsets(&batch), vec![0, 1]);
-    assert_eq!(b.poll_timeout(), None, "in flight: no timer until its result");
+    assert_eq!(
+        b.poll_timeout(),
+        None,
+        "in flight: no timer until its result"
+    );
 }
 
 #[test]
@@ -80,29 +92,56 @@ fn a_failed_flush_is_retried_with_the_same_records_after_backoff() {
     b.assign(0, Position::BEGINNING);
     push_messages(&mut b, 0, 4, t0);
     let first = b.poll_batch(t0).unwrap();
-    let retriable = FlushOutcome::Retriable { reason: "connection reset".into() };
+    let retriable = FlushOutcome::Retriable {
+        reason: "connection reset".into(),
+    };
     let after = b.on_flush_result(first, retriable, t0);
     let retry_at = t0 + Duration::from_millis(10);
-    assert_eq!(after, AfterFlush::RetryAt { at: retry_at, attempt: 1 });
-    assert!(b.poll_batch(t0).is_none(), "nothing on partition 0 before the backoff ends");
+    assert_eq!(
+        after,
+        AfterFlush::RetryAt {
+            at: retry_at,
+            attempt: 1
+        }
+    );
+    assert!(
+        b.poll_batch(t0).is_none(),
+        "nothing on partition 0 before the backoff ends"
+    );
     assert_eq!(b.poll_timeout(), Some(retry_at));
     let again = b.poll_batch(retry_at).unwrap();
     assert_eq!((offsets(&again), again.attempt), (vec![0, 1], 2));
     let done = b.on_flush_result(again, FlushOutcome::Written, retry_at);
     assert_eq!(
         done,
-        AfterFlush::Committed { partition: 0, position: Position::new(2, 0), rows: 2, dead_letters: 0 }
+        AfterFlush::Committed {
+            partition: 0,
+            position: Position::new(2, 0),
+            rows: 2,
+            dead_letters: 0
+        }
     );
-    assert_eq!(offsets(&b.poll_batch(retry_at).unwrap()), vec![2, 3], "order kept");
+    assert_eq!(
+        offsets(&b.poll_batch(retry_at).unwrap()),
+        vec![2, 3],
+        "order kept"
+    );
 }
 
 /// Flushes everything with a sink that rejects the records whose offsets are in `bad`,
 /// telling the batcher which record when `name_culprit`. Returns (written, dead) offsets.
-fn drain_with_poison(b: &mut Batcher, bad: &[i64], name_culprit: bool, now: Instant) -> (Vec<i64>, Vec<i64>) {
+fn drain_with_poison(
+    b: &mut Batcher,
+    bad: &[i64],
+    name_culprit: bool,
+    now: Instant,
+) -> (Vec<i64>, Vec<i64>) {
     let (mut written, mut dead) = (vec![], vec![]);
     b.set_draining(true);
     for _ in 0..1000 {
-        let Some(batch) = b.poll_batch(now) else { break };
+        let Some(batch) = b.poll_batch(now) else {
+            break;
+        };
         let culprit = batch
             .entries
             .iter()
@@ -148,7 +187,11 @@ fn a_full_buffer_hands_the_record_back_until_a_flush_frees_room() {
     let third = rec(0, 2, 0, true);
     assert_eq!(b.push(third.clone(), t0), Push::Full(third.clone()));
     let batch = b.poll_batch(t0).unwrap();
-    assert_eq!(b.push(third.clone(), t0), Push::Full(third.clone()), "in flight still counts");
+    assert_eq!(
+        b.push(third.clone(), t0),
+        Push::Full(third.clone()),
+        "in flight still counts"
+    );
     b.on_flush_result(batch, FlushOutcome::Written, t0);
     assert_eq!(b.push(third, t0), Push::Accepted);
 }
@@ -161,10 +204,16 @@ fn records_before_the_durable_position_are_skipped_even_inside_a_message() {
     assert_eq!(b.push(rec(0, 4, 0, true), t0), Push::Skipped);
     assert_eq!(b.push(rec(0, 5, 1, false), t0), Push::Skipped);
     assert_eq!(b.push(rec(0, 5, 2, true), t0), Push::Accepted);
-    assert!(matches!(b.push(rec(1, 0, 0, true), t0), Push::Unassigned(_)));
+    assert!(matches!(
+        b.push(rec(1, 0, 0, true), t0),
+        Push::Unassigned(_)
+    ));
     b.set_draining(true);
     let batch = b.poll_batch(t0).unwrap();
-    assert_eq!((batch.start, batch.end), (Position::new(5, 2), Position::new(6, 0)));
+    assert_eq!(
+        (batch.start, batch.end),
+        (Position::new(5, 2), Position::new(6, 0))
+    );
 }
 
 #[test]
@@ -174,7 +223,10 @@ fn a_fenced_flush_drops_the_partition_and_its_late_results_are_stale() {
     b.assign(0, Position::BEGINNING);
     push_messages(&mut b, 0, 3, t0);
     let batch = b.poll_batch(t0).unwrap();
-    assert_eq!(b.on_flush_result(batch, FlushOutcome::Fenced, t0), AfterFlush::Fenced { partition: 0 });
+    assert_eq!(
+        b.on_flush_result(batch, FlushOutcome::Fenced, t0),
+        AfterFlush::Fenced { partition: 0 }
+    );
     assert!(b.is_empty());
     assert!(b.ledger().position(0).is_none());
     b.assign(0, Position::new(2, 0));
@@ -193,8 +245,17 @@ fn undecodable_messages_keep_their_place_as_dead_letters() {
     b.push(rec(0, 2, 0, true), t0);
     b.set_draining(true);
     let batch = b.poll_batch(t0).unwrap();
-    assert_eq!(batch.rows().map(|r| r.offset).collect::<Vec<_>>(), vec![0, 2]);
-    assert_eq!(batch.dead_letters().map(|(r, why)| (r.offset, why)).collect::<Vec<_>>(), vec![(1, "not a Spillway envelope")]);
+    assert_eq!(
+        batch.rows().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![0, 2]
+    );
+    assert_eq!(
+        batch
+            .dead_letters()
+            .map(|(r, why)| (r.offset, why))
+            .collect::<Vec<_>>(),
+        vec![(1, "not a Spillway envelope")]
+    );
 }
 
 // ---- properties ------------------------------------------------------------------------------
@@ -202,7 +263,11 @@ fn undecodable_messages_keep_their_place_as_dead_letters() {
 #[derive(Clone, Debug)]
 enum Op {
     /// A message of `records` records on `partition`; `bad` marks records the sink rejects.
-    Message { partition: Partition, records: u32, bad: u8 },
+    Message {
+        partition: Partition,
+        records: u32,
+        bad: u8,
+    },
     /// Time passes (clipped to the next timer, like a shell that sleeps until poll_timeout).
     Advance(u64),
     /// The oldest in-flight batch's flush ends: a healthy sink, or a retriable failure.
@@ -259,14 +324,30 @@ impl Driver {
             b.assign(p, Position::BEGINNING);
         }
         let t0 = Instant::now();
-        Driver { b, t0, now: t0, next_offset: BTreeMap::new(), held: VecDeque::new(), bad: BTreeSet::new(), produced: vec![], in_flight: VecDeque::new(), run: Run::default() }
+        Driver {
+            b,
+            t0,
+            now: t0,
+            next_offset: BTreeMap::new(),
+            held: VecDeque::new(),
+            bad: BTreeSet::new(),
+            produced: vec![],
+            in_flight: VecDeque::new(),
+            run: Run::default(),
+        }
     }
 
     fn check_capacity(&self) {
         let s = self.b.stats();
         let cfg = self.b.config();
-        assert!(s.buffered_records <= cfg.capacity_records, "records over capacity: {s:?}");
-        assert!(s.buffered_bytes <= cfg.capacity_bytes || s.buffered_records == 1, "bytes over capacity: {s:?}");
+        assert!(
+            s.buffered_records <= cfg.capacity_records,
+            "records over capacity: {s:?}"
+        );
+        assert!(
+            s.buffered_bytes <= cfg.capacity_bytes || s.buffered_records == 1,
+            "bytes over capacity: {s:?}"
+        );
     }
 
     fn push_held(&mut self) {
@@ -287,28 +368,50 @@ impl Driver {
         while let Some(batch) = self.b.poll_batch(self.now) {
             if healthy_age_check && batch.attempt == 1 {
                 let age = self.now - batch.oldest_pushed_at;
-                assert!(age <= MAX_AGE, "batch emitted {age:?} after its first record (max {MAX_AGE:?})");
+                assert!(
+                    age <= MAX_AGE,
+                    "batch emitted {age:?} after its first record (max {MAX_AGE:?})"
+                );
             }
-            self.run.log.push(((self.now - self.t0).as_millis(), batch.partition, batch.start, batch.end, batch.attempt));
+            self.run.log.push((
+                (self.now - self.t0).as_millis(),
+                batch.partition,
+                batch.start,
+                batch.end,
+                batch.attempt,
+            ));
             self.in_flight.push_back(batch);
         }
     }
 
     fn resolve(&mut self, fail: bool, name_culprit: bool) {
-        let Some(batch) = self.in_flight.pop_front() else { return };
-        let culprit = batch
-            .entries
-            .iter()
-            .position(|e| e.dead_reason.is_none() && self.bad.contains(&(batch.partition, e.record.position())));
+        let Some(batch) = self.in_flight.pop_front() else {
+            return;
+        };
+        let culprit = batch.entries.iter().position(|e| {
+            e.dead_reason.is_none() && self.bad.contains(&(batch.partition, e.record.position()))
+        });
         let outcome = if fail {
-            FlushOutcome::Retriable { reason: "server closed the connection".into() }
+            FlushOutcome::Retriable {
+                reason: "server closed the connection".into(),
+            }
         } else if let Some(c) = culprit {
-            FlushOutcome::Poison { reason: "bad".into(), culprit: name_culprit.then_some(c) }
+            FlushOutcome::Poison {
+                reason: "bad".into(),
+                culprit: name_culprit.then_some(c),
+            }
         } else {
             let p = batch.partition;
-            self.run.written.entry(p).or_default().extend(batch.rows().map(Record::position));
+            self.run
+                .written
+                .entry(p)
+                .or_default()
+                .extend(batch.rows().map(Record::position));
             for (r, _) in batch.dead_letters() {
-                assert!(self.run.dead.insert((p, r.position())), "dead-lettered twice: {r:?}");
+                assert!(
+                    self.run.dead.insert((p, r.position())),
+                    "dead-lettered twice: {r:?}"
+                );
             }
             FlushOutcome::Written
         };
@@ -318,7 +421,11 @@ impl Driver {
 
     fn step(&mut self, op: &Op) {
         match *op {
-            Op::Message { partition, records, bad } => {
+            Op::Message {
+                partition,
+                records,
+                bad,
+            } => {
                 if self.held.is_empty() {
                     let offset = self.next_offset.entry(partition).or_default();
                     for i in 0..records {
@@ -336,7 +443,10 @@ impl Driver {
             }
             Op::Advance(ms) => {
                 let target = self.now + Duration::from_millis(ms);
-                self.now = self.b.poll_timeout().map_or(target, |t| t.clamp(self.now, target));
+                self.now = self
+                    .b
+                    .poll_timeout()
+                    .map_or(target, |t| t.clamp(self.now, target));
             }
             Op::Resolve { fail, name_culprit } => self.resolve(fail, name_culprit),
         }
@@ -359,20 +469,32 @@ impl Driver {
             }
             self.resolve(false, false);
         }
-        assert!(self.b.is_empty() && self.held.is_empty(), "drain did not finish");
+        assert!(
+            self.b.is_empty() && self.held.is_empty(),
+            "drain did not finish"
+        );
         // Every record exactly once; bad ones dead, good ones written, in order per partition.
         let mut seen = BTreeSet::new();
         for (p, positions) in &self.run.written {
-            assert!(positions.windows(2).all(|w| w[0] < w[1]), "partition {p} out of order: {positions:?}");
+            assert!(
+                positions.windows(2).all(|w| w[0] < w[1]),
+                "partition {p} out of order: {positions:?}"
+            );
             for pos in positions {
                 assert!(seen.insert((*p, *pos)), "written twice: {p} {pos}");
-                assert!(!self.bad.contains(&(*p, *pos)), "bad record written: {p} {pos}");
+                assert!(
+                    !self.bad.contains(&(*p, *pos)),
+                    "bad record written: {p} {pos}"
+                );
             }
         }
         for d in &self.run.dead {
             assert!(seen.insert(*d), "both written and dead: {d:?}");
         }
-        assert_eq!(self.run.dead, self.bad, "exactly the bad records are dead-lettered");
+        assert_eq!(
+            self.run.dead, self.bad,
+            "exactly the bad records are dead-lettered"
+        );
         let produced: BTreeSet<_> = self.produced.iter().copied().collect();
         assert_eq!(seen, produced, "every record comes out once");
         // The ledger stands right after the last record of each partition, never beyond.

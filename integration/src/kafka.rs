@@ -1,0 +1,381 @@
+//! Kafka brokers behind one trait: a real Tansu process, librdkafka's mock cluster, or an
+//! external cluster.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::RDKafkaErrorCode;
+use tempfile::TempDir;
+
+use crate::process::{accepts, free_port, kill_and_reap, log_tail, wait_until};
+use crate::{io_err, HarnessError, Result};
+
+/// The Tansu version the README's test command installs.
+pub const TANSU_VERSION: &str = "0.6.0";
+
+/// A Kafka-compatible broker a test controls.
+pub trait KafkaBroker {
+    /// `bootstrap.servers` for clients.
+    fn bootstrap(&self) -> String;
+    /// Which backend this is ("tansu", "mock", "external").
+    fn kind(&self) -> &'static str;
+    /// Creates a topic (no error if it exists) and waits until its partitions have leaders.
+    fn create_topic<'a>(&'a self, name: &'a str, partitions: i32) -> BoxFuture<'a, Result<()>>;
+    /// Makes the broker unreachable at once (SIGKILL for a process; all brokers down for the
+    /// mock cluster).
+    fn kill(&mut self) -> Result<()>;
+    /// Brings it back on the same address with the same data.
+    fn restart(&mut self) -> Result<()>;
+}
+
+/// Starts the broker `SPILLWAY_TEST_KAFKA` names (`tansu`, `mock`, `external`). Unset, it is
+/// Tansu when its binary is found, else the mock cluster. Prints one line saying which.
+pub fn from_env() -> Result<Box<dyn KafkaBroker>> {
+    let choice = std::env::var("SPILLWAY_TEST_KAFKA").unwrap_or_default();
+    let broker: Box<dyn KafkaBroker> = match choice.as_str() {
+        "tansu" => Box::new(Tansu::start()?),
+        "mock" => Box::new(Mock::start(1)?),
+        "external" => Box::new(External::from_env()?),
+        "" => match tansu_bin() {
+            Some(_) => Box::new(Tansu::start()?),
+            None => Box::new(Mock::start(1)?),
+        },
+        other => {
+            return Err(HarnessError::Unsupported(format!(
+                "SPILLWAY_TEST_KAFKA={other}: expected tansu, mock or external"
+            )))
+        }
+    };
+    eprintln!(
+        "spillway-integration: Kafka backend {} at {}",
+        broker.kind(),
+        broker.bootstrap()
+    );
+    Ok(broker)
+}
+
+/// The Tansu binary: `SPILLWAY_TANSU_BIN`, else `tansu` on PATH, else where `ci/test.sh`
+/// installs it (`~/.cache/spillway/tansu-0.6.0/bin/tansu`).
+pub fn tansu_bin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SPILLWAY_TANSU_BIN") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("tansu"))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| {
+        let home = std::env::var_os("HOME")?;
+        let p = PathBuf::from(home)
+            .join(".cache/spillway")
+            .join(format!("tansu-{TANSU_VERSION}/bin/tansu"));
+        p.is_file().then_some(p)
+    })
+}
+
+/// The Tansu broker as a child process, storing in SQLite in a temporary directory.
+#[derive(Debug)]
+pub struct Tansu {
+    bin: PathBuf,
+    dir: TempDir,
+    port: u16,
+    advertised_port: u16,
+    child: Option<Child>,
+}
+
+impl Tansu {
+    /// Starts a broker on a free port of 127.0.0.1.
+    pub fn start() -> Result<Self> {
+        Self::start_advertising(None)
+    }
+
+    /// Starts a broker that tells clients to connect to `advertised_port` (a [`FaultProxy`]
+    /// in front of it) instead of its own port, so every connection crosses the proxy.
+    ///
+    /// [`FaultProxy`]: crate::FaultProxy
+    pub fn start_advertising(advertised_port: Option<u16>) -> Result<Self> {
+        let bin = tansu_bin().ok_or_else(|| HarnessError::NotInstalled {
+            what: "the Tansu broker",
+            hint: format!(
+                "run ci/test.sh (it installs it), or `cargo install tansu --version \
+                 {TANSU_VERSION} --locked --no-default-features --features libsql` and set \
+                 SPILLWAY_TANSU_BIN; or use SPILLWAY_TEST_KAFKA=mock"
+            ),
+        })?;
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-tansu-")
+            .tempdir()
+            .map_err(io_err("creating the broker directory"))?;
+        let port = free_port();
+        let mut t = Tansu {
+            bin,
+            dir,
+            port,
+            advertised_port: advertised_port.unwrap_or(port),
+            child: None,
+        };
+        t.spawn()?;
+        Ok(t)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tansu.log")
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(io_err("opening the broker log"))?;
+        let log2 = log.try_clone().map_err(io_err("opening the broker log"))?;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
+        let mut child = Command::new(&self.bin)
+            .arg("broker")
+            .args([
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &advertised,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(self.dir.path())
+            .env(
+                "RUST_LOG",
+                std::env::var("SPILLWAY_TANSU_LOG").unwrap_or("warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io_err(format!("starting {}", self.bin.display())))?;
+        let port = self.port;
+        if !wait_until(&mut child, Duration::from_secs(30), || accepts(port)) {
+            kill_and_reap(&mut child);
+            return Err(HarnessError::NotReady {
+                what: "tansu",
+                secs: 30,
+                log: log_tail(&self.log_path(), 20),
+            });
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The port the broker itself listens on (the advertised one may be a proxy's).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The broker's pid, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl KafkaBroker for Tansu {
+    fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.advertised_port)
+    }
+
+    fn kind(&self) -> &'static str {
+        "tansu"
+    }
+
+    fn create_topic<'a>(&'a self, name: &'a str, partitions: i32) -> BoxFuture<'a, Result<()>> {
+        Box::pin(admin_create_topic(self.bootstrap(), name, partitions))
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        match self.child.take() {
+            Some(mut child) => {
+                kill_and_reap(&mut child);
+                Ok(())
+            }
+            None => Err(HarnessError::Unsupported("tansu is not running".into())),
+        }
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+        self.spawn()
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+}
+
+/// librdkafka's in-process mock cluster, for injected broker errors. Its data lives in memory
+/// for as long as this handle.
+pub struct Mock {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+    brokers: i32,
+}
+
+impl std::fmt::Debug for Mock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mock")
+            .field("bootstrap", &self.cluster.bootstrap_servers())
+            .finish()
+    }
+}
+
+impl Mock {
+    /// A mock cluster of `brokers` brokers (ids 1..=brokers).
+    pub fn start(brokers: i32) -> Result<Self> {
+        Ok(Mock {
+            cluster: MockCluster::new(brokers)?,
+            brokers,
+        })
+    }
+
+    /// The cluster, for fault injection: `request_errors`, `broker_down`/`broker_up`,
+    /// `broker_round_trip_time`, `topic_error`.
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        &self.cluster
+    }
+}
+
+impl KafkaBroker for Mock {
+    fn bootstrap(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    fn kind(&self) -> &'static str {
+        "mock"
+    }
+
+    fn create_topic<'a>(&'a self, name: &'a str, partitions: i32) -> BoxFuture<'a, Result<()>> {
+        let result = self.cluster.create_topic(name, partitions, 1);
+        Box::pin(async move { Ok(result?) })
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        for id in 1..=self.brokers {
+            self.cluster.broker_down(id)?;
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        for id in 1..=self.brokers {
+            self.cluster.broker_up(id)?;
+        }
+        Ok(())
+    }
+}
+
+/// A cluster the user runs, named by `SPILLWAY_TEST_KAFKA_BROKERS`. It cannot be killed.
+#[derive(Debug)]
+pub struct External {
+    bootstrap: String,
+}
+
+impl External {
+    /// Reads `SPILLWAY_TEST_KAFKA_BROKERS`.
+    pub fn from_env() -> Result<Self> {
+        let bootstrap = std::env::var("SPILLWAY_TEST_KAFKA_BROKERS").map_err(|_| {
+            HarnessError::Unsupported(
+                "SPILLWAY_TEST_KAFKA=external needs SPILLWAY_TEST_KAFKA_BROKERS=host:port,..."
+                    .into(),
+            )
+        })?;
+        Ok(External { bootstrap })
+    }
+}
+
+impl KafkaBroker for External {
+    fn bootstrap(&self) -> String {
+        self.bootstrap.clone()
+    }
+
+    fn kind(&self) -> &'static str {
+        "external"
+    }
+
+    fn create_topic<'a>(&'a self, name: &'a str, partitions: i32) -> BoxFuture<'a, Result<()>> {
+        Box::pin(admin_create_topic(self.bootstrap(), name, partitions))
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        Err(HarnessError::Unsupported(
+            "an external Kafka cluster cannot be killed by tests".into(),
+        ))
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        Err(HarnessError::Unsupported(
+            "an external Kafka cluster cannot be restarted by tests".into(),
+        ))
+    }
+}
+
+/// Creates a topic through the Kafka admin API (an existing one is fine) and waits until the
+/// metadata shows every partition with a leader.
+pub async fn admin_create_topic(bootstrap: String, name: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics([&topic], &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(HarnessError::Unsupported(format!(
+                    "creating topic {topic} on {bootstrap}: {code}"
+                )))
+            }
+        }
+    }
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || wait_for_leaders(&bootstrap, &name, partitions))
+        .await
+        .map_err(|e| HarnessError::Unsupported(format!("metadata wait panicked: {e}")))?
+}
+
+fn wait_for_leaders(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let mut last = String::new();
+    for _ in 0..100 {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(md) => {
+                let ready = md.topics().iter().any(|t| {
+                    t.name() == topic
+                        && t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                });
+                if ready {
+                    return Ok(());
+                }
+                last = "partitions without leader".into();
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(HarnessError::Unsupported(format!(
+        "topic {topic} on {bootstrap} has no leaders after 10 s: {last}"
+    )))
+}

@@ -1,0 +1,230 @@
+//! A TCP proxy with faults that switch at run time, after Toxiproxy's toxics: latency with
+//! jitter, a bandwidth limit, a blackhole, resetting every open connection, refusing new ones,
+//! and cutting a connection after N bytes towards the server (a COPY cut in the middle).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// The faults in force. `Faults::default()` is a clean pass-through.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Added to every chunk, each way.
+    pub latency: Duration,
+    /// A uniform random extra delay in `[0, jitter]` per chunk (seeded).
+    pub jitter: Duration,
+    /// Bytes per second, each way, per connection.
+    pub bandwidth: Option<u64>,
+    /// Accept and read, but forward nothing either way: the peer hangs.
+    pub blackhole: bool,
+    /// Close new connections at once with a reset.
+    pub refuse: bool,
+    /// Forward this many client-to-server bytes per connection, then reset both sides.
+    pub cut_after_upstream_bytes: Option<u64>,
+}
+
+struct Shared {
+    faults: Mutex<Faults>,
+    rng: Mutex<fastrand::Rng>,
+    connections: Mutex<HashMap<u64, JoinHandle<()>>>,
+    next_id: AtomicU64,
+    accepted: AtomicU64,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A running proxy on 127.0.0.1. Dropping it closes the listener and every connection.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FaultProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultProxy")
+            .field("addr", &self.addr)
+            .field("upstream", &self.upstream)
+            .field("faults", &self.faults())
+            .finish()
+    }
+}
+
+impl FaultProxy {
+    /// Listens on a free port of 127.0.0.1 and forwards to `upstream`. `seed` drives jitter.
+    pub async fn start(upstream: SocketAddr, seed: u64) -> std::io::Result<Self> {
+        Self::start_on(0, upstream, seed).await
+    }
+
+    /// Like [`FaultProxy::start`], on a chosen port of 127.0.0.1 (0 for any).
+    pub async fn start_on(port: u16, upstream: SocketAddr, seed: u64) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            faults: Mutex::new(Faults::default()),
+            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+            connections: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+        });
+        let acceptor = tokio::spawn(accept_loop(listener, upstream, shared.clone()));
+        Ok(FaultProxy {
+            addr,
+            upstream,
+            shared,
+            acceptor,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The faults in force.
+    pub fn faults(&self) -> Faults {
+        locked(&self.shared.faults).clone()
+    }
+
+    /// Replaces the faults; open connections see the change on their next chunk.
+    pub fn set(&self, faults: Faults) {
+        *locked(&self.shared.faults) = faults;
+    }
+
+    /// Removes every fault.
+    pub fn heal(&self) {
+        self.set(Faults::default());
+    }
+
+    /// Resets every open connection now (both sides see a connection reset).
+    pub fn reset_all(&self) {
+        for (_, task) in locked(&self.shared.connections).drain() {
+            task.abort();
+        }
+    }
+
+    /// Connections open through the proxy.
+    pub fn open_connections(&self) -> usize {
+        let mut conns = locked(&self.shared.connections);
+        conns.retain(|_, t| !t.is_finished());
+        conns.len()
+    }
+
+    /// Connections accepted since start (refused ones included).
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        self.reset_all();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
+        // Closing with SO_LINGER 0 sends a reset, as a crashed peer or a firewall would.
+        let _ = client.set_zero_linger();
+        if locked(&shared.faults).refuse {
+            drop(client);
+            continue;
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            if let Ok(server) = TcpStream::connect(upstream).await {
+                let _ = server.set_zero_linger();
+                let _ = server.set_nodelay(true);
+                let _ = client.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let up = pump(cr, sw, conn_shared.clone(), true);
+                let down = pump(sr, cw, conn_shared.clone(), false);
+                // A cut or reset in one direction ends both.
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            }
+            locked(&conn_shared.connections).remove(&id);
+        });
+        locked(&shared.connections).insert(id, task);
+    }
+}
+
+/// Copies one direction, applying the faults to each chunk. Returns when either side closes
+/// or the connection is cut.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: Arc<Shared>,
+    upstream: bool,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut forwarded: u64 = 0;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                // Half-close: keep the other direction until it ends too.
+                std::future::pending::<()>().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        let faults = locked(&shared.faults).clone();
+        if faults.blackhole {
+            continue;
+        }
+        let mut chunk = &buf[..n];
+        let mut cut = false;
+        if upstream {
+            if let Some(limit) = faults.cut_after_upstream_bytes {
+                let room = limit.saturating_sub(forwarded) as usize;
+                if chunk.len() >= room {
+                    chunk = &chunk[..room];
+                    cut = true;
+                }
+            }
+        }
+        let mut delay = faults.latency;
+        if !faults.jitter.is_zero() {
+            let nanos = faults.jitter.as_nanos() as u64;
+            delay += Duration::from_nanos(locked(&shared.rng).u64(0..=nanos));
+        }
+        if let Some(rate) = faults.bandwidth.filter(|r| *r > 0) {
+            delay += Duration::from_secs_f64(chunk.len() as f64 / rate as f64);
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if to.write_all(chunk).await.is_err() {
+            return;
+        }
+        forwarded += chunk.len() as u64;
+        if cut {
+            return;
+        }
+    }
+}
