@@ -17,6 +17,7 @@ pub mod batcher;
 pub mod envelope;
 pub mod error;
 pub mod ledger;
+pub mod metrics;
 pub mod retry;
 
 pub use adaptive::{AdaptiveConfig, BatchSizer};

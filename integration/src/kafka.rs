@@ -1,6 +1,7 @@
 //! Kafka brokers behind one trait: a real Tansu process, librdkafka's mock cluster, or an
 //! external cluster.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -171,6 +172,11 @@ impl Tansu {
         }
         self.child = Some(child);
         Ok(())
+    }
+
+    /// The last `lines` lines of the broker's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log_path(), lines)
     }
 
     /// The port the broker itself listens on (the advertised one may be a proxy's).
@@ -378,4 +384,83 @@ fn wait_for_leaders(bootstrap: &str, topic: &str, partitions: i32) -> Result<()>
     Err(HarnessError::Unsupported(format!(
         "topic {topic} on {bootstrap} has no leaders after 10 s: {last}"
     )))
+}
+
+/// Every message of `topic`, keyed by (partition, offset): each partition is read from its low
+/// to its high watermark as they stand when called, with no consumer group, and never waits
+/// at the log end.
+pub fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<BTreeMap<(i32, i64), Vec<u8>>> {
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "spillway-harness-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut ends = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+            if high > low {
+                ends.insert(p.id(), high);
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last_error = None;
+    while !ends.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(HarnessError::Unsupported(format!(
+                "reading {topic}: partitions {:?} not read to their end within {timeout:?} (last error: {last_error:?})",
+                ends.keys().collect::<Vec<_>>()
+            )));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                out.insert(
+                    (m.partition(), m.offset()),
+                    m.payload().unwrap_or_default().to_vec(),
+                );
+                if ends
+                    .get(&m.partition())
+                    .is_some_and(|end| m.offset() + 1 >= *end)
+                {
+                    ends.remove(&m.partition());
+                }
+            }
+            // Connection errors are events, not the end: librdkafka keeps reconnecting.
+            Some(Err(e)) => last_error = Some(e),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The sum of the high watermarks of a topic's partitions: how many messages it ever held.
+pub fn message_count(bootstrap: &str, topic: &str) -> Result<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut total = 0;
+    for t in md.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            total += high - low;
+        }
+    }
+    Ok(total)
 }

@@ -12,6 +12,7 @@
 //! also when a test panics. Tests, benches and loadgen's local mode all use these pieces.
 #![warn(missing_docs)]
 
+pub mod http;
 pub mod kafka;
 pub mod postgres;
 mod process;

@@ -1,1 +1,16 @@
-//! placeholder
+//! Spillway's HTTP ingest service.
+//!
+//! `POST`/`PUT /store` takes JSON (an object or an array) or NDJSON, optionally gzipped, turns
+//! the whole request into one Kafka message (the core's [`spillway_core::Envelope`]), and
+//! answers `200` only after Kafka acknowledged it with `acks=all` from an idempotent producer.
+//! Bad input gets a 4xx and writes nothing; Kafka slow or down gets `503` with `Retry-After`;
+//! too much in flight is shed at once with `429`. It never answers 2xx for data that is not
+//! durable in Kafka.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod ingest;
+pub mod server;
+
+pub use config::{Args, Settings};
+pub use server::{start, RunningProducer, StartError};

@@ -1,0 +1,286 @@
+//! Turning a request body into records: content type, decompression under a hard cap, UTF-8
+//! and JSON validation. Pure functions; the HTTP layer maps [`Rejection`] to a status.
+
+use std::io::Read;
+
+use serde_json::value::RawValue;
+
+/// How the body holds its records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// `application/json`: one object, or an array of records.
+    Json,
+    /// `application/x-ndjson`: one JSON value per line.
+    NdJson,
+}
+
+/// Why a request is refused. Nothing is written for any of these.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// 400: the body is not valid input.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 413: the body (or its decompressed form) is over the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: a content type or encoding we do not read.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+const NOTHING_WRITTEN: &str = "Nothing was written.";
+
+/// Reads the `Content-Type` header.
+pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, Rejection> {
+    let Some(ct) = content_type else {
+        return Err(Rejection::Unsupported(format!(
+            "missing Content-Type: send application/json or application/x-ndjson. {NOTHING_WRITTEN}"
+        )));
+    };
+    let mut parts = ct.split(';');
+    let mime = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    let charset_ok = parts.all(|p| {
+        let p = p.trim().to_ascii_lowercase();
+        !p.starts_with("charset=") || p == "charset=utf-8" || p == "charset=\"utf-8\""
+    });
+    if !charset_ok {
+        return Err(Rejection::Unsupported(format!(
+            "Content-Type {ct:?}: only UTF-8 is accepted. {NOTHING_WRITTEN}"
+        )));
+    }
+    match mime.as_str() {
+        "application/json" => Ok(BodyKind::Json),
+        "application/x-ndjson"
+        | "application/ndjson"
+        | "application/jsonl"
+        | "application/x-jsonlines" => Ok(BodyKind::NdJson),
+        _ => Err(Rejection::Unsupported(format!(
+            "Content-Type {ct:?} is not accepted: send application/json (an object or an array of \
+             records) or application/x-ndjson (one record per line). {NOTHING_WRITTEN}"
+        ))),
+    }
+}
+
+/// Applies `Content-Encoding`, never producing more than `limit` bytes (a gzip bomb stops at
+/// the cap instead of eating memory).
+pub fn decode(
+    encoding: Option<&str>,
+    body: bytes::Bytes,
+    limit: usize,
+) -> Result<bytes::Bytes, Rejection> {
+    match encoding.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("identity") => Ok(body),
+        Some("gzip") | Some("x-gzip") => {
+            let mut out = Vec::with_capacity((body.len() * 4).min(limit));
+            let mut decoder = flate2::read::MultiGzDecoder::new(&body[..]).take(limit as u64 + 1);
+            decoder.read_to_end(&mut out).map_err(|e| {
+                Rejection::BadRequest(format!("the gzip body does not decompress: {e}. {NOTHING_WRITTEN}"))
+            })?;
+            if out.len() > limit {
+                return Err(Rejection::TooLarge(format!(
+                    "the body decompresses to more than {limit} bytes, the limit: split it into \
+                     smaller requests. {NOTHING_WRITTEN}"
+                )));
+            }
+            Ok(out.into())
+        }
+        Some(other) => Err(Rejection::Unsupported(format!(
+            "Content-Encoding {other:?} is not accepted: send gzip or no encoding. {NOTHING_WRITTEN}"
+        ))),
+    }
+}
+
+/// Splits a decoded body into the raw bytes of each record, validating UTF-8 and JSON.
+/// The slices are exactly what the client sent (no re-serialisation).
+pub fn records(kind: BodyKind, body: &[u8]) -> Result<Vec<&[u8]>, Rejection> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        Rejection::BadRequest(format!(
+            "the body is not UTF-8: invalid byte at offset {}. {NOTHING_WRITTEN}",
+            e.valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(Rejection::BadRequest(format!(
+            "the body is empty: send at least one record. {NOTHING_WRITTEN}"
+        )));
+    }
+    match kind {
+        BodyKind::Json => json_records(text),
+        BodyKind::NdJson => ndjson_records(text),
+    }
+}
+
+fn malformed(e: &serde_json::Error, line_offset: usize) -> Rejection {
+    Rejection::BadRequest(format!(
+        "malformed JSON at line {}, column {}: {}. {NOTHING_WRITTEN}",
+        e.line() + line_offset,
+        e.column(),
+        strip_position(e)
+    ))
+}
+
+/// serde_json appends " at line L column C" to its messages; we print the position ourselves.
+fn strip_position(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+fn json_records(text: &str) -> Result<Vec<&[u8]>, Rejection> {
+    let first = text.trim_start().as_bytes()[0];
+    match first {
+        b'[' => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| malformed(&e, 0))?;
+            if items.is_empty() {
+                return Err(Rejection::BadRequest(format!(
+                    "the array holds no records: send at least one. {NOTHING_WRITTEN}"
+                )));
+            }
+            Ok(items.into_iter().map(|r| r.get().as_bytes()).collect())
+        }
+        b'{' => {
+            let one: &RawValue = serde_json::from_str(text).map_err(|e| malformed(&e, 0))?;
+            Ok(vec![one.get().as_bytes()])
+        }
+        _ => {
+            // Report a syntax error as such; a valid scalar is the wrong shape.
+            serde_json::from_str::<&RawValue>(text).map_err(|e| malformed(&e, 0))?;
+            Err(Rejection::BadRequest(format!(
+                "the JSON body is a bare value: send an object (one record) or an array of \
+                 records. {NOTHING_WRITTEN}"
+            )))
+        }
+    }
+}
+
+fn ndjson_records(text: &str) -> Result<Vec<&[u8]>, Rejection> {
+    let mut out = Vec::new();
+    for (n, line) in text.split('\n').enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let raw: &RawValue = serde_json::from_str(line).map_err(|e| malformed(&e, n))?;
+        out.push(raw.get().as_bytes());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn check(kind: BodyKind, body: &str, want: Result<Vec<&str>, &str>) {
+        let got = records(kind, body.as_bytes());
+        match (got, want) {
+            (Ok(got), Ok(want)) => {
+                let got: Vec<&str> = got
+                    .iter()
+                    .map(|r| std::str::from_utf8(r).unwrap())
+                    .collect();
+                assert_eq!(got, want, "body {body:?}");
+            }
+            (Err(Rejection::BadRequest(msg)), Err(needle)) => {
+                assert!(
+                    msg.contains(needle),
+                    "body {body:?}: {msg:?} lacks {needle:?}"
+                );
+                assert!(msg.ends_with("Nothing was written."), "{msg}");
+            }
+            (got, want) => panic!("body {body:?}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn json_bodies() {
+        use BodyKind::Json;
+        check(Json, r#"{"a": 1}"#, Ok(vec![r#"{"a": 1}"#]));
+        check(
+            Json,
+            r#" [ {"a":1} , 2, "x" ,{"b" : [1]}] "#,
+            Ok(vec![r#"{"a":1}"#, "2", r#""x""#, r#"{"b" : [1]}"#]),
+        );
+        check(
+            Json,
+            r#"{"a": 1"#,
+            Err("malformed JSON at line 1, column 7"),
+        );
+        check(Json, "[1,\n 2,,]", Err("line 2, column 4"));
+        check(Json, "[]", Err("no records"));
+        check(Json, "42", Err("bare value"));
+        check(Json, "   ", Err("empty"));
+        check(Json, r#"{"a":1} {"b":2}"#, Err("trailing characters"));
+    }
+
+    #[test]
+    fn ndjson_bodies() {
+        use BodyKind::NdJson;
+        check(
+            NdJson,
+            "{\"a\":1}\r\n\n[2]\n3\n",
+            Ok(vec![r#"{"a":1}"#, "[2]", "3"]),
+        );
+        check(NdJson, "{\"a\":1}\n{oops}\n", Err("line 2, column 2"));
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_offset() {
+        let err = records(BodyKind::Json, b"{\"a\":\"\xff\"}").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not UTF-8: invalid byte at offset 6"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(
+            body_kind(Some("application/json; charset=UTF-8")),
+            Ok(BodyKind::Json)
+        );
+        assert_eq!(
+            body_kind(Some("application/x-ndjson")),
+            Ok(BodyKind::NdJson)
+        );
+        assert!(matches!(
+            body_kind(Some("text/plain")),
+            Err(Rejection::Unsupported(_))
+        ));
+        assert!(matches!(
+            body_kind(Some("application/json; charset=latin1")),
+            Err(Rejection::Unsupported(_))
+        ));
+        assert!(matches!(body_kind(None), Err(Rejection::Unsupported(_))));
+    }
+
+    fn gzip(data: &[u8]) -> bytes::Bytes {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap().into()
+    }
+
+    #[test]
+    fn gzip_is_decoded_and_a_bomb_stops_at_the_cap() {
+        let body = decode(Some("gzip"), gzip(b"[1,2]"), 100).unwrap();
+        assert_eq!(&body[..], b"[1,2]");
+        // 64 MiB of zeros compresses to ~64 KiB; decoding must stop right after the 1 MiB cap.
+        let bomb = gzip(&vec![0u8; 64 << 20]);
+        assert!(bomb.len() < 100_000);
+        assert!(matches!(
+            decode(Some("gzip"), bomb, 1 << 20),
+            Err(Rejection::TooLarge(_))
+        ));
+        assert!(matches!(
+            decode(Some("gzip"), "not gzip".into(), 100),
+            Err(Rejection::BadRequest(_))
+        ));
+        assert!(matches!(
+            decode(Some("br"), "x".into(), 100),
+            Err(Rejection::Unsupported(_))
+        ));
+    }
+}

@@ -1,0 +1,706 @@
+//! The warp service: `/store`, `/healthz`, `/readyz`, `/metrics`, shedding and shutdown.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use spillway_core::metrics::{Counter, Gauge, Histogram, Registry};
+use spillway_core::{Envelope, RequestId};
+use subtle::ConstantTimeEq;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use warp::http::{HeaderMap, Response, StatusCode};
+use warp::hyper::Body;
+use warp::Filter;
+
+use crate::config::{redact_properties, Settings};
+use crate::ingest::{self, Rejection};
+
+/// Kafka's default maximum message size, assumed when the broker does not say.
+pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
+/// Room kept for the envelope header and Kafka's record framing.
+const FRAMING_MARGIN: usize = 1024;
+
+/// Why the producer could not start. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// librdkafka refused the client configuration.
+    #[error(
+        "the Kafka client configuration is invalid ({0}): check --brokers and the -X properties"
+    )]
+    KafkaConfig(KafkaError),
+    /// The topic is not on the brokers.
+    #[error("topic `{topic}` does not exist on {brokers}: create it first (Spillway never auto-creates topics), or fix --topic")]
+    NoTopic {
+        /// The topic.
+        topic: String,
+        /// The brokers asked.
+        brokers: String,
+    },
+    /// A request could exceed what the broker accepts as one message.
+    #[error("invalid setting `max-body-bytes`: {max_body} bytes plus {FRAMING_MARGIN} bytes of framing exceeds the broker's maximum message size ({max_message} bytes); lower --max-body-bytes or raise the topic's max.message.bytes")]
+    BodyLimitTooLarge {
+        /// --max-body-bytes.
+        max_body: usize,
+        /// The broker's limit.
+        max_message: usize,
+    },
+    /// The listen address is unusable.
+    #[error("cannot listen on {addr} ({detail}): is another process using it? Change --listen")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        detail: String,
+    },
+}
+
+/// A request that was refused, with the status, the message, and whether to retry.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Rejection> for Refusal {
+    fn from(r: Rejection) -> Self {
+        let status = match r {
+            Rejection::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Rejection::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        };
+        Refusal::new(status, r.to_string())
+    }
+}
+
+struct Metrics {
+    registry: Registry,
+    by_status: BTreeMap<u16, Arc<Counter>>,
+    records: Arc<Counter>,
+    bytes: Arc<Counter>,
+    produce_latency: Arc<Histogram>,
+    records_per_request: Arc<Histogram>,
+    in_flight: Arc<Gauge>,
+    queue_depth: Arc<Gauge>,
+}
+
+const STATUSES: [u16; 11] = [200, 400, 401, 404, 405, 413, 415, 429, 500, 503, 504];
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let by_status = STATUSES
+            .iter()
+            .map(|s| {
+                let c = registry.counter(
+                    "spillway_producer_requests_total",
+                    "Ingest requests answered, by HTTP status.",
+                    &[("status", &s.to_string())],
+                );
+                (*s, c)
+            })
+            .collect();
+        Metrics {
+            records: registry.counter(
+                "spillway_producer_records_accepted_total",
+                "Records acknowledged by Kafka and answered 200.",
+                &[],
+            ),
+            bytes: registry.counter(
+                "spillway_producer_bytes_accepted_total",
+                "Envelope bytes acknowledged by Kafka.",
+                &[],
+            ),
+            produce_latency: registry.histogram(
+                "spillway_producer_produce_latency_seconds",
+                "Time from handing a message to the Kafka client to its acknowledgement.",
+                &[],
+                Histogram::latency_seconds(),
+            ),
+            records_per_request: registry.histogram(
+                "spillway_producer_records_per_request",
+                "Records in each accepted request.",
+                &[],
+                Histogram::sizes(),
+            ),
+            in_flight: registry.gauge(
+                "spillway_producer_in_flight_requests",
+                "Ingest requests being handled.",
+                &[],
+            ),
+            queue_depth: registry.gauge(
+                "spillway_producer_kafka_queue_depth",
+                "Messages in the Kafka client's queue, not yet acknowledged.",
+                &[],
+            ),
+            by_status,
+            registry,
+        }
+    }
+
+    fn count(&self, status: StatusCode) {
+        if let Some(c) = self.by_status.get(&status.as_u16()) {
+            c.inc();
+        }
+    }
+}
+
+struct State {
+    settings: Settings,
+    producer: FutureProducer,
+    max_message_bytes: usize,
+    requests: Arc<Semaphore>,
+    /// Request bytes, in KiB permits.
+    kib: Arc<Semaphore>,
+    metrics: Metrics,
+    readiness: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+/// A running producer. Drop it or call [`RunningProducer::shutdown`] to stop.
+pub struct RunningProducer {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RunningProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningProducer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl RunningProducer {
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr/store`.
+    pub fn store_url(&self) -> String {
+        format!("http://{}/store", self.addr)
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        render_metrics(&self.state)
+    }
+
+    /// Stops accepting, lets in-flight requests finish (each gets its answer), flushes the
+    /// Kafka client, and returns. Bounded by the shutdown timeout.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let grace = self.state.settings.shutdown_timeout;
+        let server = &mut self.server;
+        if tokio::time::timeout(grace, server).await.is_err() {
+            tracing::warn!(?grace, "in-flight requests did not finish in time; closing");
+            self.server.abort();
+        }
+        let producer = self.state.producer.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || producer.flush(Timeout::After(grace))).await;
+        match flushed {
+            Ok(Ok(())) => {
+                tracing::info!("Kafka client flushed; every acknowledged request is durable")
+            }
+            other => tracing::warn!(
+                ?other,
+                "Kafka flush did not complete; unanswered requests were answered 503"
+            ),
+        }
+    }
+}
+
+/// Connects to Kafka, checks the topic and the message size limit, and starts serving.
+pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &settings.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set(
+            "message.timeout.ms",
+            settings.produce_timeout.as_millis().to_string(),
+        )
+        .set("linger.ms", settings.linger.as_millis().to_string())
+        .set(
+            "queue.buffering.max.messages",
+            (settings.max_in_flight_requests * 2).max(1000).to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            (settings.max_in_flight_bytes / 1024 + 1).to_string(),
+        )
+        .set("allow.auto.create.topics", "false");
+    for (k, v) in &settings.rdkafka {
+        cfg.set(k, v);
+    }
+    tracing::info!(brokers = %settings.brokers, topic = %settings.topic,
+        rdkafka = ?redact_properties(&settings.rdkafka), "connecting to Kafka");
+    let producer: FutureProducer = cfg.create().map_err(StartError::KafkaConfig)?;
+    check_topic(&producer, &settings).await?;
+    let max_message_bytes = broker_max_message_bytes(&cfg, &settings.topic).await;
+    if settings.max_body_bytes + FRAMING_MARGIN > max_message_bytes {
+        return Err(StartError::BodyLimitTooLarge {
+            max_body: settings.max_body_bytes,
+            max_message: max_message_bytes,
+        });
+    }
+    let state = Arc::new(State {
+        requests: Arc::new(Semaphore::new(settings.max_in_flight_requests)),
+        kib: Arc::new(Semaphore::new(settings.max_in_flight_bytes.div_ceil(1024))),
+        metrics: Metrics::new(),
+        readiness: Mutex::new(None),
+        max_message_bytes,
+        producer,
+        settings,
+    });
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let addr = state.settings.listen;
+    let (addr, server) = warp::serve(routes(state.clone()))
+        .try_bind_with_graceful_shutdown(addr, async {
+            let _ = stop_rx.await;
+        })
+        .map_err(|e| StartError::Bind {
+            addr,
+            detail: e.to_string(),
+        })?;
+    tracing::info!(%addr, max_message_bytes, "listening");
+    Ok(RunningProducer {
+        addr,
+        state,
+        stop: Some(stop_tx),
+        server: tokio::spawn(server),
+    })
+}
+
+async fn check_topic(producer: &FutureProducer, settings: &Settings) -> Result<(), StartError> {
+    let client = producer.clone();
+    let topic = settings.topic.clone();
+    let md = tokio::task::spawn_blocking(move || {
+        client
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .map(|md| {
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| (t.error(), t.partitions().len()))
+            })
+    })
+    .await;
+    match md {
+        Ok(Ok(Some((None, n)))) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err(StartError::NoTopic {
+            topic: settings.topic.clone(),
+            brokers: settings.brokers.clone(),
+        }),
+        other => {
+            tracing::warn!(
+                ?other,
+                "Kafka is not reachable at start-up; answering 503 until it is"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The topic's `max.message.bytes`, else the broker's `message.max.bytes`, else Kafka's default
+/// (with a warning: the check at start-up then rests on an assumption).
+async fn broker_max_message_bytes(cfg: &ClientConfig, topic: &str) -> usize {
+    let Ok(admin) = cfg.create::<AdminClient<DefaultClientContext>>() else {
+        return KAFKA_DEFAULT_MAX_MESSAGE_BYTES;
+    };
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+    let lookups = [
+        (ResourceSpecifier::Topic(topic), "max.message.bytes"),
+        (ResourceSpecifier::Broker(1), "message.max.bytes"),
+    ];
+    for (resource, key) in &lookups {
+        if let Ok(results) = admin.describe_configs([resource], &options).await {
+            let found = results.iter().flatten().find_map(|r| {
+                r.get(key)
+                    .and_then(|e| e.value.as_deref())
+                    .and_then(|v| v.parse().ok())
+            });
+            if let Some(limit) = found {
+                return limit;
+            }
+        }
+    }
+    tracing::warn!(
+        assumed = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+        "the broker did not report its maximum message size; assuming Kafka's default"
+    );
+    KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+}
+
+fn routes(
+    state: Arc<State>,
+) -> impl Filter<Extract = (Response<Body>,), Error = Infallible> + Clone {
+    let with_state = warp::any().map(move || state.clone());
+    let store = warp::path("store")
+        .and(warp::path::end())
+        .and(warp::post().or(warp::put()).unify())
+        .and(with_state.clone())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(|state: Arc<State>, headers: HeaderMap, body| async move {
+            let started = Instant::now();
+            state.metrics.in_flight.add(1);
+            let response = match store(&state, &headers, body).await {
+                Ok(accepted) => json(StatusCode::OK, &accepted, None),
+                Err(refusal) => {
+                    let retry = matches!(
+                        refusal.status,
+                        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                    )
+                    .then_some(state.settings.retry_after);
+                    if refusal.status.is_server_error() {
+                        tracing::warn!(status = %refusal.status, error = %refusal.message, "request not accepted");
+                    }
+                    json(refusal.status, &serde_json::json!({ "error": refusal.message }), retry)
+                }
+            };
+            state.metrics.in_flight.add(-1);
+            state.metrics.count(response.status());
+            tracing::debug!(status = %response.status(), elapsed = ?started.elapsed(), "store");
+            response
+        });
+    let healthz = warp::path("healthz")
+        .and(warp::path::end())
+        .and(warp::get())
+        .map(|| {
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "status": "alive" }),
+                None,
+            )
+        });
+    let readyz = warp::path("readyz")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(|state: Arc<State>| async move {
+            match ready(&state).await {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "status": "ready" }),
+                    None,
+                ),
+                Err(e) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({ "status": "not ready", "error": e }),
+                    Some(state.settings.retry_after),
+                ),
+            }
+        });
+    let metrics = warp::path("metrics")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state)
+        .map(|state: Arc<State>| {
+            Response::builder()
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(Body::from(render_metrics(&state)))
+                .unwrap_or_default()
+        });
+    store
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(|rejection: warp::Rejection| async move {
+            let (status, message) = if rejection.is_not_found() {
+                (
+                    StatusCode::NOT_FOUND,
+                    "no such endpoint: use POST or PUT /store, GET /healthz, /readyz, /metrics",
+                )
+            } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+                (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method not allowed: /store takes POST or PUT",
+                )
+            } else {
+                (StatusCode::BAD_REQUEST, "the request could not be read")
+            };
+            Ok::<_, Infallible>(json(status, &serde_json::json!({ "error": message }), None))
+        })
+        .unify()
+}
+
+fn json(
+    status: StatusCode,
+    value: &serde_json::Value,
+    retry_after: Option<Duration>,
+) -> Response<Body> {
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    if let Some(d) = retry_after {
+        b = b.header("retry-after", d.as_secs().max(1).to_string());
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        b = b.header("www-authenticate", "Bearer");
+    }
+    b.body(Body::from(value.to_string())).unwrap_or_default()
+}
+
+fn render_metrics(state: &State) -> String {
+    state
+        .metrics
+        .queue_depth
+        .set(state.producer.in_flight_count() as i64);
+    state.metrics.registry.render()
+}
+
+async fn ready(state: &Arc<State>) -> Result<(), String> {
+    if let Some((at, result)) = state
+        .readiness
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        if at.elapsed() < Duration::from_secs(1) {
+            return result.clone();
+        }
+    }
+    let producer = state.producer.clone();
+    let topic = state.settings.topic.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))
+            .map_err(|e| format!("Kafka is not reachable: {e}"))
+            .and_then(|md| match md.topics().first().and_then(|t| t.error()) {
+                None => Ok(()),
+                Some(e) => Err(format!("topic {topic}: {e:?}")),
+            })
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
+    *state.readiness.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some((Instant::now(), result.clone()));
+    result
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn authorized(state: &State, headers: &HeaderMap) -> bool {
+    if state.settings.auth_tokens.is_empty() {
+        return true;
+    }
+    let Some(presented) = header(headers, "authorization").and_then(|h| h.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Compare against every token, in constant time each, so timing tells nothing.
+    state
+        .settings
+        .auth_tokens
+        .iter()
+        .fold(subtle::Choice::from(0), |acc, t| {
+            acc | t.as_bytes().ct_eq(presented.trim().as_bytes())
+        })
+        .into()
+}
+
+async fn store<S, B>(
+    state: &State,
+    headers: &HeaderMap,
+    body: S,
+) -> Result<serde_json::Value, Refusal>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    if !authorized(state, headers) {
+        return Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token: send `Authorization: Bearer <token>`. Nothing was written.",
+        ));
+    }
+    let kind = ingest::body_kind(header(headers, "content-type"))?;
+    let encoding = header(headers, "content-encoding");
+    let gzip = encoding.is_some_and(|e| e.to_ascii_lowercase().contains("gzip"));
+    let limit = state.settings.max_body_bytes;
+    // A compressed body may be a little larger than its content: allow for gzip's framing.
+    let wire_limit = if gzip {
+        limit + limit / 16 + 1024
+    } else {
+        limit
+    };
+    let declared = header(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > wire_limit) {
+        return Err(too_large(limit));
+    }
+    let _request = state.requests.clone().try_acquire_owned().map_err(|_| {
+        Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} requests are already in flight, the limit: nothing was written, retry later",
+                state.settings.max_in_flight_requests
+            ),
+        )
+    })?;
+    let reserve = declared.unwrap_or(wire_limit).min(wire_limit) + if gzip { limit } else { 0 };
+    let _bytes = state
+        .kib
+        .clone()
+        .try_acquire_many_owned(reserve.div_ceil(1024).max(1) as u32)
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many request bytes are in flight: nothing was written, retry later",
+            )
+        })?;
+    let raw = read_body(body, wire_limit, limit).await?;
+    let decoded = ingest::decode(encoding, raw, limit)?;
+    let records = ingest::records(kind, &decoded)?;
+    let received_at_micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let request_id = RequestId::from_u128(fastrand::u128(..));
+    let source = header(headers, "x-spillway-source");
+    let envelope = Envelope {
+        received_at_micros,
+        request_id,
+        source,
+        records,
+    };
+    let len = envelope.encoded_len();
+    if len + FRAMING_MARGIN > state.max_message_bytes {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "this request encodes to {len} bytes, more than the broker accepts in one message \
+                 ({} bytes): split it into smaller requests. Nothing was written.",
+                state.max_message_bytes
+            ),
+        ));
+    }
+    let count = envelope.records.len();
+    let payload = envelope.encode();
+    let sent = Instant::now();
+    let delivery = state
+        .producer
+        .send_result(FutureRecord::<(), [u8]>::to(&state.settings.topic).payload(&payload))
+        .map_err(|(e, _)| kafka_refusal(&e, state))?;
+    // librdkafka fails the message itself at message.timeout.ms; the margin only guards a bug.
+    let waited = tokio::time::timeout(
+        state.settings.produce_timeout + Duration::from_secs(2),
+        delivery,
+    )
+    .await;
+    let delivery = match waited {
+        Ok(Ok(Ok(d))) => d,
+        Ok(Ok(Err((e, _)))) => return Err(kafka_refusal(&e, state)),
+        Ok(Err(_canceled)) => {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the Kafka client shut down before acknowledging: the records are not acknowledged, retry",
+            ))
+        }
+        Err(_) => {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "Kafka did not acknowledge within {:?}: the records are not acknowledged; retry \
+                     (if the broker stored them late, the retry adds a second copy)",
+                    state.settings.produce_timeout
+                ),
+            ))
+        }
+    };
+    state
+        .metrics
+        .produce_latency
+        .observe(sent.elapsed().as_secs_f64());
+    state.metrics.records.add(count as u64);
+    state.metrics.bytes.add(payload.len() as u64);
+    state.metrics.records_per_request.observe(count as f64);
+    Ok(serde_json::json!({
+        "request_id": request_id.to_string(),
+        "records": count,
+        "partition": delivery.partition,
+        "offset": delivery.offset,
+    }))
+}
+
+fn too_large(limit: usize) -> Refusal {
+    Refusal::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is larger than {limit} bytes, the limit: split it into smaller requests. Nothing was written."),
+    )
+}
+
+async fn read_body<S, B>(body: S, wire_limit: usize, limit: usize) -> Result<Bytes, Refusal>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    futures::pin_mut!(body);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("the body could not be read ({e}). Nothing was written."),
+            )
+        })?;
+        if buf.len() + chunk.remaining() > wire_limit {
+            return Err(too_large(limit));
+        }
+        buf.put(chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn kafka_refusal(e: &KafkaError, state: &State) -> Refusal {
+    let code = e.rdkafka_error_code();
+    match code {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessageSize) => Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Kafka refused the message as too large ({e}): split the request. Nothing was written."),
+        ),
+        Some(RDKafkaErrorCode::QueueFull) => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the Kafka client's queue is full (Kafka is slow or down): nothing was written, retry later",
+        ),
+        _ => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "Kafka did not acknowledge the write within {:?} ({e}): the records are not \
+                 acknowledged; retry later (if the broker stored them late, the retry adds a second copy)",
+                state.settings.produce_timeout
+            ),
+        ),
+    }
+}

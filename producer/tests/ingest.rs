@@ -1,0 +1,479 @@
+//! The producer against a real broker (Tansu), and the mock cluster where a fault must be
+//! injected: a 2xx always means the request is readable from Kafka.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use spillway_core::Envelope;
+use spillway_integration::http::{Answer, HttpClient};
+use spillway_integration::kafka::{message_count, read_all};
+use spillway_integration::{KafkaBroker, Mock, Tansu};
+use spillway_producer::{start, RunningProducer, Settings, StartError};
+
+const TOPIC: &str = "ingest";
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
+}
+
+fn settings(broker: &dyn KafkaBroker) -> Settings {
+    let mut s = Settings::new(broker.bootstrap(), TOPIC);
+    s.listen = "127.0.0.1:0".parse().unwrap();
+    s.produce_timeout = Duration::from_millis(2000);
+    s
+}
+
+async fn tansu() -> Result<Tansu> {
+    let broker = blocking(Tansu::start).await?;
+    broker.create_topic(TOPIC, 2).await?;
+    Ok(broker)
+}
+
+fn coordinates(answer: &Answer) -> Result<(i32, i64)> {
+    let j = answer.json();
+    Ok((
+        j["partition"].as_i64().context("partition")? as i32,
+        j["offset"].as_i64().context("offset")?,
+    ))
+}
+
+/// The envelope a 200 points at, read back from Kafka.
+async fn acknowledged_message(broker: &dyn KafkaBroker, answer: &Answer) -> Result<Vec<u8>> {
+    let at = coordinates(answer)?;
+    let bootstrap = broker.bootstrap();
+    let mut all = blocking(move || read_all(&bootstrap, TOPIC, Duration::from_secs(30))).await?;
+    all.remove(&at)
+        .with_context(|| format!("acknowledged message {at:?} is not in Kafka"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_means_the_request_is_one_envelope_readable_from_kafka() -> Result<()> {
+    let broker = tansu().await?;
+    let producer = start(settings(&broker)).await?;
+    let http = HttpClient::new();
+    let body = r#"[{"id": 1, "v": "a"}, {"id":2}, [3]]"#;
+    let a = http
+        .post(&producer.store_url(), "application/json", body)
+        .await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["records"], 3);
+    let bytes = acknowledged_message(&broker, &a).await?;
+    let env = Envelope::decode(&bytes)?;
+    let records: Vec<&str> = env
+        .records
+        .iter()
+        .map(|r| std::str::from_utf8(r).unwrap())
+        .collect();
+    assert_eq!(
+        records,
+        vec![r#"{"id": 1, "v": "a"}"#, r#"{"id":2}"#, "[3]"],
+        "records travel byte for byte"
+    );
+    assert_eq!(
+        env.request_id.to_string(),
+        a.json()["request_id"].as_str().unwrap()
+    );
+
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(b"{\"n\":1}\n{\"n\":2}\n")?;
+    let a = http
+        .send(
+            hyper::Method::PUT,
+            &producer.store_url(),
+            &[
+                ("content-type", "application/x-ndjson"),
+                ("content-encoding", "gzip"),
+            ],
+            gz.finish()?,
+        )
+        .await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let bytes = acknowledged_message(&broker, &a).await?;
+    assert_eq!(
+        Envelope::decode(&bytes)?.records,
+        vec![&b"{\"n\":1}"[..], b"{\"n\":2}"]
+    );
+    producer.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_and_writes_nothing() -> Result<()> {
+    let broker = tansu().await?;
+    let mut s = settings(&broker);
+    s.max_body_bytes = 64 * 1024;
+    let producer = start(s).await?;
+    let http = HttpClient::new();
+    let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    bomb.write_all(&vec![b' '; 32 << 20])?;
+    let bomb = bomb.finish()?;
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "malformed",
+            "application/json",
+            None,
+            br#"{"a": }"#.to_vec(),
+            400,
+            "malformed JSON at line 1, column 7",
+        ),
+        (
+            "not utf-8",
+            "application/json",
+            None,
+            b"{\"a\": \"\xc3\x28\"}".to_vec(),
+            400,
+            "not UTF-8",
+        ),
+        ("empty", "application/json", None, vec![], 400, "empty"),
+        (
+            "bare value",
+            "application/json",
+            None,
+            b"17".to_vec(),
+            400,
+            "bare value",
+        ),
+        (
+            "bad ndjson line",
+            "application/x-ndjson",
+            None,
+            b"{}\nnope\n".to_vec(),
+            400,
+            "line 2",
+        ),
+        (
+            "too large",
+            "application/json",
+            None,
+            format!("[\"{}\"]", "x".repeat(70_000)).into_bytes(),
+            413,
+            "larger than 65536",
+        ),
+        (
+            "gzip bomb",
+            "application/json",
+            Some("gzip"),
+            bomb,
+            413,
+            "decompresses to more than 65536",
+        ),
+        (
+            "wrong type",
+            "text/plain",
+            None,
+            b"{}".to_vec(),
+            415,
+            "not accepted",
+        ),
+        (
+            "wrong encoding",
+            "application/json",
+            Some("br"),
+            b"{}".to_vec(),
+            415,
+            "Content-Encoding",
+        ),
+    ];
+    for (name, ct, enc, body, status, needle) in cases {
+        let mut headers = vec![("content-type", ct)];
+        if let Some(e) = enc {
+            headers.push(("content-encoding", e));
+        }
+        let a = http
+            .send(hyper::Method::POST, &producer.store_url(), &headers, body)
+            .await?;
+        assert_eq!(a.status, status, "{name}: {}", a.body);
+        let msg = a.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
+    }
+    let bootstrap = broker.bootstrap();
+    assert_eq!(
+        blocking(move || message_count(&bootstrap, TOPIC)).await?,
+        0,
+        "nothing was written"
+    );
+    let metrics = producer.metrics_text();
+    assert!(
+        metrics.contains("spillway_producer_requests_total{status=\"400\"} 5"),
+        "{metrics}"
+    );
+    producer.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_killed_no_2xx_is_given_for_what_is_not_in_kafka() -> Result<()> {
+    let mut broker = tansu().await?;
+    let producer = start(settings(&broker)).await?;
+    let http = HttpClient::new();
+    let url = producer.store_url();
+    // Traffic before, during and after the outage: 3 senders, 40 requests each.
+    let senders: Vec<_> = (0..3)
+        .map(|s| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut answers = vec![];
+                for i in 0..40 {
+                    let body = format!(r#"{{"sender":{s},"i":{i}}}"#);
+                    let a = http.post(&url, "application/json", body.clone()).await;
+                    answers.push((body, a));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                answers
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker = blocking(move || broker.kill().map(|_| broker)).await?;
+    let started = Instant::now();
+    let down = http.post(&url, "application/json", "{}").await?;
+    assert_eq!(down.status, 503, "{}", down.body);
+    assert!(down.retry_after.is_some(), "a 503 says when to retry");
+    assert!(
+        started.elapsed() < Duration::from_millis(2000 + 3000),
+        "503 within the produce deadline"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker = blocking(move || broker.restart().map(|_| broker)).await?;
+    let bootstrap = broker.bootstrap();
+    let in_kafka = blocking(move || read_all(&bootstrap, TOPIC, Duration::from_secs(30))).await?;
+    let mut acked = 0;
+    for s in senders {
+        for (body, a) in s.await? {
+            let a = a?;
+            assert!(
+                a.status == 200 || a.status == 503,
+                "unexpected {}: {}",
+                a.status,
+                a.body
+            );
+            if a.status == 200 {
+                acked += 1;
+                let at = coordinates(&a)?;
+                let bytes = in_kafka
+                    .get(&at)
+                    .with_context(|| format!("200'd request {at:?} is not in Kafka"))?;
+                assert_eq!(
+                    Envelope::decode(bytes)?.records,
+                    vec![body.as_bytes()],
+                    "the 200'd record is in Kafka"
+                );
+            }
+        }
+    }
+    ensure!(
+        acked > 0,
+        "some requests should have been acknowledged outside the outage"
+    );
+    producer.shutdown().await;
+    Ok(())
+}
+
+async fn mock_producer(
+    rtt: Option<Duration>,
+    tweak: impl FnOnce(&mut Settings),
+) -> Result<(Mock, RunningProducer)> {
+    let mock = Mock::start(1)?;
+    mock.create_topic(TOPIC, 1).await?;
+    if let Some(rtt) = rtt {
+        mock.cluster().broker_round_trip_time(1, rtt)?;
+    }
+    let mut s = settings(&mock);
+    tweak(&mut s);
+    let producer = start(s).await?;
+    Ok((mock, producer))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_broker_errors_give_503_never_2xx() -> Result<()> {
+    let (mock, producer) =
+        mock_producer(None, |s| s.produce_timeout = Duration::from_millis(1500)).await?;
+    let http = HttpClient::new();
+    mock.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 500],
+    );
+    let a = http
+        .post(&producer.store_url(), "application/json", "{}")
+        .await?;
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert!(
+        a.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not acknowledged"),
+        "{}",
+        a.body
+    );
+    mock.cluster().clear_request_errors(RDKafkaApiKey::Produce);
+    let a = http
+        .post(&producer.store_url(), "application/json", "{}")
+        .await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    producer.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_in_flight_limit_is_shed_with_429_at_once() -> Result<()> {
+    let (_mock, producer) = mock_producer(Some(Duration::from_millis(300)), |s| {
+        s.max_in_flight_requests = 4
+    })
+    .await?;
+    let http = HttpClient::new();
+    let burst: Vec<_> = (0..40)
+        .map(|i| {
+            let (http, url) = (http.clone(), producer.store_url());
+            tokio::spawn(async move {
+                http.post(&url, "application/json", format!("{{\"i\":{i}}}"))
+                    .await
+            })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0, 0);
+    for b in burst {
+        let a = b.await??;
+        match a.status {
+            200 => ok += 1,
+            429 => {
+                shed += 1;
+                assert_eq!(a.retry_after.as_deref(), Some("1"));
+            }
+            other => panic!("unexpected {other}: {}", a.body),
+        }
+    }
+    ensure!(ok >= 4 && shed > 0, "{ok} accepted, {shed} shed");
+    producer.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_every_in_flight_request_and_loses_none() -> Result<()> {
+    let (mock, producer) = mock_producer(Some(Duration::from_millis(400)), |_| {}).await?;
+    let http = HttpClient::new();
+    let url = producer.store_url();
+    let inflight: Vec<_> = (0..10)
+        .map(|i| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                http.post(&url, "application/json", format!("{{\"i\":{i}}}"))
+                    .await
+            })
+        })
+        .collect();
+    // Wait (on the producer's own gauge) until all ten are being handled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !producer
+        .metrics_text()
+        .contains("spillway_producer_in_flight_requests 10")
+    {
+        ensure!(Instant::now() < deadline, "requests never got in flight");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    producer.shutdown().await;
+    for r in inflight {
+        let a = r.await??;
+        assert_eq!(
+            a.status, 200,
+            "an in-flight request is finished, not dropped: {}",
+            a.body
+        );
+        acknowledged_message(&mock, &a).await?;
+    }
+    ensure!(
+        HttpClient::new()
+            .post(&url, "application/json", "{}")
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_are_required_when_configured() -> Result<()> {
+    let (_mock, producer) = mock_producer(None, |s| {
+        s.auth_tokens = vec!["s3cret".into(), "other".into()]
+    })
+    .await?;
+    let http = HttpClient::new();
+    let url = producer.store_url();
+    let none = http.post(&url, "application/json", "{}").await?;
+    assert_eq!(
+        (none.status, none.www_authenticate.as_deref()),
+        (401, Some("Bearer"))
+    );
+    let wrong = http
+        .send(
+            hyper::Method::POST,
+            &url,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer s3cre"),
+            ],
+            "{}",
+        )
+        .await?;
+    assert_eq!(wrong.status, 401);
+    let right = http
+        .send(
+            hyper::Method::POST,
+            &url,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer other"),
+            ],
+            "{}",
+        )
+        .await?;
+    assert_eq!(right.status, 200, "{}", right.body);
+    producer.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_refuses_a_missing_topic_and_a_body_limit_the_broker_cannot_take() -> Result<()> {
+    let broker = tansu().await?;
+    let mut s = settings(&broker);
+    s.topic = "no-such-topic".into();
+    let err = start(s)
+        .await
+        .expect_err("a missing topic must stop start-up");
+    assert!(matches!(err, StartError::NoTopic { .. }), "{err}");
+    let mut s = settings(&broker);
+    s.max_body_bytes = 4 << 20;
+    let err = start(s)
+        .await
+        .expect_err("a body limit over the message size must stop start-up");
+    assert!(err.to_string().contains("max-body-bytes"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_endpoints() -> Result<()> {
+    let (mock, producer) = mock_producer(None, |_| {}).await?;
+    let http = HttpClient::new();
+    let base = format!("http://{}", producer.addr());
+    assert_eq!(http.get(&format!("{base}/healthz")).await?.status, 200);
+    assert_eq!(http.get(&format!("{base}/readyz")).await?.status, 200);
+    http.post(&producer.store_url(), "application/json", "[1,2]")
+        .await?;
+    let m = http.get(&format!("{base}/metrics")).await?.body;
+    for needle in [
+        "spillway_producer_requests_total{status=\"200\"} 1",
+        "spillway_producer_records_accepted_total 2",
+        "spillway_producer_produce_latency_seconds_count 1",
+        "spillway_producer_kafka_queue_depth 0",
+    ] {
+        assert!(m.contains(needle), "{needle} missing from\n{m}");
+    }
+    drop(mock);
+    producer.shutdown().await;
+    Ok(())
+}
