@@ -1,1 +1,253 @@
-//! placeholder
+//! Spillway's consumer: Kafka to Postgres in batches, exactly once, through any database failure.
+//!
+//! Each batch is one Postgres transaction holding its rows (COPY BINARY), its dead letters,
+//! and the move of the partition's position from where the batch started to where it ends
+//! (a compare-and-set: if another consumer moved it, the transaction rolls back). Postgres is
+//! the source of truth for positions; the Kafka commit after each flush only feeds lag tools.
+//! While Postgres is down the buffer fills to its bound, then Kafka is paused; nothing is
+//! dropped and memory stays flat. Decisions (batching, retries, isolating bad records) are
+//! the core's [`spillway_core::Batcher`]; this crate only does the IO.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod pg;
+pub mod pgcopy;
+mod pipeline;
+pub mod source;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use warp::http::{Response, StatusCode};
+use warp::hyper::Body;
+use warp::Filter;
+
+pub use config::{Args, Settings};
+pub use pipeline::{Metrics, FAILPOINT_EXIT_AFTER_COMMITS};
+
+/// Why the consumer stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// A setting is unusable.
+    #[error("{0}")]
+    Config(#[from] spillway_core::ConfigError),
+    /// The Kafka client could not be created.
+    #[error("the Kafka client could not start ({0}): check --brokers and the -X properties")]
+    Kafka(rdkafka::error::KafkaError),
+    /// Postgres refused in a way retrying cannot fix (authentication, permissions, schema).
+    #[error("Postgres refused the consumer: {0}. Nothing more was written; fix the database settings or permissions and restart (positions are kept)")]
+    Fatal(String),
+    /// The HTTP listener could not bind.
+    #[error("cannot listen on {addr} ({detail}): change --listen")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        detail: String,
+    },
+    /// An internal part stopped.
+    #[error("stopped: {0}")]
+    Stopped(String),
+}
+
+/// A running consumer.
+pub struct RunningConsumer {
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ConsumerError>>,
+    http_stop: Option<oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for RunningConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningConsumer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl RunningConsumer {
+    /// Where /healthz, /readyz and /metrics listen.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Live counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops reading, flushes what is buffered (if Postgres is up, within the shutdown
+    /// timeout), leaves the group. Returns the pipeline's result.
+    pub async fn shutdown(mut self) -> Result<(), ConsumerError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let result = (&mut self.task)
+            .await
+            .unwrap_or_else(|e| Err(ConsumerError::Stopped(e.to_string())));
+        if let Some(s) = self.http_stop.take() {
+            let _ = s.send(());
+        }
+        result
+    }
+
+    /// Resolves only if the pipeline stops by itself (a fatal error). Cancel-safe: dropping
+    /// this future leaves the consumer running.
+    pub async fn finished(&mut self) -> Result<(), ConsumerError> {
+        (&mut self.task)
+            .await
+            .unwrap_or_else(|e| Err(ConsumerError::Stopped(e.to_string())))
+    }
+
+    /// Stops at once with no flush and no goodbye to the group, as a crash would (tests).
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for RunningConsumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Validates the database URL, creates the schema (retrying while Postgres is unavailable),
+/// joins the group and starts the pipeline and the HTTP endpoints.
+pub async fn start(settings: Settings) -> Result<RunningConsumer, ConsumerError> {
+    let pool = pg::Pool::new(
+        &settings.database_url,
+        settings.pool_size,
+        settings.statement_timeout,
+        settings.connect_timeout,
+    )
+    .map_err(|e| ConsumerError::Config(spillway_core::ConfigError::new("database-url", e)))?;
+    let pool = Arc::new(pool);
+    migrate_with_retry(&pool, &settings).await?;
+    let metrics = pipeline::new_metrics();
+    let pipeline = pipeline::Pipeline::new(settings.clone(), pool.clone(), metrics.clone())?;
+    let (http_stop, http_stop_rx) = oneshot::channel::<()>();
+    let (addr, server) = warp::serve(routes(pool, metrics.clone(), settings.clone()))
+        .try_bind_with_graceful_shutdown(settings.listen, async {
+            let _ = http_stop_rx.await;
+        })
+        .map_err(|e| ConsumerError::Bind {
+            addr: settings.listen,
+            detail: e.to_string(),
+        })?;
+    tokio::spawn(server);
+    let (stop, stop_rx) = oneshot::channel();
+    let task = tokio::spawn(pipeline.run(stop_rx));
+    tracing::info!(%addr, table = %settings.table.plain, topic = %settings.topic, group = %settings.group, "consumer started");
+    Ok(RunningConsumer {
+        addr,
+        metrics,
+        stop: Some(stop),
+        task,
+        http_stop: Some(http_stop),
+    })
+}
+
+async fn migrate_with_retry(pool: &pg::Pool, settings: &Settings) -> Result<(), ConsumerError> {
+    let mut retry = spillway_core::RetryPolicy::new(settings.batcher.retry.clone());
+    let mut attempt = 0;
+    loop {
+        let result = async {
+            let mut conn = pool.get().await?;
+            pg::migrate(conn.client_mut(), &settings.table).await?;
+            conn.release();
+            Ok::<_, pg::PgFailure>(())
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(f) if f.class == spillway_core::ErrorClass::Fatal => {
+                return Err(ConsumerError::Fatal(f.message))
+            }
+            Err(f) => {
+                attempt += 1;
+                if attempt == 1 {
+                    tracing::warn!(error = %f, "Postgres is not reachable yet; retrying with backoff");
+                }
+                tokio::time::sleep(retry.delay(attempt)).await;
+            }
+        }
+    }
+}
+
+fn routes(
+    pool: Arc<pg::Pool>,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+) -> impl Filter<Extract = (Response<Body>,), Error = Infallible> + Clone {
+    let healthz = warp::path("healthz")
+        .and(warp::get())
+        .map(|| text(StatusCode::OK, "alive\n".into()));
+    let m = metrics.clone();
+    let metrics_route = warp::path("metrics")
+        .and(warp::get())
+        .map(move || text(StatusCode::OK, m.registry.render()));
+    let readyz = warp::path("readyz").and(warp::get()).then(move || {
+        let (pool, settings) = (pool.clone(), settings.clone());
+        async move {
+            match ready(&pool, &settings).await {
+                Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+            }
+        }
+    });
+    healthz
+        .or(metrics_route)
+        .unify()
+        .or(readyz)
+        .unify()
+        .recover(|_| async {
+            Ok::<_, Infallible>(text(
+                StatusCode::NOT_FOUND,
+                "use /healthz, /readyz or /metrics\n".into(),
+            ))
+        })
+        .unify()
+}
+
+async fn ready(pool: &pg::Pool, settings: &Settings) -> Result<(), String> {
+    let pg = async {
+        let conn = pool.get().await.map_err(|e| format!("Postgres: {e}"))?;
+        conn.client()
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| format!("Postgres: {e}"))?;
+        conn.release();
+        Ok::<_, String>(())
+    };
+    tokio::time::timeout(Duration::from_secs(2), pg)
+        .await
+        .map_err(|_| "Postgres: no answer within 2 s".to_string())??;
+    let brokers = settings.brokers.clone();
+    let topic = settings.topic.clone();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .map_err(|e| format!("Kafka: {e}"))?;
+        c.fetch_metadata(Some(&topic), Duration::from_secs(2))
+            .map(|_| ())
+            .map_err(|e| format!("Kafka: {e}"))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Body::from(body))
+        .unwrap_or_default()
+}

@@ -406,6 +406,12 @@ impl Batcher {
         self.lanes.keys().copied()
     }
 
+    /// The position of the next record `partition` expects from the source (where to seek
+    /// after dropping records the buffer had no room for).
+    pub fn next_position(&self, partition: Partition) -> Option<Position> {
+        self.lanes.get(&partition).map(|l| l.next_push)
+    }
+
     /// The durable positions, per assigned partition.
     pub fn ledger(&self) -> &OffsetLedger {
         &self.ledger
@@ -610,11 +616,9 @@ impl Batcher {
                 let live: Vec<usize> = (0..entries.len())
                     .filter(|&i| entries[i].dead_reason.is_none())
                     .collect();
-                let culprit = culprit
-                    .filter(|&c| c < entries.len() && entries[c].dead_reason.is_none())
-                    .or(if live.len() == 1 { Some(live[0]) } else { None });
-                if let Some(c) = culprit {
-                    entries[c].dead_reason = Some(reason);
+                if live.len() == 1 {
+                    // Rejected alone: this record is the bad one.
+                    entries[live[0]].dead_reason = Some(reason);
                     self.stats.dead_lettered += 1;
                     lane.queued.push_front(Queued {
                         entries,
@@ -629,18 +633,30 @@ impl Batcher {
                     let batch = Batch { entries, ..batch };
                     return self.requeue_after_failure(batch, now);
                 }
-                let cut = live[live.len() / 2];
-                let tail = entries.split_off(cut);
-                lane.queued.push_front(Queued {
-                    entries: tail,
-                    attempt: 1,
-                    oldest_pushed_at: batch.oldest_pushed_at,
-                });
-                lane.queued.push_front(Queued {
-                    entries,
-                    attempt: 1,
-                    oldest_pushed_at: batch.oldest_pushed_at,
-                });
+                // A culprit named by the database is only a hint: cut around it, so it is
+                // tried alone, and a record is dead-lettered only when it fails by itself.
+                // Without a hint, bisect.
+                let cuts = match culprit
+                    .filter(|&c| c < entries.len() && entries[c].dead_reason.is_none())
+                {
+                    Some(c) => vec![c, c + 1],
+                    None => vec![live[live.len() / 2]],
+                };
+                let mut pieces = Vec::with_capacity(3);
+                for cut in cuts.into_iter().rev() {
+                    if cut > 0 && cut < entries.len() {
+                        pieces.push(entries.split_off(cut));
+                    }
+                }
+                pieces.push(entries);
+                // `pieces` runs from the last piece to the first: push_front keeps order.
+                for piece in pieces {
+                    lane.queued.push_front(Queued {
+                        entries: piece,
+                        attempt: 1,
+                        oldest_pushed_at: batch.oldest_pushed_at,
+                    });
+                }
                 AfterFlush::Isolating
             }
             FlushOutcome::Fenced => self.fence(batch.partition),

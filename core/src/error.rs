@@ -26,7 +26,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn new(setting: &'static str, problem: impl Into<String>) -> Self {
+    /// A problem with `setting`.
+    pub fn new(setting: &'static str, problem: impl Into<String>) -> Self {
         ConfigError {
             setting,
             problem: problem.into(),

@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod error;
 pub mod ledger;
 pub mod metrics;
+pub mod props;
 pub mod retry;
 
 pub use adaptive::{AdaptiveConfig, BatchSizer};

@@ -85,21 +85,10 @@ pub struct Args {
     pub librdkafka: BTreeMap<String, String>,
 }
 
-/// A setting that cannot work, named as the user spells it.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid setting `{setting}`: {problem}")]
-pub struct SettingError {
-    /// The flag (without dashes).
-    pub setting: &'static str,
-    /// What is wrong and what is accepted.
-    pub problem: String,
-}
+pub use spillway_core::ConfigError as SettingError;
 
 fn bad(setting: &'static str, problem: impl Into<String>) -> SettingError {
-    SettingError {
-        setting,
-        problem: problem.into(),
-    }
+    SettingError::new(setting, problem)
 }
 
 /// Validated settings.
@@ -150,35 +139,7 @@ impl fmt::Debug for Settings {
     }
 }
 
-/// librdkafka properties with secrets (passwords, keys) hidden, for logs.
-pub fn redact_properties(props: &[(String, String)]) -> Vec<(String, String)> {
-    props
-        .iter()
-        .map(|(k, v)| {
-            let secret = ["password", "secret", "key", "token"]
-                .iter()
-                .any(|s| k.contains(s));
-            (
-                k.clone(),
-                if secret {
-                    "<redacted>".into()
-                } else {
-                    v.clone()
-                },
-            )
-        })
-        .collect()
-}
-
-/// Parses `-X key=value` properties.
-pub fn parse_properties(raw: &[String]) -> Result<Vec<(String, String)>, SettingError> {
-    raw.iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-            _ => Err(bad("X", format!("{kv:?} is not key=value"))),
-        })
-        .collect()
-}
+pub use spillway_core::props::{parse_properties, redact_properties};
 
 impl Settings {
     /// Defaults for a broker and topic (tests, loadgen's local stack).

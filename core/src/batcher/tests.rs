@@ -179,6 +179,37 @@ fn poison_records_are_isolated_by_bisection_and_the_rest_is_written_in_order() {
 }
 
 #[test]
+fn a_wrong_culprit_hint_never_dead_letters_a_good_record() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(config(8, 100)).unwrap();
+    b.assign(0, Position::BEGINNING);
+    push_messages(&mut b, 0, 8, t0);
+    b.set_draining(true);
+    let (mut written, mut dead) = (vec![], vec![]);
+    for _ in 0..100 {
+        let Some(batch) = b.poll_batch(t0) else { break };
+        let bad = batch
+            .entries
+            .iter()
+            .any(|e| e.dead_reason.is_none() && e.record.offset == 5);
+        let outcome = if bad {
+            // The database blames the first row, wrongly.
+            FlushOutcome::Poison {
+                reason: "bad".into(),
+                culprit: Some(0),
+            }
+        } else {
+            written.extend(batch.rows().map(|r| r.offset));
+            dead.extend(batch.dead_letters().map(|(r, _)| r.offset));
+            FlushOutcome::Written
+        };
+        b.on_flush_result(batch, outcome, t0);
+    }
+    assert_eq!(dead, vec![5]);
+    assert_eq!(written, vec![0, 1, 2, 3, 4, 6, 7]);
+}
+
+#[test]
 fn a_full_buffer_hands_the_record_back_until_a_flush_frees_room() {
     let t0 = Instant::now();
     let mut b = Batcher::new(config(2, 2)).unwrap();

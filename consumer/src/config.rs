@@ -1,0 +1,354 @@
+//! Settings in two stages: raw [`Args`] (flags, environment, TOML file), then validated
+//! [`Settings`] holding the core's batcher config. Precedence: flag, environment, file, default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use spillway_core::props::{parse_properties, redact_properties};
+use spillway_core::{AdaptiveConfig, BatcherConfig, ConfigError, Jitter, RetryConfig};
+
+use crate::pg::TableName;
+
+/// Raw settings as the user gave them.
+#[derive(Parser, Deserialize, Default, Debug)]
+#[command(
+    name = "spillway-consumer",
+    version,
+    about = "Reads Spillway envelopes from Kafka and writes their records into Postgres in \
+             batches, exactly once: each batch and the partition's position commit in one \
+             transaction."
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Args {
+    /// TOML file with any of these settings (long flag names as keys; librdkafka properties
+    /// in a [librdkafka] table). Flags and environment variables override it.
+    #[arg(long, env = "SPILLWAY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers (required).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// Topic to read (required).
+    #[arg(long, env = "SPILLWAY_TOPIC")]
+    pub topic: Option<String>,
+    /// Consumer group; consumers in one group split the partitions [default: spillway].
+    #[arg(long, env = "SPILLWAY_GROUP")]
+    pub group: Option<String>,
+    /// Postgres URL, e.g. postgres://user:pass@host/db?sslmode=require (required).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Records table (dead letters go to <table>_dead_letters) [default: records].
+    #[arg(long, env = "SPILLWAY_TABLE")]
+    pub table: Option<String>,
+    /// Address for /healthz, /readyz and /metrics [default: 127.0.0.1:9090].
+    #[arg(long, env = "SPILLWAY_METRICS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Largest batch in records; the size adapts between min and this [default: 20000].
+    #[arg(long, env = "SPILLWAY_BATCH_MAX_RECORDS")]
+    pub batch_max_records: Option<usize>,
+    /// Smallest target batch size in records [default: 100].
+    #[arg(long, env = "SPILLWAY_BATCH_MIN_RECORDS")]
+    pub batch_min_records: Option<usize>,
+    /// Largest batch in bytes [default: 8388608].
+    #[arg(long, env = "SPILLWAY_BATCH_MAX_BYTES")]
+    pub batch_max_bytes: Option<usize>,
+    /// A record waits at most this long before its batch is flushed [default: 500].
+    #[arg(long, env = "SPILLWAY_BATCH_MAX_AGE_MS")]
+    pub batch_max_age_ms: Option<u64>,
+    /// Flushes slower than this shrink the batch size [default: 250].
+    #[arg(long, env = "SPILLWAY_FLUSH_LATENCY_TARGET_MS")]
+    pub flush_latency_target_ms: Option<u64>,
+    /// Records held in memory at most, in flight included; then Kafka is paused [default: 200000].
+    #[arg(long, env = "SPILLWAY_BUFFER_MAX_RECORDS")]
+    pub buffer_max_records: Option<usize>,
+    /// Bytes held in memory at most [default: 67108864].
+    #[arg(long, env = "SPILLWAY_BUFFER_MAX_BYTES")]
+    pub buffer_max_bytes: Option<usize>,
+    /// First retry delay after a failed flush [default: 100].
+    #[arg(long, env = "SPILLWAY_RETRY_INITIAL_MS")]
+    pub retry_initial_ms: Option<u64>,
+    /// Longest retry delay [default: 5000].
+    #[arg(long, env = "SPILLWAY_RETRY_MAX_MS")]
+    pub retry_max_ms: Option<u64>,
+    /// Seed of the retry jitter, to replay a run [default: random].
+    #[arg(long, env = "SPILLWAY_RETRY_SEED")]
+    pub retry_seed: Option<u64>,
+    /// Postgres connections (partitions flush in parallel over them) [default: 4].
+    #[arg(long, env = "SPILLWAY_POOL_SIZE")]
+    pub pool_size: Option<usize>,
+    /// Postgres statement timeout [default: 30000].
+    #[arg(long, env = "SPILLWAY_STATEMENT_TIMEOUT_MS")]
+    pub statement_timeout_ms: Option<u64>,
+    /// Postgres connect timeout [default: 5000].
+    #[arg(long, env = "SPILLWAY_CONNECT_TIMEOUT_MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// On SIGTERM, how long to try flushing what is buffered [default: 30000].
+    #[arg(long, env = "SPILLWAY_SHUTDOWN_TIMEOUT_MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// A librdkafka property: -X key=value (repeatable), e.g. -X session.timeout.ms=10000.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    #[serde(skip)]
+    pub rdkafka: Vec<String>,
+    /// librdkafka properties from the config file's [librdkafka] table.
+    #[arg(skip)]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+/// Validated settings.
+#[derive(Clone)]
+pub struct Settings {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Topic.
+    pub topic: String,
+    /// Consumer group.
+    pub group: String,
+    /// Postgres URL.
+    pub database_url: String,
+    /// Records table.
+    pub table: TableName,
+    /// Health and metrics address (port 0: any).
+    pub listen: SocketAddr,
+    /// Batching, capacity, retries.
+    pub batcher: BatcherConfig,
+    /// Postgres connections.
+    pub pool_size: usize,
+    /// Statement timeout.
+    pub statement_timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Shutdown grace.
+    pub shutdown_timeout: Duration,
+    /// Extra librdkafka properties, applied last.
+    pub rdkafka: Vec<(String, String)>,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = match self.database_url.split_once('@') {
+            Some((_, host)) => format!("<credentials>@{host}"),
+            None => self.database_url.clone(),
+        };
+        f.debug_struct("Settings")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("database_url", &url)
+            .field("table", &self.table.plain)
+            .field("batcher", &self.batcher)
+            .field("pool_size", &self.pool_size)
+            .field("rdkafka", &redact_properties(&self.rdkafka))
+            .finish_non_exhaustive()
+    }
+}
+
+fn bad(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::new(setting, problem)
+}
+
+impl Settings {
+    /// Defaults for the required settings (tests, loadgen's local stack).
+    pub fn new(
+        brokers: impl Into<String>,
+        topic: impl Into<String>,
+        database_url: impl Into<String>,
+    ) -> Self {
+        Settings {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            group: "spillway".into(),
+            database_url: database_url.into(),
+            table: TableName::parse("records").expect("valid default"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            batcher: BatcherConfig {
+                max_batch_bytes: 8 << 20,
+                max_age: Duration::from_millis(500),
+                capacity_records: 200_000,
+                capacity_bytes: 64 << 20,
+                size: AdaptiveConfig {
+                    min_records: 100,
+                    max_records: 20_000,
+                    initial_records: 2_000,
+                    latency_target: Duration::from_millis(250),
+                    increase_step: 1_000,
+                    decrease_factor: 0.5,
+                },
+                retry: RetryConfig {
+                    initial: Duration::from_millis(100),
+                    max: Duration::from_secs(5),
+                    multiplier: 2.0,
+                    jitter: Jitter::Equal,
+                    seed: 0,
+                },
+            },
+            pool_size: 4,
+            statement_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            rdkafka: vec![],
+        }
+    }
+
+    /// Reads the `--config` file under the flags, applies defaults and validates.
+    pub fn from_args(mut a: Args) -> Result<Self, ConfigError> {
+        if let Some(path) = &a.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
+            let f: Args = toml::from_str(&text)
+                .map_err(|e| bad("config", format!("{}: {e}", path.display())))?;
+            macro_rules! under_flags { ($($field:ident),*) => { $( a.$field = a.$field.or(f.$field); )* } }
+            under_flags!(
+                brokers,
+                topic,
+                group,
+                database_url,
+                table,
+                listen,
+                batch_max_records,
+                batch_min_records,
+                batch_max_bytes,
+                batch_max_age_ms,
+                flush_latency_target_ms,
+                buffer_max_records,
+                buffer_max_bytes,
+                retry_initial_ms,
+                retry_max_ms,
+                retry_seed,
+                pool_size,
+                statement_timeout_ms,
+                connect_timeout_ms,
+                shutdown_timeout_ms
+            );
+            a.librdkafka = f.librdkafka;
+        }
+        let required = |v: Option<String>, name: &'static str, how: &str| {
+            v.filter(|s| !s.trim().is_empty())
+                .ok_or_else(|| bad(name, format!("required: {how}")))
+        };
+        let brokers = required(
+            a.brokers,
+            "brokers",
+            "pass --brokers host:port or set KAFKA_BROKERS",
+        )?;
+        let topic = required(a.topic, "topic", "pass --topic NAME or set SPILLWAY_TOPIC")?;
+        let url = required(
+            a.database_url,
+            "database-url",
+            "pass --database-url postgres://... or set DATABASE_URL",
+        )?;
+        let mut s = Settings::new(brokers, topic, url);
+        if let Some(g) = a.group {
+            s.group = g;
+        }
+        if let Some(t) = a.table {
+            s.table = TableName::parse(&t).map_err(|e| bad("table", e))?;
+        }
+        if let Some(l) = a.listen {
+            s.listen = l;
+        }
+        let ms = Duration::from_millis;
+        let b = &mut s.batcher;
+        if let Some(v) = a.batch_max_records {
+            b.size.max_records = v;
+            b.size.initial_records = b.size.initial_records.min(v);
+            b.size.min_records = b.size.min_records.min(v);
+        }
+        if let Some(v) = a.batch_min_records {
+            b.size.min_records = v;
+            b.size.initial_records = b.size.initial_records.max(v);
+        }
+        b.size.increase_step = (b.size.max_records / 20).max(1);
+        if let Some(v) = a.batch_max_bytes {
+            b.max_batch_bytes = v;
+        }
+        if let Some(v) = a.batch_max_age_ms {
+            b.max_age = ms(v);
+        }
+        if let Some(v) = a.flush_latency_target_ms {
+            b.size.latency_target = ms(v);
+        }
+        if let Some(v) = a.buffer_max_records {
+            b.capacity_records = v;
+        }
+        if let Some(v) = a.buffer_max_bytes {
+            b.capacity_bytes = v;
+        }
+        if let Some(v) = a.retry_initial_ms {
+            b.retry.initial = ms(v);
+        }
+        if let Some(v) = a.retry_max_ms {
+            b.retry.max = ms(v);
+        }
+        b.retry.seed = a.retry_seed.unwrap_or_else(random_seed);
+        b.validate()?;
+        if let Some(v) = a.pool_size {
+            if v == 0 {
+                return Err(bad("pool-size", "must be at least 1"));
+            }
+            s.pool_size = v;
+        }
+        if let Some(v) = a.statement_timeout_ms {
+            s.statement_timeout = ms(v);
+        }
+        if let Some(v) = a.connect_timeout_ms {
+            s.connect_timeout = ms(v);
+        }
+        if let Some(v) = a.shutdown_timeout_ms {
+            s.shutdown_timeout = ms(v);
+        }
+        s.rdkafka = a.librdkafka.into_iter().collect();
+        s.rdkafka.extend(parse_properties(&a.rdkafka)?);
+        Ok(s)
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Settings, ConfigError> {
+        Settings::from_args(
+            Args::try_parse_from(std::iter::once("spillway-consumer").chain(argv.iter().copied()))
+                .unwrap(),
+        )
+    }
+
+    const REQUIRED: [&str; 6] = [
+        "--brokers",
+        "b:9092",
+        "--topic",
+        "t",
+        "--database-url",
+        "postgres://u:hunter2@h/db",
+    ];
+
+    #[test]
+    fn defaults_validate_and_secrets_stay_out_of_logs() {
+        let s = parse(&REQUIRED).unwrap();
+        assert_eq!(s.group, "spillway");
+        assert_eq!(s.table.plain, "records");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        assert_eq!(parse(&["--topic", "t"]).unwrap_err().setting, "brokers");
+        let with = |extra: &[&str]| parse(&[&REQUIRED[..], extra].concat()).unwrap_err().setting;
+        assert_eq!(with(&["--table", "a;b"]), "table");
+        assert_eq!(with(&["--pool-size", "0"]), "pool-size");
+        assert_eq!(with(&["--buffer-max-records", "10"]), "buffer-max-records");
+        assert_eq!(with(&["--batch-max-age-ms", "0"]), "batch-max-age");
+    }
+}

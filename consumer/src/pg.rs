@@ -1,0 +1,514 @@
+//! Everything the consumer says to Postgres: connections, schema, positions and the flush
+//! transaction. Errors are classified here into the core's [`ErrorClass`]; nothing above this
+//! module looks at a `tokio_postgres::Error`.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::SinkExt;
+use postgres_native_tls::MakeTlsConnector;
+use spillway_core::{Batch, ErrorClass, FlushOutcome, Partition, Position};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config};
+
+use crate::pgcopy;
+
+/// Schema version this build writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// What the pipeline needs to know about a failure.
+#[derive(Debug)]
+pub struct PgFailure {
+    /// Retriable, poison or fatal.
+    pub class: ErrorClass,
+    /// The server's (or the client's) message.
+    pub message: String,
+    /// For a rejected COPY: the 0-based row the server named.
+    pub row: Option<usize>,
+}
+
+impl std::fmt::Display for PgFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Classifies a Postgres error.
+///
+/// - retriable: connection lost or refused, server shutting down or recovering, too many
+///   connections or other resource shortage, serialization failure or deadlock, statement
+///   timeout or cancel, lock timeout, and anything unknown (never drop data on a guess);
+/// - poison: a data error caused by a record (class 22, or a constraint the user added,
+///   class 23);
+/// - fatal: authentication, permissions, missing objects, syntax (configuration).
+pub fn classify(e: &tokio_postgres::Error) -> PgFailure {
+    let message = match e.as_db_error() {
+        Some(db) => match db.where_() {
+            Some(w) => format!("{}: {} ({w})", db.code().code(), db.message()),
+            None => format!("{}: {}", db.code().code(), db.message()),
+        },
+        None => e.to_string(),
+    };
+    let Some(code) = e.code() else {
+        return PgFailure {
+            class: ErrorClass::Retriable,
+            message,
+            row: None,
+        };
+    };
+    let c = code.code();
+    let class = if c.starts_with("22") || c.starts_with("23") {
+        ErrorClass::Poison
+    } else if c.starts_with("28")
+        || c.starts_with("42")
+        || c.starts_with("3D")
+        || c.starts_with("3F")
+        || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+    {
+        ErrorClass::Fatal
+    } else {
+        ErrorClass::Retriable
+    };
+    let row = e
+        .as_db_error()
+        .and_then(|db| db.where_())
+        .and_then(copy_line);
+    PgFailure {
+        class,
+        message,
+        row,
+    }
+}
+
+/// "COPY records, line 3, column data: ..." -> Some(2). The context may first name a line
+/// of the JSON value itself ("JSON data, line 1: ..."): only the COPY's line counts.
+fn copy_line(context: &str) -> Option<usize> {
+    let copy = &context[context.rfind("COPY ")?..];
+    let rest = &copy[copy.find(", line ")? + 7..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse::<usize>().ok()?.checked_sub(1)
+}
+
+fn client_failure(message: impl Into<String>) -> PgFailure {
+    PgFailure {
+        class: ErrorClass::Retriable,
+        message: message.into(),
+        row: None,
+    }
+}
+
+/// A validated, quoted table name (optionally schema-qualified).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableName {
+    /// As the user wrote it (the key in the offsets table).
+    pub plain: String,
+    quoted: String,
+    dead_quoted: String,
+}
+
+impl TableName {
+    /// Accepts `name` or `schema.name`, each `[A-Za-z_][A-Za-z0-9_]*`, at most 50 characters.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 50
+                && p.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        if parts.len() > 2 || !parts.iter().all(|p| ok(p)) {
+            return Err(format!(
+                "{s:?} is not a plain table name: use letters, digits and _ (optionally schema.table)"
+            ));
+        }
+        let quote = |ps: &[&str]| {
+            ps.iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        let last = format!("{}_dead_letters", parts[parts.len() - 1]);
+        let mut dead = parts.clone();
+        let n = dead.len();
+        dead[n - 1] = &last;
+        Ok(TableName {
+            plain: s.to_string(),
+            quoted: quote(&parts),
+            dead_quoted: quote(&dead),
+        })
+    }
+
+    /// The records table, quoted.
+    pub fn records(&self) -> &str {
+        &self.quoted
+    }
+
+    /// The dead-letter table, quoted.
+    pub fn dead_letters(&self) -> &str {
+        &self.dead_quoted
+    }
+}
+
+/// A small connection pool: at most `size` connections; a connection that failed is dropped
+/// and the next user opens a fresh one.
+pub struct Pool {
+    config: Config,
+    tls: MakeTlsConnector,
+    idle: Mutex<Vec<Client>>,
+    permits: Semaphore,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("available", &self.permits.available_permits())
+            .finish()
+    }
+}
+
+/// A connection borrowed from the [`Pool`]. It goes back to the pool only through
+/// [`Conn::release`] after a successful use; dropped any other way (an error, a cancelled
+/// future mid-transaction) it is closed, so no one inherits a half-finished session.
+pub struct Conn<'a> {
+    client: Option<Client>,
+    pool: &'a Pool,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl std::fmt::Debug for Conn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("open", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl Conn<'_> {
+    /// The client.
+    pub fn client(&self) -> &Client {
+        self.client.as_ref().expect("present until drop")
+    }
+
+    /// The client, mutably (for transactions).
+    pub fn client_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("present until drop")
+    }
+
+    /// Returns the connection to the pool for the next user.
+    pub fn release(mut self) {
+        if let Some(c) = self.client.take().filter(|c| !c.is_closed()) {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(c);
+        }
+    }
+}
+
+impl Pool {
+    /// A pool for `url`, with a statement timeout and TCP keepalives so a hung server is noticed.
+    pub fn new(
+        url: &str,
+        size: usize,
+        statement_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<Self, String> {
+        let mut config: Config = url
+            .parse()
+            .map_err(|e| format!("not a Postgres URL: {e}"))?;
+        let options = format!(
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            statement_timeout.as_millis(),
+            (statement_timeout * 2).as_millis()
+        );
+        let options = match config.get_options() {
+            Some(user) => format!("{user} {options}"),
+            None => options,
+        };
+        config
+            .options(&options)
+            .connect_timeout(connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .application_name("spillway-consumer");
+        let tls = native_tls::TlsConnector::builder()
+            .build()
+            .map_err(|e| format!("TLS setup failed: {e}"))?;
+        Ok(Pool {
+            config,
+            tls: MakeTlsConnector::new(tls),
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(size.max(1)),
+        })
+    }
+
+    /// Borrows a connection, opening one if none is idle.
+    pub async fn get(&self) -> Result<Conn<'_>, PgFailure> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| client_failure("pool closed"))?;
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let client = match idle.filter(|c| !c.is_closed()) {
+            Some(c) => c,
+            None => {
+                let (client, connection) = self
+                    .config
+                    .connect(self.tls.clone())
+                    .await
+                    .map_err(|e| classify(&e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "Postgres connection ended");
+                    }
+                });
+                client
+            }
+        };
+        Ok(Conn {
+            client: Some(client),
+            pool: self,
+            _permit: permit,
+        })
+    }
+}
+
+/// Creates the tables if missing, under an advisory lock so several consumers can start at once.
+/// Versioned: each migration runs once per table and is recorded.
+pub async fn migrate(client: &mut Client, table: &TableName) -> Result<(), PgFailure> {
+    let tx = client.transaction().await.map_err(|e| classify(&e))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('spillway-migrate'))",
+        &[],
+    )
+    .await
+    .map_err(|e| classify(&e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS spillway_schema_migrations (
+             target text NOT NULL, version int NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (target, version));
+         CREATE TABLE IF NOT EXISTS spillway_offsets (
+             table_name text NOT NULL, topic text NOT NULL, kafka_partition int NOT NULL,
+             next_offset bigint NOT NULL, next_index int NOT NULL,
+             updated_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (table_name, topic, kafka_partition));",
+    )
+    .await
+    .map_err(|e| classify(&e))?;
+    let applied: Option<i32> = tx
+        .query_one(
+            "SELECT max(version) FROM spillway_schema_migrations WHERE target = $1",
+            &[&table.plain],
+        )
+        .await
+        .map_err(|e| classify(&e))?
+        .get(0);
+    if applied.unwrap_or(0) < 1 {
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {r} (
+                 kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL,
+                 received_at timestamptz NOT NULL, data jsonb NOT NULL);
+             CREATE TABLE IF NOT EXISTS {d} (
+                 kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL,
+                 received_at timestamptz, raw text NOT NULL, error text NOT NULL,
+                 dead_at timestamptz NOT NULL DEFAULT now());",
+            r = table.records(),
+            d = table.dead_letters()
+        ))
+        .await
+        .map_err(|e| classify(&e))?;
+        tx.execute(
+            "INSERT INTO spillway_schema_migrations (target, version) VALUES ($1, 1)",
+            &[&table.plain],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    }
+    tx.commit().await.map_err(|e| classify(&e))
+}
+
+/// The stored position of a partition, creating it at the beginning if it has none.
+pub async fn position(
+    client: &Client,
+    table: &TableName,
+    topic: &str,
+    partition: Partition,
+) -> Result<Position, PgFailure> {
+    client
+        .execute(
+            "INSERT INTO spillway_offsets (table_name, topic, kafka_partition, next_offset, next_index)
+             VALUES ($1, $2, $3, 0, 0) ON CONFLICT DO NOTHING",
+            &[&table.plain, &topic, &partition],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    let row = client
+        .query_one(
+            "SELECT next_offset, next_index FROM spillway_offsets
+             WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3",
+            &[&table.plain, &topic, &partition],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    Ok(Position::new(row.get(0), row.get::<_, i32>(1) as u32))
+}
+
+/// The result of one flush attempt.
+#[derive(Debug)]
+pub enum Flushed {
+    /// Committed, or rolled back with this outcome for the core.
+    Outcome(FlushOutcome),
+    /// A configuration problem: stop.
+    Fatal(String),
+}
+
+/// Writes a batch in one transaction: the partition's position moves from `start` to `end`
+/// (only if it still holds `start`), the rows go in by COPY BINARY, the dead letters beside.
+pub async fn flush(
+    client: &mut Client,
+    table: &TableName,
+    topic: &str,
+    batch: &Batch,
+) -> Result<Flushed, PgFailure> {
+    let tx = client.transaction().await.map_err(|e| classify(&e))?;
+    // The row lock taken here serialises competing writers of one partition: a zombie waits,
+    // then finds the position moved and rolls back.
+    let moved = tx
+        .execute(
+            "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
+             WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
+               AND next_offset = $6 AND next_index = $7",
+            &[
+                &table.plain,
+                &topic,
+                &batch.partition,
+                &batch.end.offset,
+                &(batch.end.index as i32),
+                &batch.start.offset,
+                &(batch.start.index as i32),
+            ],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    if moved != 1 {
+        tx.rollback().await.map_err(|e| classify(&e))?;
+        return Ok(Flushed::Outcome(FlushOutcome::Fenced));
+    }
+    let rows = batch.row_count();
+    if rows > 0 {
+        let size: usize = batch
+            .rows()
+            .map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD)
+            .sum();
+        let data = pgcopy::encode(batch.rows(), size).freeze();
+        let statement = format!(
+            "COPY {} ({}) FROM STDIN (FORMAT binary)",
+            table.records(),
+            pgcopy::COLUMNS
+        );
+        let sink = tx
+            .copy_in::<_, bytes::Bytes>(&statement)
+            .await
+            .map_err(|e| classify(&e))?;
+        futures::pin_mut!(sink);
+        let sent = async {
+            sink.send(data).await?;
+            sink.as_mut().finish().await
+        };
+        if let Err(e) = sent.await {
+            let failure = classify(&e);
+            return match failure.class {
+                ErrorClass::Poison => Ok(Flushed::Outcome(FlushOutcome::Poison {
+                    culprit: failure.row.and_then(|row| entry_of_row(batch, row)),
+                    reason: failure.message,
+                })),
+                ErrorClass::Fatal => Ok(Flushed::Fatal(failure.message)),
+                ErrorClass::Retriable => Err(failure),
+            };
+        }
+    }
+    let dead: Vec<_> = batch.dead_letters().collect();
+    if !dead.is_empty() {
+        let partitions: Vec<i32> = dead.iter().map(|(r, _)| r.partition).collect();
+        let offsets: Vec<i64> = dead.iter().map(|(r, _)| r.offset).collect();
+        let indexes: Vec<i32> = dead.iter().map(|(r, _)| r.index as i32).collect();
+        let received: Vec<Option<SystemTime>> = dead
+            .iter()
+            .map(|(r, _)| {
+                (r.received_at_micros > 0)
+                    .then(|| UNIX_EPOCH + Duration::from_micros(r.received_at_micros as u64))
+            })
+            .collect();
+        let raw: Vec<String> = dead.iter().map(|(r, _)| printable(&r.payload)).collect();
+        let errors: Vec<String> = dead
+            .iter()
+            .map(|(_, why)| printable(why.as_bytes()))
+            .collect();
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (kafka_partition, kafka_offset, record_index, received_at, raw, error)
+                 SELECT * FROM unnest($1::int[], $2::bigint[], $3::int[], $4::timestamptz[], $5::text[], $6::text[])",
+                table.dead_letters()
+            ),
+            &[&partitions, &offsets, &indexes, &received, &raw, &errors],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    }
+    tx.commit().await.map_err(|e| classify(&e))?;
+    Ok(Flushed::Outcome(FlushOutcome::Written))
+}
+
+/// The entry index of the `row`-th row (rows skip dead letters).
+fn entry_of_row(batch: &Batch, row: usize) -> Option<usize> {
+    batch
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.dead_reason.is_none())
+        .nth(row)
+        .map(|(i, _)| i)
+}
+
+/// Text Postgres can store: invalid UTF-8 replaced, NUL escaped.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\\u0000")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_context_names_the_row() {
+        assert_eq!(
+            copy_line("COPY records, line 3, column data: \"x\""),
+            Some(2)
+        );
+        assert_eq!(copy_line("COPY records, line 1"), Some(0));
+        assert_eq!(copy_line("SQL function"), None);
+        let jsonb = "JSON data, line 1: {\"id\": 17, \"bad\": \"\\u0000...\nCOPY records, line 2, column data: \"...\"";
+        assert_eq!(copy_line(jsonb), Some(1));
+    }
+
+    #[test]
+    fn table_names_are_validated_and_quoted() {
+        let t = TableName::parse("public.events").unwrap();
+        assert_eq!(t.records(), "\"public\".\"events\"");
+        assert_eq!(t.dead_letters(), "\"public\".\"events_dead_letters\"");
+        assert!(TableName::parse("x; drop table y").is_err());
+        assert!(TableName::parse("a.b.c").is_err());
+    }
+
+    #[test]
+    fn dead_letter_text_is_storable() {
+        assert_eq!(printable(b"a\0b\xff"), "a\\u0000b\u{fffd}");
+    }
+}

@@ -1,0 +1,467 @@
+//! The consumer against a real Postgres and a real broker (Tansu). Every test checks the same
+//! invariant after its fault: each produced record is in the table exactly once (or, for bad
+//! records, in the dead-letter table with a reason).
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use spillway_consumer::{start, RunningConsumer, Settings};
+use spillway_core::{Envelope, RequestId};
+use spillway_integration::postgres::{connect, copy_backends};
+use spillway_integration::{FaultProxy, Faults, KafkaBroker, LocalPostgres, PostgresServer, Tansu};
+
+const TOPIC: &str = "events";
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
+}
+
+struct Stack {
+    pg: LocalPostgres,
+    broker: Tansu,
+}
+
+async fn stack(partitions: i32) -> Result<Stack> {
+    let pg = blocking(LocalPostgres::start).await?;
+    let broker = blocking(Tansu::start).await?;
+    broker.create_topic(TOPIC, partitions).await?;
+    Ok(Stack { pg, broker })
+}
+
+fn settings(brokers: &str, url: &str) -> Settings {
+    let mut s = Settings::new(brokers, TOPIC, url);
+    s.listen = "127.0.0.1:0".parse().unwrap();
+    s.group = "consumers".into();
+    s.batcher.max_age = Duration::from_millis(100);
+    s.batcher.size.min_records = 10;
+    s.batcher.size.initial_records = 200;
+    s.batcher.size.max_records = 1000;
+    s.batcher.retry.initial = Duration::from_millis(50);
+    s.batcher.retry.max = Duration::from_millis(500);
+    s.batcher.retry.seed = 42;
+    s.statement_timeout = Duration::from_secs(2);
+    s.connect_timeout = Duration::from_secs(2);
+    s.rdkafka = vec![
+        ("session.timeout.ms".into(), "6000".into()),
+        ("heartbeat.interval.ms".into(), "500".into()),
+        ("reconnect.backoff.max.ms".into(), "500".into()),
+    ];
+    s
+}
+
+/// Produces records with ids `ids`, `per_message` records per Kafka message (one request
+/// each), as the producer would.
+async fn produce(
+    bootstrap: &str,
+    ids: std::ops::Range<u64>,
+    per_message: usize,
+    bad: &[u64],
+) -> Result<()> {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let records: Vec<String> = ids
+        .map(|id| {
+            if bad.contains(&id) {
+                // Valid JSON that jsonb refuses: a NUL character.
+                format!(r#"{{"id": {id}, "bad": "\u0000"}}"#)
+            } else {
+                format!(r#"{{"id": {id}, "pad": "{}"}}"#, "x".repeat(120))
+            }
+        })
+        .collect();
+    let mut pending = vec![];
+    for (n, chunk) in records.chunks(per_message).enumerate() {
+        let env = Envelope {
+            received_at_micros: 1_764_000_000_000_000 + n as i64,
+            request_id: RequestId::from_u128(n as u128),
+            source: None,
+            records: chunk.iter().map(|r| r.as_bytes()).collect(),
+        };
+        let payload = env.encode();
+        let key = format!("{n}-{}", fastrand_key());
+        let fut = p
+            .send_result(FutureRecord::to(TOPIC).key(&key).payload(&payload))
+            .map_err(|(e, _)| e)?;
+        pending.push(fut);
+    }
+    for f in pending {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// A key that spreads messages over partitions (the keyless sticky partitioner would not).
+fn fastrand_key() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// Waits until the table holds `n` rows (failing at once if it ever holds more).
+async fn wait_rows(url: &str, n: i64, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last = -1;
+    loop {
+        if let Ok(c) = connect(url).await {
+            if let Ok(row) = c.query_one("SELECT count(*) FROM records", &[]).await {
+                last = row.get::<_, i64>(0);
+                ensure!(
+                    last <= n,
+                    "{last} rows, more than the {n} produced: duplicates"
+                );
+                if last == n {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("only {last} of {n} rows after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The records table holds each id of `expected` exactly once, and nothing else.
+async fn assert_exactly_once(url: &str, expected: impl Iterator<Item = u64>) -> Result<()> {
+    let c = connect(url).await?;
+    let rows = c
+        .query(
+            "SELECT (data->>'id')::bigint, count(*) FROM records GROUP BY 1",
+            &[],
+        )
+        .await?;
+    let got: BTreeMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let dups: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
+    ensure!(dups.is_empty(), "duplicated ids: {dups:?}");
+    let expected: Vec<i64> = expected.map(|i| i as i64).collect();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|i| !got.contains_key(i))
+        .take(20)
+        .collect();
+    ensure!(missing.is_empty(), "lost ids (first 20): {missing:?}");
+    ensure!(
+        got.len() == expected.len(),
+        "{} ids in the table, {} expected",
+        got.len(),
+        expected.len()
+    );
+    Ok(())
+}
+
+async fn stop(c: RunningConsumer) -> Result<()> {
+    Ok(c.shutdown().await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_lands_exactly_once_with_its_coordinates() -> Result<()> {
+    let s = stack(3).await?;
+    produce(&s.broker.bootstrap(), 0..5000, 7, &[]).await?;
+    let consumer = start(settings(&s.broker.bootstrap(), &s.pg.url())).await?;
+    wait_rows(&s.pg.url(), 5000, Duration::from_secs(60)).await?;
+    assert_exactly_once(&s.pg.url(), 0..5000).await?;
+    let c = connect(&s.pg.url()).await?;
+    let row = c
+        .query_one("SELECT count(DISTINCT kafka_partition), min(received_at) > '2025-01-01', count(*) FILTER (WHERE record_index = 6) FROM records", &[])
+        .await?;
+    assert_eq!(row.get::<_, i64>(0), 3, "rows carry their partition");
+    assert!(row.get::<_, bool>(1), "received-at comes from the envelope");
+    assert_eq!(row.get::<_, i64>(2), 5000 / 7, "index in the request");
+    let positions: i64 = c
+        .query_one("SELECT sum(next_offset)::bigint FROM spillway_offsets", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        positions,
+        (5000 + 6) / 7,
+        "stored positions are right after the last message"
+    );
+    let m = consumer.metrics().registry.render();
+    assert!(
+        m.contains("spillway_consumer_rows_written_total 5000"),
+        "{m}"
+    );
+    stop(consumer).await
+}
+
+/// Fault: the postmaster is SIGKILLed while a COPY is in progress (the link to Postgres is
+/// slowed to 2 MB/s so the COPY is long enough to catch), restarted 2 s later.
+/// Invariant: every record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_mid_copy_and_restarted_loses_and_duplicates_nothing() -> Result<()> {
+    let mut s = stack(2).await?;
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], s.pg.port())), 1).await?;
+    proxy.set(Faults {
+        bandwidth: Some(2 << 20),
+        ..Faults::default()
+    });
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    produce(&s.broker.bootstrap(), 0..20_000, 10, &[]).await?;
+    let consumer = start(settings(&s.broker.bootstrap(), &url)).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while copy_backends(&s.pg.url())
+        .await
+        .unwrap_or_default()
+        .is_empty()
+    {
+        ensure!(Instant::now() < deadline, "never saw a COPY in progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.pg = blocking(move || s.pg.kill().map(|_| s.pg)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.pg = blocking(move || s.pg.restart().map(|_| s.pg)).await?;
+    proxy.heal();
+    wait_rows(&s.pg.url(), 20_000, Duration::from_secs(90)).await?;
+    assert_exactly_once(&s.pg.url(), 0..20_000).await?;
+    assert!(consumer
+        .metrics()
+        .registry
+        .render()
+        .contains("spillway_consumer_database_up 1"));
+    stop(consumer).await
+}
+
+/// Fault: one backend is SIGKILLed during its COPY; Postgres then drops every connection and
+/// recovers. Invariant: every record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_crash_mid_copy_loses_and_duplicates_nothing() -> Result<()> {
+    let mut s = stack(2).await?;
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], s.pg.port())), 2).await?;
+    proxy.set(Faults {
+        bandwidth: Some(2 << 20),
+        ..Faults::default()
+    });
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    produce(&s.broker.bootstrap(), 0..20_000, 10, &[]).await?;
+    let consumer = start(settings(&s.broker.bootstrap(), &url)).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = copy_backends(&s.pg.url()).await.unwrap_or_default().first() {
+            break *pid;
+        }
+        ensure!(Instant::now() < deadline, "never saw a COPY in progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    s.pg.crash_backend(pid)?;
+    proxy.heal();
+    wait_rows(&s.pg.url(), 20_000, Duration::from_secs(90)).await?;
+    assert_exactly_once(&s.pg.url(), 0..20_000).await?;
+    stop(consumer).await
+}
+
+/// Fault: Postgres SIGSTOPped for 4 s, twice the statement timeout, then resumed.
+/// Invariant: every record exactly once; the consumer gave up on the hung flush and retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_paused_past_the_statement_timeout_loses_and_duplicates_nothing() -> Result<()> {
+    let mut s = stack(2).await?;
+    let mut cfg = settings(&s.broker.bootstrap(), &s.pg.url());
+    cfg.statement_timeout = Duration::from_secs(1);
+    cfg.connect_timeout = Duration::from_secs(1);
+    let consumer = start(cfg).await?;
+    produce(&s.broker.bootstrap(), 0..2000, 10, &[]).await?;
+    wait_rows(&s.pg.url(), 2000, Duration::from_secs(60)).await?;
+    s.pg.pause()?;
+    produce(&s.broker.bootstrap(), 2000..6000, 10, &[]).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    s.pg.resume()?;
+    wait_rows(&s.pg.url(), 6000, Duration::from_secs(60)).await?;
+    assert_exactly_once(&s.pg.url(), 0..6000).await?;
+    let m = consumer.metrics().registry.render();
+    ensure!(
+        !m.contains("spillway_consumer_flush_retries_total 0\n"),
+        "the hung flush should have been retried:\n{m}"
+    );
+    stop(consumer).await
+}
+
+/// Fault: the consumer process exits right after a Postgres commit and before the Kafka commit
+/// (failpoint), then a new consumer starts. Invariant: no duplicates, no loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_between_the_postgres_and_kafka_commits_adds_no_duplicates() -> Result<()>
+{
+    let s = stack(1).await?;
+    produce(&s.broker.bootstrap(), 0..3000, 5, &[]).await?;
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_spillway-consumer"))
+        .args([
+            "--brokers",
+            &s.broker.bootstrap(),
+            "--topic",
+            TOPIC,
+            "--group",
+            "consumers",
+        ])
+        .args([
+            "--database-url",
+            &s.pg.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--batch-max-records",
+            "500",
+        ])
+        .env(spillway_consumer::FAILPOINT_EXIT_AFTER_COMMITS, "2")
+        .env("SPILLWAY_LOG", "warn")
+        .status()
+        .await?;
+    assert_eq!(status.code(), Some(86), "the failpoint must have fired");
+    let c = connect(&s.pg.url()).await?;
+    let written: i64 = c
+        .query_one("SELECT count(*) FROM records", &[])
+        .await?
+        .get(0);
+    ensure!(
+        written > 0 && written < 3000,
+        "the crash should leave a partial table, got {written}"
+    );
+    let consumer = start(settings(&s.broker.bootstrap(), &s.pg.url())).await?;
+    wait_rows(&s.pg.url(), 3000, Duration::from_secs(60)).await?;
+    assert_exactly_once(&s.pg.url(), 0..3000).await?;
+    stop(consumer).await
+}
+
+/// Fault: a second consumer joins the group mid-stream (rebalance), then the first stops.
+/// Invariant: every record exactly once; both consumers wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_with_a_rebalance_in_the_middle_lose_and_duplicate_nothing() -> Result<()> {
+    let s = stack(4).await?;
+    let bootstrap = s.broker.bootstrap();
+    let a = start(settings(&bootstrap, &s.pg.url())).await?;
+    produce(&bootstrap, 0..4000, 4, &[]).await?;
+    wait_rows(&s.pg.url(), 4000, Duration::from_secs(60)).await?;
+    let b = start(settings(&bootstrap, &s.pg.url())).await?;
+    let producing = {
+        let bootstrap = bootstrap.clone();
+        tokio::spawn(async move {
+            for k in 0..8u64 {
+                produce(&bootstrap, 4000 + k * 1000..5000 + k * 1000, 4, &[]).await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    // Wait for the rebalance to hand B some partitions: B writes rows of its own.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.metrics().rows_written() == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the second consumer never got a partition"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(a).await?;
+    producing.await??;
+    wait_rows(&s.pg.url(), 12_000, Duration::from_secs(90)).await?;
+    assert_exactly_once(&s.pg.url(), 0..12_000).await?;
+    stop(b).await
+}
+
+/// Fault: records Postgres rejects (a NUL character jsonb cannot hold) and messages that are
+/// not envelopes, mixed into the stream. Invariant: they are dead letters with a reason, every
+/// other record is in the table, nothing stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_undecodable_messages_become_dead_letters_while_the_rest_flows() -> Result<()> {
+    let s = stack(2).await?;
+    let bad = [17, 18, 500, 1999];
+    produce(&s.broker.bootstrap(), 0..2000, 10, &bad).await?;
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", s.broker.bootstrap())
+        .create()?;
+    p.send(
+        FutureRecord::<(), _>::to(TOPIC).payload(r#"{"not": "an envelope"}"#),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|(e, _)| e)?;
+    let consumer = start(settings(&s.broker.bootstrap(), &s.pg.url())).await?;
+    wait_rows(
+        &s.pg.url(),
+        2000 - bad.len() as i64,
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert_exactly_once(&s.pg.url(), (0..2000).filter(|i| !bad.contains(i))).await?;
+    let c = connect(&s.pg.url()).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let rows = c.query("SELECT raw, error FROM records_dead_letters ORDER BY kafka_partition, kafka_offset, record_index", &[]).await?;
+        if rows.len() > bad.len() || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        dead.len(),
+        bad.len() + 1,
+        "each bad record and the undecodable message, once"
+    );
+    for r in &dead {
+        let (raw, error): (String, String) = (r.get(0), r.get(1));
+        if raw.contains("not") {
+            assert!(error.contains("not a Spillway envelope"), "{error}");
+        } else {
+            assert!(
+                error.contains("22P05") || error.contains("unsupported Unicode"),
+                "{error}"
+            );
+            assert!(raw.contains("\\u0000"), "the raw record is kept: {raw}");
+        }
+    }
+    stop(consumer).await
+}
+
+/// Fault: Postgres down while 20,000 records arrive, with a 2,000-record buffer.
+/// Invariant: the buffer never exceeds its bound (Kafka is paused instead), and after the
+/// restart every record lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_the_buffer_stays_bounded_and_everything_drains_after() -> Result<()>
+{
+    let mut s = stack(2).await?;
+    let mut cfg = settings(&s.broker.bootstrap(), &s.pg.url());
+    cfg.batcher.capacity_records = 2000;
+    cfg.batcher.capacity_bytes = 4 << 20;
+    cfg.batcher.max_batch_bytes = 1 << 20;
+    let consumer = start(cfg).await?;
+    // First let the consumer join and read its positions, then take Postgres away.
+    produce(&s.broker.bootstrap(), 0..1000, 10, &[]).await?;
+    wait_rows(&s.pg.url(), 1000, Duration::from_secs(60)).await?;
+    s.pg = blocking(move || s.pg.kill().map(|_| s.pg)).await?;
+    produce(&s.broker.bootstrap(), 1000..20_000, 10, &[]).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !consumer
+        .metrics()
+        .registry
+        .render()
+        .contains("spillway_consumer_kafka_paused 1")
+    {
+        ensure!(
+            consumer.metrics().buffered_records() <= 2000,
+            "buffer over its bound"
+        );
+        ensure!(Instant::now() < deadline, "Kafka was never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..50 {
+        ensure!(
+            consumer.metrics().buffered_records() <= 2000,
+            "buffer over its bound while paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.pg = blocking(move || s.pg.restart().map(|_| s.pg)).await?;
+    wait_rows(&s.pg.url(), 20_000, Duration::from_secs(90))
+        .await
+        .context("draining after the outage")?;
+    assert_exactly_once(&s.pg.url(), 0..20_000).await?;
+    stop(consumer).await
+}
