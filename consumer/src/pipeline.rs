@@ -146,6 +146,16 @@ impl Metrics {
         self.dead_letters.get()
     }
 
+    /// Consumer lag summed over partitions (messages after the durable positions).
+    pub fn total_lag(&self) -> i64 {
+        self.lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|g| g.get())
+            .sum()
+    }
+
     /// Records held in memory now.
     pub fn buffered_records(&self) -> i64 {
         self.buffered_records.get()

@@ -1,0 +1,385 @@
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use spillway_loadgen::payload::{read_records_file, PayloadGen, PayloadSpec};
+use spillway_loadgen::profile::{parse_duration, RateProfile};
+use spillway_loadgen::report::Report;
+use spillway_loadgen::runner::{self, Live, RunConfig};
+use spillway_loadgen::stack::{LocalStack, TABLE};
+use spillway_loadgen::verify;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Profile {
+    Constant,
+    Ramp,
+    Step,
+    Spiky,
+    Sine,
+    Replay,
+}
+
+/// Reproduces variable traffic (20x spikes by default) against a Spillway ingest endpoint,
+/// measures latency from each request's planned send time, and checks that every
+/// acknowledged record reached Postgres exactly once. With no --target it starts a local
+/// stack (Postgres, Kafka broker, producer, consumer) and tears it down after.
+#[derive(Parser, Debug)]
+#[command(name = "loadgen", version)]
+struct Args {
+    /// Rate profile.
+    #[arg(long, value_enum, default_value = "spiky")]
+    rate_profile: Profile,
+    /// Base rate, requests/s (constant, spiky base, sine mean, ramp start).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// How long to send.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: Duration,
+    /// ramp: final rate.
+    #[arg(long, default_value_t = 1000.0)]
+    ramp_to: f64,
+    /// ramp: time to reach --ramp-to.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    ramp_over: Duration,
+    /// step: stages "LEN:RATE,LEN:RATE" (each ramps from the previous rate, like k6).
+    #[arg(long, default_value = "5s:100,10s:1000,5s:100")]
+    stages: String,
+    /// spiky: burst rate = base * multiplier.
+    #[arg(long, default_value_t = 20.0)]
+    burst_multiplier: f64,
+    /// spiky: burst length.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    burst_length: Duration,
+    /// spiky: mean time between bursts.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    burst_gap: Duration,
+    /// sine: relative amplitude (0..1).
+    #[arg(long, default_value_t = 0.8)]
+    sine_amplitude: f64,
+    /// sine: period.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    sine_period: Duration,
+    /// replay: trace file (timestamps in seconds, or per-second counts with --replay-counts).
+    #[arg(long)]
+    replay: Option<PathBuf>,
+    /// replay: the trace holds requests per second, one line per second.
+    #[arg(long)]
+    replay_counts: bool,
+    /// replay: speed factor (2 = twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    replay_speed: f64,
+    /// Records per request, "N" or "MIN-MAX".
+    #[arg(long, default_value = "1-10")]
+    records_per_request: String,
+    /// Record size in bytes, "N" or "MIN-MAX".
+    #[arg(long, default_value = "150-250")]
+    record_size: String,
+    /// Records to send instead of generated ones (NDJSON or a JSON array of objects).
+    #[arg(long)]
+    records_file: Option<PathBuf>,
+    /// JSON field that carries each record's unique id.
+    #[arg(long, default_value = "id")]
+    id_field: String,
+    /// Gzip request bodies.
+    #[arg(long)]
+    gzip: bool,
+    /// Seed for burst times, sizes and payloads (random if unset; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// An existing ingest endpoint (http://host:port/store). Unset: a local stack.
+    #[arg(long)]
+    target: Option<String>,
+    /// Postgres URL to check what reached the table (implied with the local stack).
+    #[arg(long)]
+    verify: Option<String>,
+    /// Table to check.
+    #[arg(long, default_value = TABLE)]
+    table: String,
+    /// Bearer token for the endpoint.
+    #[arg(long, env = "SPILLWAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Most requests outstanding; a send beyond is counted as not sent.
+    #[arg(long, default_value_t = 4096)]
+    max_in_flight: usize,
+    /// A send later than this after its planned time is counted late.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    late_threshold: Duration,
+    /// Longest wait for the pipeline to drain before the verdict.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Kafka partitions of the local stack's topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Directory for summary.json, seconds.csv and report.html.
+    #[arg(long, default_value = "loadgen-report")]
+    out: PathBuf,
+}
+
+fn range(s: &str, name: &str) -> Result<(usize, usize)> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .with_context(|| format!("--{name}: {s:?} is not N or MIN-MAX"))
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (parse(a)?, parse(b)?),
+        None => (parse(s)?, parse(s)?),
+    };
+    if lo == 0 && name == "records-per-request" || hi < lo {
+        bail!("--{name}: {s:?} must be N or MIN-MAX with 1 <= MIN <= MAX");
+    }
+    Ok((lo, hi))
+}
+
+fn profile(a: &Args, seed: u64) -> Result<(RateProfile, String)> {
+    Ok(match a.rate_profile {
+        Profile::Constant => (
+            RateProfile::Constant { rate: a.rate },
+            format!("constant {} req/s", a.rate),
+        ),
+        Profile::Ramp => (
+            RateProfile::Ramp {
+                from: a.rate,
+                to: a.ramp_to,
+                over: a.ramp_over,
+            },
+            format!(
+                "ramp {} to {} req/s over {:?}",
+                a.rate, a.ramp_to, a.ramp_over
+            ),
+        ),
+        Profile::Step => {
+            let stages = a
+                .stages
+                .split(',')
+                .map(|st| {
+                    let (len, rate) = st
+                        .split_once(':')
+                        .with_context(|| format!("--stages: {st:?} is not LEN:RATE"))?;
+                    Ok((
+                        parse_duration(len).map_err(anyhow::Error::msg)?,
+                        rate.trim().parse::<f64>()?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (RateProfile::Step { stages }, format!("step {}", a.stages))
+        }
+        Profile::Spiky => (
+            RateProfile::Spiky {
+                base: a.rate,
+                multiplier: a.burst_multiplier,
+                burst: a.burst_length,
+                gap: a.burst_gap,
+                seed,
+            },
+            format!(
+                "spiky base {} req/s, bursts x{} for {:?} every ~{:?}",
+                a.rate, a.burst_multiplier, a.burst_length, a.burst_gap
+            ),
+        ),
+        Profile::Sine => (
+            RateProfile::Sine {
+                base: a.rate,
+                amplitude: a.sine_amplitude,
+                period: a.sine_period,
+            },
+            format!(
+                "sine {} req/s ±{:.0}% every {:?}",
+                a.rate,
+                a.sine_amplitude * 100.0,
+                a.sine_period
+            ),
+        ),
+        Profile::Replay => {
+            let path = a
+                .replay
+                .as_ref()
+                .context("--rate-profile replay needs --replay FILE")?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let p = RateProfile::replay_from_text(&text, a.replay_counts, a.replay_speed)
+                .map_err(anyhow::Error::msg)?;
+            (
+                p,
+                format!("replay {} at {}x", path.display(), a.replay_speed),
+            )
+        }
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,librdkafka=off,rdkafka=off")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(a: Args) -> Result<bool> {
+    let seed = a.seed.unwrap_or_else(|| fastrand::u64(..));
+    let run_id = format!("r{:x}", fastrand::u32(..));
+    let (profile, description) = profile(&a, seed)?;
+    let file_records = match &a.records_file {
+        Some(p) => Some(
+            read_records_file(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let spec = PayloadSpec {
+        records_per_request: range(&a.records_per_request, "records-per-request")?,
+        record_size: range(&a.record_size, "record-size")?,
+        file_records,
+        gzip: a.gzip,
+        id_field: a.id_field.clone(),
+    };
+    let schedule = profile.schedule(a.duration);
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    eprintln!("loadgen: run {run_id}, seed {seed} (replay with --seed {seed}), {} requests planned: {description}", schedule.len());
+
+    let stack = match &a.target {
+        Some(_) => None,
+        None => {
+            eprintln!("loadgen: no --target: starting a local stack (private Postgres, Kafka broker, producer, consumer)");
+            Some(
+                LocalStack::start(a.partitions)
+                    .await
+                    .context("starting the local stack")?,
+            )
+        }
+    };
+    let target = match (&a.target, &stack) {
+        (Some(t), _) => t.clone(),
+        (None, Some(s)) => s.producer.store_url(),
+        (None, None) => unreachable!("a stack exists without --target"),
+    };
+    let verify_url = a
+        .verify
+        .clone()
+        .or_else(|| stack.as_ref().map(LocalStack::database_url));
+
+    let live = Arc::new(Live::default());
+    live.rows.store(-1, Ordering::Relaxed);
+    live.lag.store(-1, Ordering::Relaxed);
+    let sampler = verify_url.clone().map(|url| {
+        let (live, table, id_field, run_id) = (
+            live.clone(),
+            a.table.clone(),
+            a.id_field.clone(),
+            run_id.clone(),
+        );
+        let consumer_metrics = stack.as_ref().map(|s| s.consumer.metrics().clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(n) = verify::count_rows(&url, &table, &id_field, &run_id).await {
+                    live.rows.store(n, Ordering::Relaxed);
+                }
+                if let Some(m) = &consumer_metrics {
+                    live.lag.store(m.total_lag(), Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+        })
+    });
+    let tty = std::io::stderr().is_terminal();
+    let cfg = RunConfig {
+        target: target.clone(),
+        schedule,
+        max_in_flight: a.max_in_flight,
+        late_threshold: a.late_threshold,
+        headers: a
+            .token
+            .iter()
+            .map(|t| ("authorization".to_string(), format!("Bearer {t}")))
+            .collect(),
+        content_encoding: a.gzip.then(|| "gzip".to_string()),
+    };
+    let payloads = PayloadGen::new(spec, &run_id, seed);
+    let result = runner::run(cfg, payloads, live.clone(), move |s, live, p99| {
+        let known = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+        let line = format!(
+            "[{:>4}s] offered {:>6}/s achieved {:>6}/s in-flight {:>5} p99 {:>8.1} ms errors {:>6} rows {:>8} lag {:>6}",
+            s.second,
+            s.offered,
+            s.completed,
+            live.in_flight.load(Ordering::Relaxed),
+            p99,
+            live.errors.load(Ordering::Relaxed),
+            known(s.rows),
+            known(s.lag)
+        );
+        if tty {
+            eprint!("\r{line}");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+    })
+    .await;
+    if tty {
+        eprintln!();
+    }
+    let verdict = match &verify_url {
+        Some(url) => {
+            eprintln!("loadgen: traffic done; waiting (at most {:?}) for every acknowledged record to reach Postgres", a.drain_timeout);
+            let live2 = live.clone();
+            Some(
+                verify::verify(
+                    url,
+                    &a.table,
+                    &a.id_field,
+                    &run_id,
+                    &result.acked,
+                    a.drain_timeout,
+                    move |n| live2.rows.store(n, Ordering::Relaxed),
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    if let Some(s) = sampler {
+        s.abort();
+    }
+    let report = Report {
+        run_id: &run_id,
+        command,
+        profile: description,
+        target,
+        run: &result,
+        verdict: verdict.as_ref(),
+    };
+    println!("{}", report.table());
+    report
+        .write_files(&a.out)
+        .with_context(|| format!("writing the report to {}", a.out.display()))?;
+    println!(
+        "report: {}/report.html, {}/summary.json, {}/seconds.csv",
+        a.out.display(),
+        a.out.display(),
+        a.out.display()
+    );
+    if let Some(s) = stack {
+        s.shutdown().await;
+    }
+    Ok(verdict.is_none_or(|v| v.passed()))
+}

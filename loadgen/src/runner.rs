@@ -1,0 +1,416 @@
+//! The open-model sender: each request leaves at its planned time, whatever the answers to
+//! the previous ones (no coordinated omission). Latency counts from the planned time; service
+//! time from the actual send. Sends that left late, or could not leave because too many were
+//! in flight, are counted.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use hyper::client::HttpConnector;
+use hyper::{Body, Client, Request};
+use tokio::sync::mpsc;
+
+use crate::payload::PayloadGen;
+
+/// Acknowledged sequence numbers, as a growable bitset.
+#[derive(Clone, Debug, Default)]
+pub struct AckSet {
+    bits: Vec<u64>,
+    count: u64,
+}
+
+impl AckSet {
+    /// Marks `first..first+n` acknowledged.
+    pub fn insert_range(&mut self, first: u64, n: u64) {
+        for s in first..first + n {
+            let (w, b) = ((s / 64) as usize, s % 64);
+            if self.bits.len() <= w {
+                self.bits.resize(w + 1, 0);
+            }
+            if self.bits[w] & (1 << b) == 0 {
+                self.bits[w] |= 1 << b;
+                self.count += 1;
+            }
+        }
+    }
+    /// Whether `seq` was acknowledged.
+    pub fn contains(&self, seq: u64) -> bool {
+        self.bits
+            .get((seq / 64) as usize)
+            .is_some_and(|w| w & (1 << (seq % 64)) != 0)
+    }
+    /// How many.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+    /// Whether none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// All acknowledged sequence numbers, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits.iter().enumerate().flat_map(|(w, bits)| {
+            (0..64)
+                .filter(move |b| bits & (1 << b) != 0)
+                .map(move |b| w as u64 * 64 + b)
+        })
+    }
+}
+
+/// One second of the run.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Second {
+    /// Seconds since start.
+    pub second: u64,
+    /// Requests planned to leave in this second.
+    pub offered: u64,
+    /// Requests that left in this second.
+    pub sent: u64,
+    /// Answers received in this second.
+    pub completed: u64,
+    /// 2xx answers.
+    pub ok: u64,
+    /// Non-2xx answers and transport errors.
+    pub errors: u64,
+    /// Latency percentiles of the answers in this second, ms (from the planned send time).
+    pub p50_ms: f64,
+    /// p99.
+    pub p99_ms: f64,
+    /// Max.
+    pub max_ms: f64,
+    /// Rows of this run in Postgres, when known.
+    pub rows: Option<i64>,
+    /// Consumer lag (messages), when known.
+    pub lag: Option<i64>,
+}
+
+/// What the run measured.
+#[derive(Debug)]
+pub struct RunResult {
+    /// Latency from the planned send time, µs.
+    pub latency: Histogram<u64>,
+    /// Latency from the actual send, µs.
+    pub service: Histogram<u64>,
+    /// Answers by HTTP status.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests that failed without an HTTP answer.
+    pub transport_errors: u64,
+    /// Sends that left later than the lateness threshold.
+    pub late_sends: u64,
+    /// Sends dropped because `max_in_flight` requests were outstanding.
+    pub skipped_sends: u64,
+    /// Requests planned.
+    pub planned: u64,
+    /// Records in requests that were sent.
+    pub records_sent: u64,
+    /// Records acknowledged with 2xx.
+    pub acked: AckSet,
+    /// Per-second series.
+    pub seconds: Vec<Second>,
+    /// Wall time of the traffic phase.
+    pub elapsed: Duration,
+    /// Sample of error answers (status, body) for the report.
+    pub error_samples: Vec<(u16, String)>,
+}
+
+/// Traffic settings.
+#[derive(Debug)]
+pub struct RunConfig {
+    /// `http://host:port/store`.
+    pub target: String,
+    /// Planned send offsets, seconds.
+    pub schedule: Vec<f64>,
+    /// Most requests outstanding at once.
+    pub max_in_flight: usize,
+    /// A send later than this is counted late.
+    pub late_threshold: Duration,
+    /// Extra headers (authorization).
+    pub headers: Vec<(String, String)>,
+    /// Content-Encoding of the bodies, if any.
+    pub content_encoding: Option<String>,
+}
+
+/// Numbers the progress line shows, shared with the sampler.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Requests outstanding.
+    pub in_flight: AtomicI64,
+    /// Rows of this run in Postgres (-1: unknown).
+    pub rows: AtomicI64,
+    /// Consumer lag (-1: unknown).
+    pub lag: AtomicI64,
+    /// Answers so far.
+    pub completed: AtomicU64,
+    /// Errors so far.
+    pub errors: AtomicU64,
+}
+
+struct Outcome {
+    planned_at: f64,
+    sent_at: f64,
+    done_at: f64,
+    status: Option<u16>,
+    first_seq: u64,
+    records: u64,
+    body: Option<String>,
+}
+
+/// Runs the schedule against the target. `live` is updated as it goes; `progress` is called
+/// once a second with the seconds so far.
+pub async fn run(
+    cfg: RunConfig,
+    mut payloads: PayloadGen,
+    live: Arc<Live>,
+    mut progress: impl FnMut(&Second, &Live, f64) + Send + 'static,
+) -> RunResult {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector> = Client::builder()
+        .pool_max_idle_per_host(cfg.max_in_flight)
+        .build(connector);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
+    let start = Instant::now() + Duration::from_millis(50);
+    let planned = cfg.schedule.len() as u64;
+    let total_secs = cfg.schedule.last().map_or(0, |t| *t as usize + 1);
+    let mut seconds: Vec<Second> = (0..total_secs)
+        .map(|s| Second {
+            second: s as u64,
+            ..Second::default()
+        })
+        .collect();
+    for t in &cfg.schedule {
+        seconds[*t as usize].offered += 1;
+    }
+    let seconds = Arc::new(Mutex::new(seconds));
+    let p99_so_far = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+    ));
+
+    // Aggregator: folds outcomes into histograms and per-second stats.
+    let agg_seconds = seconds.clone();
+    let agg_live = live.clone();
+    let agg_p99 = p99_so_far.clone();
+    let aggregator = tokio::spawn(async move {
+        let mut latency =
+            Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        let mut service = latency.clone();
+        let mut per_second: BTreeMap<u64, Histogram<u64>> = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
+        let (mut transport_errors, mut records_sent) = (0, 0);
+        let mut acked = AckSet::default();
+        let mut samples = Vec::new();
+        while let Some(o) = rx.recv().await {
+            let lat = ((o.done_at - o.planned_at) * 1e6).max(1.0) as u64;
+            let svc = ((o.done_at - o.sent_at) * 1e6).max(1.0) as u64;
+            latency.saturating_record(lat);
+            service.saturating_record(svc);
+            agg_p99
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .saturating_record(lat);
+            records_sent += o.records;
+            let done_sec = o.done_at.max(0.0) as u64;
+            per_second
+                .entry(done_sec)
+                .or_insert_with(|| Histogram::new_from(&latency))
+                .saturating_record(lat);
+            let ok = o.status.is_some_and(|s| (200..300).contains(&s));
+            match o.status {
+                Some(s) => *statuses.entry(s).or_insert(0) += 1,
+                None => transport_errors += 1,
+            }
+            if ok {
+                acked.insert_range(o.first_seq, o.records);
+            } else {
+                agg_live.errors.fetch_add(1, Ordering::Relaxed);
+                if samples.len() < 10 {
+                    samples.push((o.status.unwrap_or(0), o.body.unwrap_or_default()));
+                }
+            }
+            agg_live.completed.fetch_add(1, Ordering::Relaxed);
+            let mut secs = agg_seconds.lock().unwrap_or_else(|e| e.into_inner());
+            let sent_sec = o.sent_at.max(0.0) as usize;
+            if let Some(s) = secs.get_mut(sent_sec) {
+                s.sent += 1;
+            }
+            while secs.len() <= done_sec as usize {
+                let n = secs.len() as u64;
+                secs.push(Second {
+                    second: n,
+                    ..Second::default()
+                });
+            }
+            let s = &mut secs[done_sec as usize];
+            s.completed += 1;
+            if ok {
+                s.ok += 1;
+            } else {
+                s.errors += 1;
+            }
+        }
+        let mut secs = agg_seconds.lock().unwrap_or_else(|e| e.into_inner());
+        for (sec, h) in per_second {
+            if let Some(s) = secs.get_mut(sec as usize) {
+                s.p50_ms = h.value_at_quantile(0.5) as f64 / 1000.0;
+                s.p99_ms = h.value_at_quantile(0.99) as f64 / 1000.0;
+                s.max_ms = h.max() as f64 / 1000.0;
+            }
+        }
+        (
+            latency,
+            service,
+            statuses,
+            transport_errors,
+            records_sent,
+            acked,
+            samples,
+        )
+    });
+
+    // Progress: once a second.
+    let prog_seconds = seconds.clone();
+    let prog_live = live.clone();
+    let prog_p99 = p99_so_far.clone();
+    let ticker = tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(
+                start + Duration::from_secs(n + 1),
+            ))
+            .await;
+            let p99 = prog_p99
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .value_at_quantile(0.99) as f64
+                / 1000.0;
+            let mut secs = prog_seconds.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = secs.get_mut(n as usize) {
+                let rows = prog_live.rows.load(Ordering::Relaxed);
+                let lag = prog_live.lag.load(Ordering::Relaxed);
+                s.rows = (rows >= 0).then_some(rows);
+                s.lag = (lag >= 0).then_some(lag);
+                progress(s, &prog_live, p99);
+            }
+            n += 1;
+        }
+    });
+
+    // The scheduler: never waits for answers.
+    let mut late = 0;
+    let mut skipped = 0;
+    for t in &cfg.schedule {
+        let planned_at = start + Duration::from_secs_f64(*t);
+        let now = Instant::now();
+        if planned_at > now {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(planned_at)).await;
+        }
+        let sent = Instant::now();
+        if sent.duration_since(planned_at) > cfg.late_threshold {
+            late += 1;
+        }
+        if live.in_flight.load(Ordering::Relaxed) >= cfg.max_in_flight as i64 {
+            skipped += 1;
+            let _ = tx.send(Outcome {
+                planned_at: *t,
+                sent_at: secs_since(start, sent),
+                done_at: secs_since(start, sent),
+                status: None,
+                first_seq: 0,
+                records: 0,
+                body: Some(format!(
+                    "not sent: {} requests already in flight",
+                    cfg.max_in_flight
+                )),
+            });
+            continue;
+        }
+        let p = payloads.next_payload();
+        let mut req = Request::post(&cfg.target).header("content-type", "application/json");
+        if let Some(enc) = &cfg.content_encoding {
+            req = req.header("content-encoding", enc.as_str());
+        }
+        for (k, v) in &cfg.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let Ok(req) = req.body(Body::from(p.body.clone())) else {
+            continue;
+        };
+        let (client, tx, live, planned) = (client.clone(), tx.clone(), live.clone(), *t);
+        live.in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let resp = client.request(req).await;
+            let (status, body) = match resp {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let body = hyper::body::to_bytes(r.into_body()).await.ok();
+                    let text = (!(200..300).contains(&status)).then(|| {
+                        body.map(|b| String::from_utf8_lossy(&b).into_owned())
+                            .unwrap_or_default()
+                    });
+                    (Some(status), text)
+                }
+                Err(e) => (None, Some(e.to_string())),
+            };
+            let done = Instant::now();
+            live.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(Outcome {
+                planned_at: planned,
+                sent_at: secs_since(start, sent),
+                done_at: secs_since(start, done),
+                status,
+                first_seq: p.first_seq,
+                records: p.records,
+                body,
+            });
+        });
+    }
+    drop(tx);
+    let (latency, service, statuses, transport_errors, records_sent, acked, error_samples) =
+        aggregator
+            .await
+            .unwrap_or_else(|_| panic!("aggregator panicked"));
+    ticker.abort();
+    let elapsed = start.elapsed();
+    let seconds = seconds.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    RunResult {
+        latency,
+        service,
+        statuses,
+        transport_errors,
+        late_sends: late,
+        skipped_sends: skipped,
+        planned,
+        records_sent,
+        acked,
+        seconds,
+        elapsed,
+        error_samples,
+    }
+}
+
+fn secs_since(start: Instant, t: Instant) -> f64 {
+    if t >= start {
+        t.duration_since(start).as_secs_f64()
+    } else {
+        -(start.duration_since(t).as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_set_counts_each_sequence_once() {
+        let mut a = AckSet::default();
+        a.insert_range(0, 3);
+        a.insert_range(2, 3);
+        a.insert_range(130, 1);
+        assert_eq!(a.len(), 6);
+        assert!(a.contains(130) && !a.contains(5) && !a.contains(10_000));
+        assert_eq!(a.iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 130]);
+    }
+}

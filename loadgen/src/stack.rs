@@ -1,0 +1,71 @@
+//! The embedded local stack: a private Postgres, a Kafka broker (Tansu when installed, else
+//! librdkafka's in-process mock cluster), the producer and the consumer, all in this process
+//! except the servers, and all torn down after.
+
+use std::time::Duration;
+
+use spillway_consumer::RunningConsumer;
+use spillway_integration::{kafka, KafkaBroker, LocalPostgres, PostgresServer};
+use spillway_producer::RunningProducer;
+
+/// The running stack.
+pub struct LocalStack {
+    /// Postgres.
+    pub pg: LocalPostgres,
+    /// The broker.
+    pub broker: Box<dyn KafkaBroker>,
+    /// The ingest service.
+    pub producer: RunningProducer,
+    /// The writer.
+    pub consumer: RunningConsumer,
+}
+
+impl std::fmt::Debug for LocalStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStack")
+            .field("producer", &self.producer.addr())
+            .finish()
+    }
+}
+
+/// The topic and table the local stack uses.
+pub const TOPIC: &str = "spillway";
+/// The records table.
+pub const TABLE: &str = "records";
+
+impl LocalStack {
+    /// Starts everything; `partitions` for the topic.
+    pub async fn start(partitions: i32) -> anyhow::Result<Self> {
+        let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
+        let broker = tokio::task::block_in_place(kafka::from_env)?;
+        broker.create_topic(TOPIC, partitions).await?;
+        let mut ps = spillway_producer::Settings::new(broker.bootstrap(), TOPIC);
+        ps.listen = "127.0.0.1:0".parse()?;
+        ps.max_in_flight_requests = 8192;
+        let producer = spillway_producer::start(ps).await?;
+        let mut cs = spillway_consumer::Settings::new(broker.bootstrap(), TOPIC, pg.url());
+        cs.listen = "127.0.0.1:0".parse()?;
+        cs.group = "loadgen".into();
+        cs.batcher.max_age = Duration::from_millis(200);
+        let consumer = spillway_consumer::start(cs).await?;
+        Ok(LocalStack {
+            pg,
+            broker,
+            producer,
+            consumer,
+        })
+    }
+
+    /// Postgres URL.
+    pub fn database_url(&self) -> String {
+        self.pg.url()
+    }
+
+    /// Stops the services (servers go when dropped).
+    pub async fn shutdown(self) {
+        self.producer.shutdown().await;
+        if let Err(e) = self.consumer.shutdown().await {
+            tracing::warn!(error = %e, "consumer shutdown");
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The whole pipeline under a short spiky load on the local stack, and the verdict proven able
+//! to fail: a deleted row is reported lost, a copied row duplicated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use spillway_integration::postgres::connect;
+use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
+use spillway_loadgen::profile::RateProfile;
+use spillway_loadgen::runner::{self, Live, RunConfig};
+use spillway_loadgen::stack::{LocalStack, TABLE};
+use spillway_loadgen::verify::verify;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spiky_run_on_the_local_stack_loses_and_duplicates_nothing_and_the_checker_can_fail(
+) -> Result<()> {
+    let seed = 11;
+    let stack = LocalStack::start(3).await?;
+    let profile = RateProfile::Spiky {
+        base: 40.0,
+        multiplier: 20.0,
+        burst: Duration::from_secs(1),
+        gap: Duration::from_secs(3),
+        seed,
+    };
+    let schedule = profile.schedule(Duration::from_secs(6));
+    let planned = schedule.len() as u64;
+    let cfg = RunConfig {
+        target: stack.producer.store_url(),
+        schedule,
+        max_in_flight: 4096,
+        late_threshold: Duration::from_millis(10),
+        headers: vec![],
+        content_encoding: None,
+    };
+    let spec = PayloadSpec {
+        records_per_request: (1, 5),
+        record_size: (100, 200),
+        file_records: None,
+        gzip: false,
+        id_field: "id".into(),
+    };
+    let result = runner::run(
+        cfg,
+        PayloadGen::new(spec, "e2e", seed),
+        Arc::new(Live::default()),
+        |_, _, _| {},
+    )
+    .await;
+    assert_eq!(
+        result.latency.len(),
+        planned,
+        "every planned request was answered"
+    );
+    assert_eq!(
+        result.statuses.get(&200).copied(),
+        Some(planned),
+        "all 200: {:?}",
+        result.statuses
+    );
+    assert_eq!(result.acked.len(), result.records_sent);
+    let url = stack.database_url();
+    let v = verify(
+        &url,
+        TABLE,
+        "id",
+        "e2e",
+        &result.acked,
+        Duration::from_secs(60),
+        |_| {},
+    )
+    .await?;
+    ensure!(
+        v.passed() && v.drained && v.found == v.acknowledged,
+        "{v:?}"
+    );
+
+    // The checker is not a rubber stamp.
+    let c = connect(&url).await?;
+    c.batch_execute(
+        "DELETE FROM records WHERE data->>'id' = 'e2e-3';
+         INSERT INTO records SELECT * FROM records WHERE data->>'id' = 'e2e-5';",
+    )
+    .await?;
+    let v = verify(
+        &url,
+        TABLE,
+        "id",
+        "e2e",
+        &result.acked,
+        Duration::from_millis(100),
+        |_| {},
+    )
+    .await?;
+    assert_eq!(
+        (
+            v.lost,
+            v.lost_sample.clone(),
+            v.duplicated,
+            v.duplicated_sample.clone()
+        ),
+        (1, vec![3], 1, vec![5])
+    );
+    assert!(!v.passed());
+    stack.shutdown().await;
+    Ok(())
+}
