@@ -214,7 +214,7 @@ impl Report<'_> {
             "Requests per second: offered (plan) vs achieved (answers)",
             "req/s",
             &[
-                ("offered", "#888", series(&|s| Some(s.offered as f64))),
+                ("offered", "#bbb", series(&|s| Some(s.offered as f64))),
                 ("achieved", "#1f77b4", series(&|s| Some(s.completed as f64))),
                 ("errors", "#d62728", series(&|s| Some(s.errors as f64))),
             ],
@@ -346,7 +346,9 @@ fn svg_chart(title: &str, unit: &str, series: &[Series]) -> String {
             .collect();
         let _ = write!(
             s,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{pts}\"/>"
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"{}\" points=\"{pts}\"/>",
+            // The first series (the plan) is drawn wide underneath, so it shows where others match it.
+            if i == 0 { 5.0 } else { 1.5 }
         );
         let lx = left + 10.0 + i as f64 * 140.0;
         let _ = write!(s, "<line x1=\"{lx}\" x2=\"{}\" y1=\"32\" y2=\"32\" stroke=\"{color}\" stroke-width=\"3\"/>", lx + 20.0);
