@@ -18,9 +18,8 @@ use anyhow::{bail, Context, Result};
 use futures::stream::{self, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use spillway_benches::record;
-use spillway_consumer::pgcopy;
-use spillway_core::{Envelope, Record, RequestId};
+use spillway_benches::{create_table, drain_time, produce_backlog, raw_copy, record, rows};
+use spillway_core::{Envelope, RequestId};
 use spillway_integration::postgres::connect;
 use spillway_integration::{free_port, KafkaBroker, LocalPostgres, PostgresServer, Tansu};
 
@@ -227,51 +226,7 @@ async fn main() -> Result<()> {
     drop(_py);
 
     println!("\n== consumer: draining a backlog of {BACKLOG} records ({PER_MESSAGE} per message) into the same Postgres");
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("linger.ms", "10")
-        .create()?;
-    let mut pending = vec![];
-    for m in 0..BACKLOG / PER_MESSAGE {
-        let recs: Vec<Vec<u8>> = (0..PER_MESSAGE)
-            .map(|i| record(m * PER_MESSAGE + i))
-            .collect();
-        let env = Envelope {
-            received_at_micros: 1_764_000_000_000_000,
-            request_id: RequestId::from_u128(m as u128),
-            source: None,
-            records: recs.iter().map(|r| r.as_slice()).collect(),
-        }
-        .encode();
-        let json = format!(
-            "{{\"data\": [{}], \"received\": \"2025-11-24T16:00:00+00:00\"}}",
-            recs.iter()
-                .map(|r| String::from_utf8_lossy(r).into_owned())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let key = m.to_string();
-        pending.push(
-            p.send_result(FutureRecord::to("spillway_backlog").key(&key).payload(&env))
-                .map_err(|(e, _)| e)?,
-        );
-        pending.push(
-            p.send_result(
-                FutureRecord::to("baseline_backlog")
-                    .key(&key)
-                    .payload(&json),
-            )
-            .map_err(|(e, _)| e)?,
-        );
-        if pending.len() > 5000 {
-            for f in pending.drain(..) {
-                f.await?.map_err(|(e, _)| e)?;
-            }
-        }
-    }
-    for f in pending {
-        f.await?.map_err(|(e, _)| e)?;
-    }
+    produce_backlog(&bootstrap, "spillway_backlog", Some("baseline_backlog"), BACKLOG, PER_MESSAGE).await?;
     let url = pg.url();
     connect(&url)
         .await?
@@ -281,7 +236,6 @@ async fn main() -> Result<()> {
         "dbname=postgres user=postgres host=127.0.0.1 port={}",
         pg.port()
     );
-    let started = Instant::now();
     let py = Killed(
         Command::new(&python)
             .arg(baseline.join("consumer.py"))
@@ -293,54 +247,36 @@ async fn main() -> Result<()> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    while count(&url, "data").await < BACKLOG as i64 {
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("the Python consumer did not drain the backlog in 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let py_rate = BACKLOG as f64 / started.elapsed().as_secs_f64();
+    // Both consumers are timed from their first row to the last (joining the group excluded).
+    let py_url = url.clone();
+    let py_time = tokio::time::timeout(
+        Duration::from_secs(600),
+        drain_time(BACKLOG, move || {
+            let url = py_url.clone();
+            Box::pin(async move { count(&url, "data").await as u64 })
+        }),
+    )
+    .await
+    .context("the Python consumer did not drain the backlog in 10 minutes")?;
+    let py_rate = BACKLOG as f64 / py_time.as_secs_f64();
     drop(py);
     let mut s = spillway_consumer::Settings::new(&bootstrap, "spillway_backlog", &url);
     s.listen = "127.0.0.1:0".parse()?;
     s.group = "spillway-compare".into();
-    let started = Instant::now();
     let consumer = spillway_consumer::start(s).await?;
-    while consumer.metrics().rows_written() < BACKLOG {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let sp_rate = BACKLOG as f64 / started.elapsed().as_secs_f64();
+    let metrics = consumer.metrics().clone();
+    let sp_time = drain_time(BACKLOG, move || {
+        let n = metrics.rows_written();
+        Box::pin(async move { n })
+    })
+    .await;
+    let sp_rate = BACKLOG as f64 / sp_time.as_secs_f64();
     consumer.shutdown().await?;
-    let rows: Vec<Record> = (0..BACKLOG)
-        .map(|i| Record {
-            partition: 0,
-            offset: i as i64,
-            index: 0,
-            last_in_message: true,
-            received_at_micros: 1_764_000_000_000_000,
-            payload: record(i),
-        })
-        .collect();
+    let rows = rows(BACKLOG);
     let mut c = connect(&url).await?;
-    c.batch_execute("CREATE TABLE raw (kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL, received_at timestamptz NOT NULL, data jsonb NOT NULL)").await?;
+    c.batch_execute(&create_table("raw")).await?;
     let started = Instant::now();
-    for chunk in rows.chunks(10_000) {
-        let tx = c.transaction().await?;
-        let sink = tx
-            .copy_in::<_, bytes::Bytes>(&format!(
-                "COPY raw ({}) FROM STDIN (FORMAT binary)",
-                pgcopy::COLUMNS
-            ))
-            .await?;
-        futures::pin_mut!(sink);
-        futures::SinkExt::send(
-            &mut sink,
-            pgcopy::encode(chunk.iter(), chunk.len() * 260).freeze(),
-        )
-        .await?;
-        sink.as_mut().finish().await?;
-        tx.commit().await?;
-    }
+    raw_copy(&mut c, "raw", &rows, 10_000).await?;
     let raw_rate = BACKLOG as f64 / started.elapsed().as_secs_f64();
     println!("{:<34}{:>14}{:>14}", "", "rows/s", "ratio");
     println!(

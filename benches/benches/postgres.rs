@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::SinkExt;
-use spillway_benches::{print_ratios, record};
+use spillway_benches::{create_table, print_ratios, raw_copy, rows};
 use spillway_consumer::pgcopy;
 use spillway_core::Record;
 use spillway_integration::postgres::connect;
@@ -18,26 +18,8 @@ use tokio_postgres::Client;
 const ROWS: u64 = 10_000;
 const GROUP: &str = "postgres_write";
 
-fn rows() -> Vec<Record> {
-    (0..ROWS)
-        .map(|i| Record {
-            partition: 0,
-            offset: i as i64,
-            index: 0,
-            last_in_message: true,
-            received_at_micros: 1_764_000_000_000_000,
-            payload: record(i),
-        })
-        .collect()
-}
-
 async fn reset(c: &Client) {
-    c.batch_execute(
-        "DROP TABLE IF EXISTS t; CREATE TABLE t (kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, \
-         record_index int NOT NULL, received_at timestamptz NOT NULL, data jsonb NOT NULL)",
-    )
-    .await
-    .expect("create table");
+    c.batch_execute(&format!("DROP TABLE IF EXISTS t; {}", create_table("t"))).await.expect("create table");
 }
 
 fn literal(s: &[u8]) -> String {
@@ -99,38 +81,17 @@ async fn unnest(c: &mut Client, rows: &[Record], batch: usize) {
     }
 }
 
-async fn copy(c: &mut Client, rows: &[Record], batch: usize, binary: bool) {
+async fn copy_text(c: &mut Client, rows: &[Record], batch: usize) {
     for chunk in rows.chunks(batch) {
         let tx = c.transaction().await.expect("begin");
-        let (stmt, data) = if binary {
-            let size = chunk
-                .iter()
-                .map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD)
-                .sum();
-            (
-                format!("COPY t ({}) FROM STDIN (FORMAT binary)", pgcopy::COLUMNS),
-                pgcopy::encode(chunk.iter(), size).freeze(),
-            )
-        } else {
-            let mut text = String::with_capacity(chunk.len() * 260);
-            for r in chunk {
-                let json = String::from_utf8_lossy(&r.payload)
-                    .replace('\\', "\\\\")
-                    .replace('\t', "\\t")
-                    .replace('\n', "\\n");
-                text.push_str(&format!(
-                    "{}\t{}\t{}\t2025-11-24 16:00:00+00\t{json}\n",
-                    r.partition, r.offset, r.index
-                ));
-            }
-            (
-                format!("COPY t ({}) FROM STDIN", pgcopy::COLUMNS),
-                Bytes::from(text),
-            )
-        };
-        let sink = tx.copy_in::<_, Bytes>(&stmt).await.expect("copy");
+        let mut text = String::with_capacity(chunk.len() * 260);
+        for r in chunk {
+            let json = String::from_utf8_lossy(&r.payload).replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n");
+            text.push_str(&format!("{}\t{}\t{}\t2025-11-24 16:00:00+00\t{json}\n", r.partition, r.offset, r.index));
+        }
+        let sink = tx.copy_in::<_, Bytes>(&format!("COPY t ({}) FROM STDIN", pgcopy::COLUMNS)).await.expect("copy");
         futures::pin_mut!(sink);
-        sink.send(data).await.expect("send");
+        sink.send(Bytes::from(text)).await.expect("send");
         sink.as_mut().finish().await.expect("finish");
         tx.commit().await.expect("commit");
     }
@@ -140,7 +101,7 @@ fn strategies(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let pg = LocalPostgres::start().expect("postgres (run ci/test.sh to install it)");
     let mut client = rt.block_on(connect(&pg.url())).expect("connect");
-    let rows = rows();
+    let rows = rows(ROWS);
     let mut g = c.benchmark_group(GROUP);
     g.sample_size(10)
         .measurement_time(Duration::from_secs(4))
@@ -177,8 +138,8 @@ fn strategies(c: &mut Criterion) {
                                     multi_row_insert(&mut client, &rows, batch).await
                                 }
                                 "unnest" => unnest(&mut client, &rows, batch).await,
-                                "copy_text" => copy(&mut client, &rows, batch, false).await,
-                                _ => copy(&mut client, &rows, batch, true).await,
+                                "copy_text" => copy_text(&mut client, &rows, batch).await,
+                                _ => raw_copy(&mut client, "t", &rows, batch).await.expect("copy"),
                             }
                         });
                         total += t.elapsed();

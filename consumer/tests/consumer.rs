@@ -161,6 +161,25 @@ async fn assert_exactly_once(url: &str, expected: impl Iterator<Item = u64>) -> 
     Ok(())
 }
 
+/// Puts a 2 MB/s link between the consumer and Postgres (so a COPY lasts long enough to be
+/// caught), starts a consumer over it on a 20,000-record backlog, and returns once a backend is
+/// in the middle of a COPY, with its pid.
+async fn consumer_mid_copy(s: &Stack, seed: u64) -> Result<(FaultProxy, RunningConsumer, i32)> {
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], s.pg.port())), seed).await?;
+    proxy.set(Faults { bandwidth: Some(2 << 20), ..Faults::default() });
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    produce(&s.broker.bootstrap(), 0..20_000, 10, &[]).await?;
+    let consumer = start(settings(&s.broker.bootstrap(), &url)).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(pid) = copy_backends(&s.pg.url()).await.unwrap_or_default().first() {
+            return Ok((proxy, consumer, *pid));
+        }
+        ensure!(Instant::now() < deadline, "never saw a COPY in progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn stop(c: RunningConsumer) -> Result<()> {
     Ok(c.shutdown().await?)
 }
@@ -202,23 +221,7 @@ async fn every_record_lands_exactly_once_with_its_coordinates() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_killed_mid_copy_and_restarted_loses_and_duplicates_nothing() -> Result<()> {
     let mut s = stack(2).await?;
-    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], s.pg.port())), 1).await?;
-    proxy.set(Faults {
-        bandwidth: Some(2 << 20),
-        ..Faults::default()
-    });
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
-    produce(&s.broker.bootstrap(), 0..20_000, 10, &[]).await?;
-    let consumer = start(settings(&s.broker.bootstrap(), &url)).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while copy_backends(&s.pg.url())
-        .await
-        .unwrap_or_default()
-        .is_empty()
-    {
-        ensure!(Instant::now() < deadline, "never saw a COPY in progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (proxy, consumer, _) = consumer_mid_copy(&s, 1).await?;
     s.pg = blocking(move || s.pg.kill().map(|_| s.pg)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     s.pg = blocking(move || s.pg.restart().map(|_| s.pg)).await?;
@@ -238,22 +241,7 @@ async fn postgres_killed_mid_copy_and_restarted_loses_and_duplicates_nothing() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_crash_mid_copy_loses_and_duplicates_nothing() -> Result<()> {
     let mut s = stack(2).await?;
-    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], s.pg.port())), 2).await?;
-    proxy.set(Faults {
-        bandwidth: Some(2 << 20),
-        ..Faults::default()
-    });
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
-    produce(&s.broker.bootstrap(), 0..20_000, 10, &[]).await?;
-    let consumer = start(settings(&s.broker.bootstrap(), &url)).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let pid = loop {
-        if let Some(pid) = copy_backends(&s.pg.url()).await.unwrap_or_default().first() {
-            break *pid;
-        }
-        ensure!(Instant::now() < deadline, "never saw a COPY in progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let (proxy, consumer, pid) = consumer_mid_copy(&s, 2).await?;
     s.pg.crash_backend(pid)?;
     proxy.heal();
     wait_rows(&s.pg.url(), 20_000, Duration::from_secs(90)).await?;
