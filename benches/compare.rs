@@ -226,7 +226,14 @@ async fn main() -> Result<()> {
     drop(_py);
 
     println!("\n== consumer: draining a backlog of {BACKLOG} records ({PER_MESSAGE} per message) into the same Postgres");
-    produce_backlog(&bootstrap, "spillway_backlog", Some("baseline_backlog"), BACKLOG, PER_MESSAGE).await?;
+    produce_backlog(
+        &bootstrap,
+        "spillway_backlog",
+        Some("baseline_backlog"),
+        BACKLOG,
+        PER_MESSAGE,
+    )
+    .await?;
     let url = pg.url();
     connect(&url)
         .await?

@@ -78,13 +78,26 @@ pub fn create_table(table: &str) -> String {
 
 /// COPY BINARY of `rows` into `table`, `batch` rows per transaction: the limit the consumer is
 /// measured against.
-pub async fn raw_copy(client: &mut tokio_postgres::Client, table: &str, rows: &[Record], batch: usize) -> Result<(), tokio_postgres::Error> {
+pub async fn raw_copy(
+    client: &mut tokio_postgres::Client,
+    table: &str,
+    rows: &[Record],
+    batch: usize,
+) -> Result<(), tokio_postgres::Error> {
     use futures::SinkExt;
     for chunk in rows.chunks(batch) {
         let tx = client.transaction().await?;
-        let size = chunk.iter().map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD).sum();
+        let size = chunk
+            .iter()
+            .map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD)
+            .sum();
         let data = pgcopy::encode(chunk.iter(), size).freeze();
-        let sink = tx.copy_in::<_, bytes::Bytes>(&format!("COPY {table} ({}) FROM STDIN (FORMAT binary)", pgcopy::COLUMNS)).await?;
+        let sink = tx
+            .copy_in::<_, bytes::Bytes>(&format!(
+                "COPY {table} ({}) FROM STDIN (FORMAT binary)",
+                pgcopy::COLUMNS
+            ))
+            .await?;
         futures::pin_mut!(sink);
         sink.send(data).await?;
         sink.as_mut().finish().await?;
@@ -96,29 +109,63 @@ pub async fn raw_copy(client: &mut tokio_postgres::Client, table: &str, rows: &[
 /// Produces a backlog of `records` records, `per_message` per envelope, to `topic`; with
 /// `json_topic`, the same records also as the Python original's messages
 /// (`{"data": [...], "received": ...}`).
-pub async fn produce_backlog(bootstrap: &str, topic: &str, json_topic: Option<&str>, records: u64, per_message: u64) -> Result<(), rdkafka::error::KafkaError> {
+pub async fn produce_backlog(
+    bootstrap: &str,
+    topic: &str,
+    json_topic: Option<&str>,
+    records: u64,
+    per_message: u64,
+) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).set("acks", "all").set("linger.ms", "10").create()?;
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("linger.ms", "10")
+        .create()?;
     let mut pending = Vec::new();
     for m in 0..records / per_message {
-        let recs: Vec<Vec<u8>> = (0..per_message).map(|i| record(m * per_message + i)).collect();
-        let env = Envelope { received_at_micros: 1_764_000_000_000_000, request_id: RequestId::from_u128(m as u128), source: None, records: recs.iter().map(|r| r.as_slice()).collect() }.encode();
+        let recs: Vec<Vec<u8>> = (0..per_message)
+            .map(|i| record(m * per_message + i))
+            .collect();
+        let env = Envelope {
+            received_at_micros: 1_764_000_000_000_000,
+            request_id: RequestId::from_u128(m as u128),
+            source: None,
+            records: recs.iter().map(|r| r.as_slice()).collect(),
+        }
+        .encode();
         let key = m.to_string();
-        pending.push(p.send_result(FutureRecord::to(topic).key(&key).payload(&env)).map_err(|(e, _)| e)?);
+        pending.push(
+            p.send_result(FutureRecord::to(topic).key(&key).payload(&env))
+                .map_err(|(e, _)| e)?,
+        );
         if let Some(jt) = json_topic {
-            let data: Vec<String> = recs.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
-            let json = format!("{{\"data\": [{}], \"received\": \"2025-11-24T16:00:00+00:00\"}}", data.join(","));
-            pending.push(p.send_result(FutureRecord::to(jt).key(&key).payload(&json)).map_err(|(e, _)| e)?);
+            let data: Vec<String> = recs
+                .iter()
+                .map(|r| String::from_utf8_lossy(r).into_owned())
+                .collect();
+            let json = format!(
+                "{{\"data\": [{}], \"received\": \"2025-11-24T16:00:00+00:00\"}}",
+                data.join(",")
+            );
+            pending.push(
+                p.send_result(FutureRecord::to(jt).key(&key).payload(&json))
+                    .map_err(|(e, _)| e)?,
+            );
         }
         if pending.len() >= 5_000 {
             for f in pending.drain(..) {
-                f.await.map_err(|_| rdkafka::error::KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+                f.await
+                    .map_err(|_| rdkafka::error::KafkaError::Canceled)?
+                    .map_err(|(e, _)| e)?;
             }
         }
     }
     for f in pending {
-        f.await.map_err(|_| rdkafka::error::KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+        f.await
+            .map_err(|_| rdkafka::error::KafkaError::Canceled)?
+            .map_err(|(e, _)| e)?;
     }
     Ok(())
 }
@@ -126,7 +173,10 @@ pub async fn produce_backlog(bootstrap: &str, topic: &str, json_topic: Option<&s
 /// Samples `written()` until it reaches `total`; returns the time to write `total` rows at the
 /// rate observed from the first row to the last, so start-up (joining the group) is not
 /// counted as write time.
-pub async fn drain_time(total: u64, mut written: impl FnMut() -> futures::future::BoxFuture<'static, u64>) -> std::time::Duration {
+pub async fn drain_time(
+    total: u64,
+    mut written: impl FnMut() -> futures::future::BoxFuture<'static, u64>,
+) -> std::time::Duration {
     use std::time::{Duration, Instant};
     let (mut first, mut first_rows) = (None, 0);
     loop {

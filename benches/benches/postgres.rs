@@ -19,7 +19,9 @@ const ROWS: u64 = 10_000;
 const GROUP: &str = "postgres_write";
 
 async fn reset(c: &Client) {
-    c.batch_execute(&format!("DROP TABLE IF EXISTS t; {}", create_table("t"))).await.expect("create table");
+    c.batch_execute(&format!("DROP TABLE IF EXISTS t; {}", create_table("t")))
+        .await
+        .expect("create table");
 }
 
 fn literal(s: &[u8]) -> String {
@@ -86,10 +88,19 @@ async fn copy_text(c: &mut Client, rows: &[Record], batch: usize) {
         let tx = c.transaction().await.expect("begin");
         let mut text = String::with_capacity(chunk.len() * 260);
         for r in chunk {
-            let json = String::from_utf8_lossy(&r.payload).replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n");
-            text.push_str(&format!("{}\t{}\t{}\t2025-11-24 16:00:00+00\t{json}\n", r.partition, r.offset, r.index));
+            let json = String::from_utf8_lossy(&r.payload)
+                .replace('\\', "\\\\")
+                .replace('\t', "\\t")
+                .replace('\n', "\\n");
+            text.push_str(&format!(
+                "{}\t{}\t{}\t2025-11-24 16:00:00+00\t{json}\n",
+                r.partition, r.offset, r.index
+            ));
         }
-        let sink = tx.copy_in::<_, Bytes>(&format!("COPY t ({}) FROM STDIN", pgcopy::COLUMNS)).await.expect("copy");
+        let sink = tx
+            .copy_in::<_, Bytes>(&format!("COPY t ({}) FROM STDIN", pgcopy::COLUMNS))
+            .await
+            .expect("copy");
         futures::pin_mut!(sink);
         sink.send(Bytes::from(text)).await.expect("send");
         sink.as_mut().finish().await.expect("finish");
@@ -139,7 +150,9 @@ fn strategies(c: &mut Criterion) {
                                 }
                                 "unnest" => unnest(&mut client, &rows, batch).await,
                                 "copy_text" => copy_text(&mut client, &rows, batch).await,
-                                _ => raw_copy(&mut client, "t", &rows, batch).await.expect("copy"),
+                                _ => raw_copy(&mut client, "t", &rows, batch)
+                                    .await
+                                    .expect("copy"),
                             }
                         });
                         total += t.elapsed();

@@ -3,17 +3,30 @@
 use std::time::{Duration, Instant};
 
 use spillway_benches::produce_backlog;
-use spillway_integration::kafka::read_all;
 use spillway_integration::kafka;
+use spillway_integration::kafka::read_all;
 
 #[tokio::main]
 async fn main() {
     let broker = kafka::from_env().expect("broker");
     broker.create_topic("backlog", 4).await.expect("topic");
-    produce_backlog(&broker.bootstrap(), "backlog", None, 200_000, 10).await.expect("backlog");
+    produce_backlog(&broker.bootstrap(), "backlog", None, 200_000, 10)
+        .await
+        .expect("backlog");
     let bootstrap = broker.bootstrap();
     let t = Instant::now();
-    let n = tokio::task::spawn_blocking(move || read_all(&bootstrap, "backlog", Duration::from_secs(300)).expect("read").len()).await.expect("join");
+    let n = tokio::task::spawn_blocking(move || {
+        read_all(&bootstrap, "backlog", Duration::from_secs(300))
+            .expect("read")
+            .len()
+    })
+    .await
+    .expect("join");
     let secs = t.elapsed().as_secs_f64();
-    println!("{n} messages ({} records) read in {secs:.2} s: {:.0} messages/s, {:.0} records/s", n * 10, n as f64 / secs, n as f64 * 10.0 / secs);
+    println!(
+        "{n} messages ({} records) read in {secs:.2} s: {:.0} messages/s, {:.0} records/s",
+        n * 10,
+        n as f64 / secs,
+        n as f64 * 10.0 / secs
+    );
 }

@@ -166,7 +166,10 @@ async fn assert_exactly_once(url: &str, expected: impl Iterator<Item = u64>) -> 
 /// in the middle of a COPY, with its pid.
 async fn consumer_mid_copy(s: &Stack, seed: u64) -> Result<(FaultProxy, RunningConsumer, i32)> {
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], s.pg.port())), seed).await?;
-    proxy.set(Faults { bandwidth: Some(2 << 20), ..Faults::default() });
+    proxy.set(Faults {
+        bandwidth: Some(2 << 20),
+        ..Faults::default()
+    });
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
     produce(&s.broker.bootstrap(), 0..20_000, 10, &[]).await?;
     let consumer = start(settings(&s.broker.bootstrap(), &url)).await?;
