@@ -347,7 +347,7 @@ fn svg_chart(title: &str, unit: &str, series: &[Series]) -> String {
         let _ = write!(
             s,
             "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"{}\" points=\"{pts}\"/>",
-            // The first series (the plan) is drawn wide underneath, so it shows where others match it.
+            // The first series is drawn wide underneath, so lines that coincide with it stay visible.
             if i == 0 { 5.0 } else { 1.5 }
         );
         let lx = left + 10.0 + i as f64 * 140.0;

@@ -149,6 +149,8 @@ pub struct Live {
 }
 
 struct Outcome {
+    /// False for a send that never left (too many in flight): no latency to record.
+    left: bool,
     planned_at: f64,
     sent_at: f64,
     done_at: f64,
@@ -203,6 +205,13 @@ pub async fn run(
         let mut acked = AckSet::default();
         let mut samples = Vec::new();
         while let Some(o) = rx.recv().await {
+            if !o.left {
+                agg_live.errors.fetch_add(1, Ordering::Relaxed);
+                if samples.len() < 10 {
+                    samples.push((0, o.body.unwrap_or_default()));
+                }
+                continue;
+            }
             let lat = ((o.done_at - o.planned_at) * 1e6).max(1.0) as u64;
             let svc = ((o.done_at - o.sent_at) * 1e6).max(1.0) as u64;
             latency.saturating_record(lat);
@@ -314,6 +323,7 @@ pub async fn run(
         if live.in_flight.load(Ordering::Relaxed) >= cfg.max_in_flight as i64 {
             skipped += 1;
             let _ = tx.send(Outcome {
+                left: false,
                 planned_at: *t,
                 sent_at: secs_since(start, sent),
                 done_at: secs_since(start, sent),
@@ -357,6 +367,7 @@ pub async fn run(
             let done = Instant::now();
             live.in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(Outcome {
+                left: true,
                 planned_at: planned,
                 sent_at: secs_since(start, sent),
                 done_at: secs_since(start, done),
