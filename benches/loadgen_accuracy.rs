@@ -35,21 +35,8 @@ fn serve(delay: Duration) -> SocketAddr {
 
 async fn run(addr: SocketAddr, rate: f64, secs: u64) -> RunResult {
     let schedule = RateProfile::Constant { rate }.schedule(Duration::from_secs(secs));
-    let cfg = RunConfig {
-        target: format!("http://{addr}/store"),
-        schedule,
-        max_in_flight: 8192,
-        late_threshold: Duration::from_millis(10),
-        headers: vec![],
-        content_encoding: None,
-    };
-    let spec = PayloadSpec {
-        records_per_request: (1, 1),
-        record_size: (100, 100),
-        file_records: None,
-        gzip: false,
-        id_field: "id".into(),
-    };
+    let cfg = RunConfig::new(format!("http://{addr}/store"), schedule);
+    let spec = PayloadSpec::generated((1, 1), (100, 100));
     runner::run(
         cfg,
         PayloadGen::new(spec, "acc", 1),

@@ -79,21 +79,8 @@ async fn main() -> anyhow::Result<()> {
         seed: 5,
     };
     let schedule = profile.schedule(Duration::from_secs(75));
-    let cfg = RunConfig {
-        target: producer.store_url(),
-        schedule,
-        max_in_flight: 8192,
-        late_threshold: Duration::from_millis(10),
-        headers: vec![],
-        content_encoding: None,
-    };
-    let spec = PayloadSpec {
-        records_per_request: (1, 10),
-        record_size: (150, 250),
-        file_records: None,
-        gzip: false,
-        id_field: "id".into(),
-    };
+    let cfg = RunConfig::new(producer.store_url(), schedule);
+    let spec = PayloadSpec::generated((1, 10), (150, 250));
     let traffic = tokio::spawn(runner::run(
         cfg,
         PayloadGen::new(spec, "outage", 5),

@@ -20,6 +20,20 @@ pub struct PayloadSpec {
     pub id_field: String,
 }
 
+impl PayloadSpec {
+    /// Generated records: `records` per request and `size` bytes each (inclusive ranges), id
+    /// field `id`, no gzip.
+    pub fn generated(records: (usize, usize), size: (usize, usize)) -> Self {
+        PayloadSpec {
+            records_per_request: records,
+            record_size: size,
+            file_records: None,
+            gzip: false,
+            id_field: "id".into(),
+        }
+    }
+}
+
 /// One request body and the sequence numbers of its records.
 #[derive(Clone, Debug)]
 pub struct Payload {

@@ -133,6 +133,21 @@ pub struct RunConfig {
     pub content_encoding: Option<String>,
 }
 
+impl RunConfig {
+    /// `schedule` against `target`, with the defaults the CLI uses: at most 8,192 in flight,
+    /// late past 10 ms, no extra headers, no compression.
+    pub fn new(target: String, schedule: Vec<f64>) -> Self {
+        RunConfig {
+            target,
+            schedule,
+            max_in_flight: 8192,
+            late_threshold: Duration::from_millis(10),
+            headers: vec![],
+            content_encoding: None,
+        }
+    }
+}
+
 /// Numbers the progress line shows, shared with the sampler.
 #[derive(Debug, Default)]
 pub struct Live {

@@ -26,21 +26,8 @@ async fn a_spiky_run_on_the_local_stack_loses_and_duplicates_nothing_and_the_che
     };
     let schedule = profile.schedule(Duration::from_secs(6));
     let planned = schedule.len() as u64;
-    let cfg = RunConfig {
-        target: stack.producer.store_url(),
-        schedule,
-        max_in_flight: 4096,
-        late_threshold: Duration::from_millis(10),
-        headers: vec![],
-        content_encoding: None,
-    };
-    let spec = PayloadSpec {
-        records_per_request: (1, 5),
-        record_size: (100, 200),
-        file_records: None,
-        gzip: false,
-        id_field: "id".into(),
-    };
+    let cfg = RunConfig::new(stack.producer.store_url(), schedule);
+    let spec = PayloadSpec::generated((1, 5), (100, 200));
     let result = runner::run(
         cfg,
         PayloadGen::new(spec, "e2e", seed),
