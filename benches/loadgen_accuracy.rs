@@ -1,4 +1,5 @@
-//! loadgen's accuracy, against a trivial local HTTP server in the same run:
+//! loadgen's accuracy, against a trivial local HTTP server in the same run (for 2 and 3 the
+//! server is a separate process that loadgen and wrk both load):
 //! 1. with a known server delay, the measured latency matches the delay;
 //! 2. a 10 s constant profile at 5,000 requests/s sends within 1% of the plan;
 //! 3. one loadgen process reaches at least 0.8x the request rate `wrk` gets from the same server.
@@ -50,8 +51,32 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+/// `--serve PORT DELAY_MS`: only run the test server (a separate process, so loadgen and wrk
+/// both meet it on equal terms).
+async fn serve_only(port: u16, delay: Duration) {
+    let make = make_service_fn(move |_| async move {
+        Ok::<_, Infallible>(service_fn(move |req: hyper::Request<Body>| async move {
+            let _ = hyper::body::to_bytes(req.into_body()).await;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok::<_, Infallible>(Response::new(Body::from("{}")))
+        }))
+    });
+    let _ = Server::bind(&([127, 0, 0, 1], port).into())
+        .serve(make)
+        .await;
+}
+
 #[tokio::main]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve") {
+        let port = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let delay = Duration::from_millis(args.get(3).and_then(|d| d.parse().ok()).unwrap_or(0));
+        serve_only(port, delay).await;
+        return;
+    }
     let delay = Duration::from_millis(20);
     let slow = serve(delay);
     let r = run(slow, 200.0, 5).await;
@@ -64,7 +89,15 @@ async fn main() {
         ms(r.latency.value_at_quantile(0.5)) - delay.as_secs_f64() * 1000.0
     );
 
-    let fast = serve(Duration::ZERO);
+    let port = spillway_integration::free_port();
+    let mut server = Command::new(std::env::current_exe().expect("own path"))
+        .args(["--serve", &port.to_string(), "0"])
+        .spawn()
+        .expect("server process");
+    let fast: SocketAddr = ([127, 0, 0, 1], port).into();
+    while tokio::net::TcpStream::connect(fast).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let r = run(fast, 5000.0, 10).await;
     let sent = r.planned - r.skipped_sends;
     let in_time = r.planned - r.skipped_sends - r.late_sends;
@@ -109,4 +142,6 @@ async fn main() {
         }
         None => println!("3. wrk not found (apt-get install wrk): skipped"),
     }
+    let _ = server.kill();
+    let _ = server.wait();
 }

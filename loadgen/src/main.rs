@@ -106,6 +106,10 @@ struct Args {
     /// Most requests outstanding; a send beyond is counted as not sent.
     #[arg(long, default_value_t = 4096)]
     max_in_flight: usize,
+    /// Connections to the target; each sends one request at a time (requests beyond wait for a
+    /// connection, and that wait counts in their latency).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
     /// A send later than this after its planned time is counted late.
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     late_threshold: Duration,
@@ -305,6 +309,7 @@ async fn run(a: Args) -> Result<bool> {
         target: target.clone(),
         schedule,
         max_in_flight: a.max_in_flight,
+        connections: a.connections,
         late_threshold: a.late_threshold,
         headers: a
             .token

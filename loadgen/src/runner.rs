@@ -123,8 +123,12 @@ pub struct RunConfig {
     pub target: String,
     /// Planned send offsets, seconds.
     pub schedule: Vec<f64>,
-    /// Most requests outstanding at once.
+    /// Most requests outstanding at once (queued for a connection or on the wire).
     pub max_in_flight: usize,
+    /// Connections, each sending one request at a time. The scheduler hands each planned send
+    /// to the next connection and never waits: a send queued behind a busy connection still
+    /// has its latency counted from its planned time.
+    pub connections: usize,
     /// A send later than this is counted late.
     pub late_threshold: Duration,
     /// Extra headers (authorization).
@@ -134,13 +138,14 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// `schedule` against `target`, with the defaults the CLI uses: at most 8,192 in flight,
-    /// late past 10 ms, no extra headers, no compression.
+    /// `schedule` against `target`, with the defaults the CLI uses: 64 connections, at most
+    /// 8,192 in flight, late past 10 ms, no extra headers, no compression.
     pub fn new(target: String, schedule: Vec<f64>) -> Self {
         RunConfig {
             target,
             schedule,
             max_in_flight: 8192,
+            connections: 64,
             late_threshold: Duration::from_millis(10),
             headers: vec![],
             content_encoding: None,
@@ -161,6 +166,13 @@ pub struct Live {
     pub completed: AtomicU64,
     /// Errors so far.
     pub errors: AtomicU64,
+}
+
+struct Job {
+    req: Request<Body>,
+    planned: f64,
+    first_seq: u64,
+    records: u64,
 }
 
 struct Outcome {
@@ -186,7 +198,7 @@ pub async fn run(
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector> = Client::builder()
-        .pool_max_idle_per_host(cfg.max_in_flight)
+        .pool_max_idle_per_host(cfg.connections.max(1))
         .build(connector);
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
     let start = Instant::now() + Duration::from_millis(50);
@@ -322,6 +334,46 @@ pub async fn run(
         }
     });
 
+    // Connection workers: each sends its jobs one after another over one kept-alive connection.
+    let mut workers = Vec::new();
+    let mut worker_tasks = Vec::new();
+    for _ in 0..cfg.connections.max(1) {
+        let (job_tx, mut jobs) = mpsc::unbounded_channel::<Job>();
+        let (client, tx, live) = (client.clone(), tx.clone(), live.clone());
+        workers.push(job_tx);
+        worker_tasks.push(tokio::spawn(async move {
+            while let Some(job) = jobs.recv().await {
+                let sent = Instant::now();
+                let resp = client.request(job.req).await;
+                let (status, body) = match resp {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body = hyper::body::to_bytes(r.into_body()).await.ok();
+                        let text = (!(200..300).contains(&status)).then(|| {
+                            body.map(|b| String::from_utf8_lossy(&b).into_owned())
+                                .unwrap_or_default()
+                        });
+                        (Some(status), text)
+                    }
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                let done = Instant::now();
+                live.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send(Outcome {
+                    left: true,
+                    planned_at: job.planned,
+                    sent_at: secs_since(start, sent),
+                    done_at: secs_since(start, done),
+                    status,
+                    first_seq: job.first_seq,
+                    records: job.records,
+                    body,
+                });
+            }
+        }));
+    }
+    let mut next_worker = 0;
+
     // The scheduler: never waits for answers.
     let mut late = 0;
     let mut skipped = 0;
@@ -363,35 +415,19 @@ pub async fn run(
         let Ok(req) = req.body(Body::from(p.body.clone())) else {
             continue;
         };
-        let (client, tx, live, planned) = (client.clone(), tx.clone(), live.clone(), *t);
         live.in_flight.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let resp = client.request(req).await;
-            let (status, body) = match resp {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let body = hyper::body::to_bytes(r.into_body()).await.ok();
-                    let text = (!(200..300).contains(&status)).then(|| {
-                        body.map(|b| String::from_utf8_lossy(&b).into_owned())
-                            .unwrap_or_default()
-                    });
-                    (Some(status), text)
-                }
-                Err(e) => (None, Some(e.to_string())),
-            };
-            let done = Instant::now();
-            live.in_flight.fetch_sub(1, Ordering::Relaxed);
-            let _ = tx.send(Outcome {
-                left: true,
-                planned_at: planned,
-                sent_at: secs_since(start, sent),
-                done_at: secs_since(start, done),
-                status,
-                first_seq: p.first_seq,
-                records: p.records,
-                body,
-            });
-        });
+        let job = Job {
+            req,
+            planned: *t,
+            first_seq: p.first_seq,
+            records: p.records,
+        };
+        next_worker = (next_worker + 1) % workers.len();
+        let _ = workers[next_worker].send(job);
+    }
+    drop(workers);
+    for w in worker_tasks {
+        let _ = w.await;
     }
     drop(tx);
     let (latency, service, statuses, transport_errors, records_sent, acked, error_samples) =
