@@ -132,7 +132,8 @@ pub async fn start(settings: Settings) -> Result<RunningConsumer, ConsumerError>
     let metrics = pipeline::new_metrics();
     let pipeline = pipeline::Pipeline::new(settings.clone(), pool.clone(), metrics.clone())?;
     let (http_stop, http_stop_rx) = oneshot::channel::<()>();
-    let (addr, server) = warp::serve(routes(pool, metrics.clone(), settings.clone()))
+    let kafka = pipeline.kafka_client();
+    let (addr, server) = warp::serve(routes(pool, kafka, metrics.clone(), settings.clone()))
         .try_bind_with_graceful_shutdown(settings.listen, async {
             let _ = http_stop_rx.await;
         })
@@ -182,6 +183,7 @@ async fn migrate_with_retry(pool: &pg::Pool, settings: &Settings) -> Result<(), 
 
 fn routes(
     pool: Arc<pg::Pool>,
+    kafka: Arc<KafkaClient>,
     metrics: Arc<Metrics>,
     settings: Settings,
 ) -> impl Filter<Extract = (Response<Body>,), Error = Infallible> + Clone {
@@ -193,9 +195,9 @@ fn routes(
         .and(warp::get())
         .map(move || text(StatusCode::OK, m.registry.render()));
     let readyz = warp::path("readyz").and(warp::get()).then(move || {
-        let (pool, settings) = (pool.clone(), settings.clone());
+        let (pool, kafka, topic) = (pool.clone(), kafka.clone(), settings.topic.clone());
         async move {
-            match ready(&pool, &settings).await {
+            match ready(&pool, kafka, topic).await {
                 Ok(()) => text(StatusCode::OK, "ready\n".into()),
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
             }
@@ -215,7 +217,11 @@ fn routes(
         .unify()
 }
 
-async fn ready(pool: &pg::Pool, settings: &Settings) -> Result<(), String> {
+/// The running group consumer's client: readiness asks Kafka through it, so the check uses the
+/// same brokers, TLS and SASL settings as the pipeline and opens no new connection.
+type KafkaClient = rdkafka::consumer::BaseConsumer<source::Context>;
+
+async fn ready(pool: &pg::Pool, kafka: Arc<KafkaClient>, topic: String) -> Result<(), String> {
     let pg = async {
         let conn = pool.get().await.map_err(|e| format!("Postgres: {e}"))?;
         conn.client()
@@ -228,15 +234,10 @@ async fn ready(pool: &pg::Pool, settings: &Settings) -> Result<(), String> {
     tokio::time::timeout(Duration::from_secs(2), pg)
         .await
         .map_err(|_| "Postgres: no answer within 2 s".to_string())??;
-    let brokers = settings.brokers.clone();
-    let topic = settings.topic.clone();
     tokio::task::spawn_blocking(move || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let c: BaseConsumer = rdkafka::config::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .map_err(|e| format!("Kafka: {e}"))?;
-        c.fetch_metadata(Some(&topic), Duration::from_secs(2))
+        use rdkafka::consumer::Consumer;
+        kafka
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))
             .map(|_| ())
             .map_err(|e| format!("Kafka: {e}"))
     })

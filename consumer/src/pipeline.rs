@@ -141,11 +141,6 @@ impl Metrics {
         self.rows.get()
     }
 
-    /// Dead letters written so far.
-    pub fn dead_letters_written(&self) -> u64 {
-        self.dead_letters.get()
-    }
-
     /// Consumer lag summed over partitions (messages after the durable positions).
     pub fn total_lag(&self) -> i64 {
         self.lag
@@ -268,6 +263,13 @@ impl Pipeline {
         })
     }
 
+    /// The group consumer's client, for readiness checks with the user's own settings.
+    pub(crate) fn kafka_client(
+        &self,
+    ) -> Arc<rdkafka::consumer::BaseConsumer<crate::source::Context>> {
+        self.source.consumer().clone()
+    }
+
     pub(crate) async fn run(
         mut self,
         mut stop: oneshot::Receiver<()>,
@@ -345,10 +347,7 @@ impl Pipeline {
                 let positions = self.read_positions(&partitions).await?;
                 let mut answer = Vec::with_capacity(positions.len());
                 for (p, pos) in positions {
-                    self.batcher.assign(p, pos);
-                    let epoch = self.bump_epoch(p);
-                    self.rewinding.remove(&p);
-                    self.set_position(p, pos);
+                    let epoch = self.take_partition(p, pos);
                     answer.push((p, pos, epoch));
                 }
                 tracing::info!(
@@ -487,6 +486,15 @@ impl Pipeline {
         );
     }
 
+    /// Starts (or restarts) `p` at its stored position `pos`; returns the epoch messages read
+    /// from there will carry.
+    fn take_partition(&mut self, p: Partition, pos: Position) -> u64 {
+        self.batcher.assign(p, pos);
+        self.rewinding.remove(&p);
+        self.set_position(p, pos);
+        self.bump_epoch(p)
+    }
+
     fn bump_epoch(&mut self, p: Partition) -> u64 {
         let e = self.next_epoch;
         self.next_epoch += 1;
@@ -592,10 +600,7 @@ impl Pipeline {
                 );
                 let pos = self.read_positions(&[partition]).await?;
                 for (p, pos) in pos {
-                    self.batcher.assign(p, pos);
-                    self.rewinding.remove(&p);
-                    let epoch = self.bump_epoch(p);
-                    self.set_position(p, pos);
+                    let epoch = self.take_partition(p, pos);
                     self.source.command(SourceCommand::Seek {
                         partition: p,
                         offset: pos.kafka_offset(),

@@ -76,7 +76,9 @@ pub enum SourceCommand {
     Commit(Vec<(Partition, i64)>),
 }
 
-struct Context {
+/// The rebalance handling of the group consumer (see the module documentation).
+#[derive(Debug)]
+pub struct Context {
     topic: String,
     events: mpsc::Sender<SourceEvent>,
     epochs: Arc<Mutex<HashMap<Partition, u64>>>,
@@ -235,7 +237,7 @@ impl Source {
     }
 
     /// The consumer, for read-only queries (watermarks, metadata).
-    pub fn consumer(&self) -> &Arc<BaseConsumer<impl ConsumerContext>> {
+    pub fn consumer(&self) -> &Arc<BaseConsumer<Context>> {
         &self.consumer
     }
 

@@ -2,7 +2,6 @@
 //! external cluster.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -17,7 +16,7 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 use tempfile::TempDir;
 
-use crate::process::{accepts, free_port, kill_and_reap, log_tail, wait_until};
+use crate::process::{accepts, free_port, kill_and_reap, log_files, log_tail, wait_until};
 use crate::{io_err, HarnessError, Result};
 
 /// The Tansu version the README's test command installs.
@@ -134,12 +133,7 @@ impl Tansu {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(io_err("opening the broker log"))?;
-        let log2 = log.try_clone().map_err(io_err("opening the broker log"))?;
+        let (log, log2) = log_files(&self.log_path(), "broker")?;
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
         let mut child = Command::new(&self.bin)

@@ -1,6 +1,5 @@
 //! A private PostgreSQL cluster per test, from the machine's server binaries.
 
-use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,7 +10,8 @@ use nix::unistd::{Gid, Uid, User};
 use tempfile::TempDir;
 
 use crate::process::{
-    accepts, children_of, free_port, kill_and_reap, log_tail, signal, wait_exit, wait_until,
+    accepts, children_of, free_port, kill_and_reap, log_files, log_tail, signal, wait_exit,
+    wait_until,
 };
 use crate::{io_err, HarnessError, Result};
 
@@ -207,14 +207,7 @@ impl LocalPostgres {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(io_err("opening the Postgres log"))?;
-        let log2 = log
-            .try_clone()
-            .map_err(io_err("opening the Postgres log"))?;
+        let (log, log2) = log_files(&self.log_path(), "Postgres")?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D")
             .arg(self.data_dir())

@@ -70,6 +70,18 @@ pub(crate) fn kill_and_reap(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// A log file opened for appending, twice: for a child's stdout and stderr.
+pub(crate) fn log_files(path: &Path, what: &str) -> crate::Result<(std::fs::File, std::fs::File)> {
+    let err = || crate::io_err(format!("opening the {what} log"));
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err())?;
+    let log2 = log.try_clone().map_err(err())?;
+    Ok((log, log2))
+}
+
 /// The last `lines` lines of a log file, for error messages.
 pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

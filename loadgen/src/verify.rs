@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use spillway_integration::postgres::connect;
+use spillway_integration::HarnessError;
+
 use crate::runner::AckSet;
 
 /// What the comparison found.
@@ -39,22 +42,14 @@ impl Verdict {
     }
 }
 
-async fn client(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(c)
-}
-
 /// Rows of this run in the table (ids start with `run_id-`).
 pub async fn count_rows(
     url: &str,
     table: &str,
     id_field: &str,
     run_id: &str,
-) -> Result<i64, tokio_postgres::Error> {
-    let c = client(url).await?;
+) -> Result<i64, HarnessError> {
+    let c = connect(url).await?;
     let q = format!("SELECT count(*) FROM {table} WHERE data->>$1 LIKE $2");
     let row = c
         .query_one(&q, &[&id_field, &format!("{run_id}-%")])
@@ -71,7 +66,7 @@ pub async fn verify(
     acked: &AckSet,
     timeout: Duration,
     mut on_poll: impl FnMut(i64),
-) -> Result<Verdict, tokio_postgres::Error> {
+) -> Result<Verdict, HarnessError> {
     let started = Instant::now();
     let want = acked.len() as i64;
     let mut drained = false;
@@ -88,7 +83,7 @@ pub async fn verify(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let c = client(url).await?;
+    let c = connect(url).await?;
     let q = format!("SELECT data->>$1 FROM {table} WHERE data->>$1 LIKE $2");
     let rows = c.query(&q, &[&id_field, &format!("{run_id}-%")]).await?;
     let prefix = format!("{run_id}-");
