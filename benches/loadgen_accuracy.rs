@@ -35,7 +35,9 @@ async fn spawn_server(delay: Duration) -> (std::process::Child, SocketAddr) {
 
 async fn run(addr: SocketAddr, rate: f64, secs: u64) -> RunResult {
     let schedule = RateProfile::Constant { rate }.schedule(Duration::from_secs(secs));
-    let cfg = RunConfig::new(format!("http://{addr}/store"), schedule);
+    let mut cfg = RunConfig::new(format!("http://{addr}/store"), schedule);
+    // The same number of connections as wrk gets (-c50).
+    cfg.connections = 50;
     let spec = PayloadSpec::generated((1, 1), (100, 100));
     runner::run(
         cfg,

@@ -58,3 +58,43 @@ ensure_tansu() {
     --locked --no-default-features --features libsql --root "$SPILLWAY_CACHE/tansu-$TANSU_VERSION"
   rm -rf "$SPILLWAY_CACHE/tansu-target"
 }
+
+SPILLWAY_PG_IMAGE="${SPILLWAY_DOCKER_PG_IMAGE:-spillway-postgres:15}"
+
+# A Docker engine: Debian's docker.io, its daemon started with no bridge and no iptables, so
+# containers share the host's network (everything stays on 127.0.0.1).
+ensure_docker() {
+  command -v dockerd >/dev/null || apt_install docker.io
+  if ! docker info >/dev/null 2>&1; then
+    step "starting dockerd (--bridge=none --iptables=false --ip-masq=false)"
+    nohup dockerd --bridge=none --iptables=false --ip-masq=false >"${TMPDIR:-/tmp}/spillway-dockerd.log" 2>&1 &
+    local i
+    for ((i = 0; i < 60; i++)); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+    docker info >/dev/null 2>&1 || { echo "dockerd did not start; see ${TMPDIR:-/tmp}/spillway-dockerd.log" >&2; exit 1; }
+  fi
+}
+
+# The Postgres image the docker backend uses: pulled when SPILLWAY_DOCKER_PG_IMAGE names another
+# image (postgres:15 with a registry), else built locally (no registry here): a minimal
+# Debian with postgresql-15 from debootstrap, imported, plus an entrypoint that behaves like the
+# official image's (ci/docker/). Skipped when the image exists. About a minute.
+ensure_pg_image() {
+  docker image inspect "$SPILLWAY_PG_IMAGE" >/dev/null 2>&1 && return
+  if [[ "$SPILLWAY_PG_IMAGE" != spillway-postgres:* ]]; then
+    step "docker pull $SPILLWAY_PG_IMAGE"
+    docker pull -q "$SPILLWAY_PG_IMAGE"
+    return
+  fi
+  command -v debootstrap >/dev/null || apt_install debootstrap
+  step "building the $SPILLWAY_PG_IMAGE image (debootstrap, once)"
+  local root mirror
+  if ! docker image inspect "$SPILLWAY_PG_IMAGE-base" >/dev/null 2>&1; then
+    root="$(mktemp -d)"
+    mirror="${SPILLWAY_DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null)}"
+    debootstrap --variant=minbase --include=postgresql-15 bookworm "$root" "${mirror:-http://deb.debian.org/debian}" >/dev/null
+    tar -C "$root" -c . | docker import - "$SPILLWAY_PG_IMAGE-base" >/dev/null
+    rm -rf "$root"
+  fi
+  docker build -q -t "$SPILLWAY_PG_IMAGE" --build-arg "BASE=$SPILLWAY_PG_IMAGE-base" \
+    -f ci/docker/postgres.Dockerfile ci/docker >/dev/null
+}

@@ -5,6 +5,11 @@
 #
 #   ci/test.sh            # everything
 #   SPILLWAY_SKIP_INSTALL=1 ci/test.sh   # assume the tools are there
+#   SPILLWAY_DOCKER=0 ci/test.sh         # skip the second pass on the docker backend
+#
+# After the whole workspace on the native backend (Postgres from the machine's server binaries),
+# the harness and the chaos suite run again on the docker backend (Postgres in a container,
+# through testcontainers; SPILLWAY_DOCKER_PG_IMAGE picks the image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/lib.sh
@@ -13,6 +18,10 @@ if [[ "${SPILLWAY_SKIP_INSTALL:-0}" != 1 ]]; then
   ensure_build_tools
   ensure_postgres
   ensure_tansu
+  if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then
+    ensure_docker
+    ensure_pg_image
+  fi
 fi
 export SPILLWAY_TANSU_BIN="${SPILLWAY_TANSU_BIN:-$(tansu_bin)}"
 
@@ -22,3 +31,8 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (Tansu: $SPILLWAY_TANSU_BIN)"
 cargo test --workspace --locked -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
+if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then
+  step "cargo test --test harness --test chaos on the docker backend ($SPILLWAY_PG_IMAGE)"
+  SPILLWAY_TEST_BACKEND=docker cargo test --locked -p spillway-integration --test harness \
+    --test chaos -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
+fi

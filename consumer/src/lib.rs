@@ -49,6 +49,9 @@ pub enum ConsumerError {
         /// Error.
         detail: String,
     },
+    /// The process could not install its SIGTERM/SIGINT handlers.
+    #[error("cannot install the signal handlers ({0}); nothing was started")]
+    Signals(std::io::Error),
     /// An internal part stopped.
     #[error("stopped: {0}")]
     Stopped(String),
@@ -115,6 +118,27 @@ impl Drop for RunningConsumer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Runs the consumer until SIGTERM or SIGINT (then flushes what is buffered and leaves the
+/// group) or until it stops by itself. What `spillway-consumer` runs; the chaos suite's
+/// consumer child processes run it too.
+pub async fn serve(settings: Settings) -> Result<(), ConsumerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ConsumerError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ConsumerError::Signals)?;
+    let mut consumer = start(settings).await?;
+    println!(
+        "spillway-consumer started; metrics on http://{}/metrics",
+        consumer.addr()
+    );
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        stopped = consumer.finished() => return stopped,
+    }
+    tracing::info!("signal received: flushing what is buffered, then leaving the group");
+    consumer.shutdown().await
 }
 
 /// Validates the database URL, creates the schema (retrying while Postgres is unavailable),

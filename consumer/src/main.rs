@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spillway_consumer::{start, Args, Settings};
+use spillway_consumer::{serve, Args, Settings};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -19,30 +19,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(settings).await {
+    match serve(settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spillway-consumer: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-async fn run(settings: Settings) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut consumer = start(settings).await?;
-    println!(
-        "spillway-consumer started; metrics on http://{}/metrics",
-        consumer.addr()
-    );
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        stopped = consumer.finished() => return Ok(stopped?),
-    }
-    tracing::info!("signal received: flushing what is buffered, then leaving the group");
-    consumer.shutdown().await?;
-    Ok(())
 }

@@ -20,7 +20,7 @@ use crate::source::{Source, SourceCommand, SourceEvent};
 use crate::ConsumerError;
 
 /// Environment variable naming a test failpoint: after this many Postgres commits, the process
-/// exits at once, before the Kafka commit (for the "killed between the two commits" test).
+/// SIGKILLs itself, before the Kafka commit (for the "killed between the two commits" tests).
 pub const FAILPOINT_EXIT_AFTER_COMMITS: &str = "SPILLWAY_FAILPOINT_EXIT_AFTER_COMMITS";
 
 /// The consumer's metrics.
@@ -580,8 +580,9 @@ impl Pipeline {
                 self.set_position(partition, position);
                 self.commits += 1;
                 if self.exit_after_commits.is_some_and(|n| self.commits >= n) {
-                    eprintln!("{FAILPOINT_EXIT_AFTER_COMMITS}: exiting after the Postgres commit, before the Kafka commit");
-                    std::process::exit(86);
+                    eprintln!("{FAILPOINT_EXIT_AFTER_COMMITS}: SIGKILLing this process after the Postgres commit, before the Kafka commit");
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                    std::process::abort();
                 }
                 self.source.command(SourceCommand::Commit(vec![(
                     partition,

@@ -13,7 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use spillway_consumer::{start, RunningConsumer, Settings};
 use spillway_core::{Envelope, RequestId};
 use spillway_integration::postgres::{connect, copy_backends};
-use spillway_integration::{FaultProxy, Faults, KafkaBroker, LocalPostgres, PostgresServer, Tansu};
+use spillway_integration::{FaultProxy, Faults, KafkaBroker, PostgresServer, Tansu};
 
 const TOPIC: &str = "events";
 
@@ -24,12 +24,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 struct Stack {
-    pg: LocalPostgres,
+    pg: Box<dyn PostgresServer>,
     broker: Tansu,
 }
 
 async fn stack(partitions: i32) -> Result<Stack> {
-    let pg = blocking(LocalPostgres::start).await?;
+    let pg = blocking(spillway_integration::postgres::from_env).await?;
     let broker = blocking(Tansu::start).await?;
     broker.create_topic(TOPIC, partitions).await?;
     Ok(Stack { pg, broker })
@@ -277,7 +277,7 @@ async fn postgres_paused_past_the_statement_timeout_loses_and_duplicates_nothing
     stop(consumer).await
 }
 
-/// Fault: the consumer process exits right after a Postgres commit and before the Kafka commit
+/// Fault: the consumer process is SIGKILLed right after a Postgres commit and before the Kafka commit
 /// (failpoint), then a new consumer starts. Invariant: no duplicates, no loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_killed_between_the_postgres_and_kafka_commits_adds_no_duplicates() -> Result<()>
@@ -305,7 +305,12 @@ async fn a_consumer_killed_between_the_postgres_and_kafka_commits_adds_no_duplic
         .env("SPILLWAY_LOG", "warn")
         .status()
         .await?;
-    assert_eq!(status.code(), Some(86), "the failpoint must have fired");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the failpoint must have fired: {status}"
+    );
     let c = connect(&s.pg.url()).await?;
     let written: i64 = c
         .query_one("SELECT count(*) FROM records", &[])

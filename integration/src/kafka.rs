@@ -128,7 +128,8 @@ impl Tansu {
         Ok(t)
     }
 
-    fn log_path(&self) -> PathBuf {
+    /// The broker's log file.
+    pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("tansu.log")
     }
 

@@ -2,6 +2,9 @@
 //!
 //! - [`postgres::LocalPostgres`]: a private PostgreSQL cluster from the machine's server
 //!   binaries, with fsync and synchronous commit on, so a kill tests real durability.
+//! - [`docker::ContainerPostgres`]: the same in a Docker container, through testcontainers;
+//!   [`postgres::from_env`] picks one by `SPILLWAY_TEST_BACKEND` (`native`, the default, or
+//!   `docker`).
 //! - [`kafka`]: a Kafka broker behind one trait: [`kafka::Tansu`] (a real broker process),
 //!   [`kafka::Mock`] (librdkafka's in-process mock cluster with fault injection) or
 //!   [`kafka::External`] (a cluster you already run), picked by `SPILLWAY_TEST_KAFKA`.
@@ -12,15 +15,17 @@
 //! also when a test panics. Tests, benches and loadgen's local mode all use these pieces.
 #![warn(missing_docs)]
 
+pub mod docker;
 pub mod http;
 pub mod kafka;
 pub mod postgres;
 mod process;
 pub mod proxy;
 
+pub use docker::ContainerPostgres;
 pub use kafka::{KafkaBroker, Mock, Tansu};
 pub use postgres::{LocalPostgres, PostgresServer};
-pub use process::free_port;
+pub use process::{free_port, ChildProcess};
 pub use proxy::{FaultProxy, Faults};
 
 /// Why a harness operation failed.

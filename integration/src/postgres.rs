@@ -24,6 +24,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The control methods block for at most a few seconds (a start waits for recovery); call them
 /// from `tokio::task::spawn_blocking` or a multi-threaded runtime when a pipeline runs beside.
 pub trait PostgresServer: Send {
+    /// Which backend: `native` or `docker`.
+    fn kind(&self) -> &'static str;
     /// A `postgres://` URL for the `postgres` database as superuser `postgres`.
     fn url(&self) -> String;
     /// The TCP port on 127.0.0.1.
@@ -42,6 +44,19 @@ pub trait PostgresServer: Send {
     /// Starts again on the same data and port (stopping first if it runs), and waits until
     /// it accepts connections.
     fn restart(&mut self) -> Result<()>;
+}
+
+/// Starts the Postgres backend `SPILLWAY_TEST_BACKEND` names: `native` (default: a
+/// [`LocalPostgres`] from the machine's server binaries) or `docker` (a
+/// [`ContainerPostgres`](crate::docker::ContainerPostgres) through testcontainers).
+pub fn from_env() -> Result<Box<dyn PostgresServer>> {
+    match std::env::var("SPILLWAY_TEST_BACKEND").as_deref() {
+        Ok("native") | Ok("") | Err(_) => Ok(Box::new(LocalPostgres::start()?)),
+        Ok("docker") => Ok(Box::new(crate::docker::ContainerPostgres::start()?)),
+        Ok(other) => Err(HarnessError::Unsupported(format!(
+            "SPILLWAY_TEST_BACKEND={other}: use `native` or `docker`"
+        ))),
+    }
 }
 
 /// Pids of the backends that are running a COPY right now (to kill one mid-flush).
@@ -310,6 +325,10 @@ fn backends_alive(data_dir: &Path) -> bool {
 }
 
 impl PostgresServer for LocalPostgres {
+    fn kind(&self) -> &'static str {
+        "native"
+    }
+
     fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }

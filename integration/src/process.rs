@@ -102,3 +102,130 @@ pub(crate) fn wait_exit(child: &mut Child, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A service started as a child process (a producer or consumer in the chaos suite), with its
+/// stdout and stderr in a log file. Signals are real: [`kill`](Self::kill) is SIGKILL,
+/// [`pause`](Self::pause) is SIGSTOP. Dropping the handle SIGKILLs and reaps the process.
+#[derive(Debug)]
+pub struct ChildProcess {
+    name: String,
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl ChildProcess {
+    /// Spawns `cmd` with stdin closed and stdout and stderr appended to `log`.
+    pub fn spawn(
+        name: impl Into<String>,
+        mut cmd: std::process::Command,
+        log: &Path,
+    ) -> crate::Result<Self> {
+        let name = name.into();
+        let (out, err) = log_files(log, &name)?;
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(crate::io_err(format!("starting {name}")))?;
+        Ok(ChildProcess {
+            name,
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Its name, as given to [`spawn`](Self::spawn).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_reap(&mut c);
+        }
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open (a zombie member, a hung server).
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, Signal::SIGCONT);
+        }
+    }
+
+    /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL. Returns whether it exited
+    /// by itself.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        signal(c.id() as i32, Signal::SIGCONT);
+        signal(c.id() as i32, Signal::SIGTERM);
+        let clean = wait_exit(&mut c, grace);
+        if !clean {
+            kill_and_reap(&mut c);
+        }
+        clean
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        if !wait_exit(c, timeout) {
+            return None;
+        }
+        let status = c.try_wait().ok().flatten();
+        self.child = None;
+        status
+    }
+
+    /// Whether it is still running (not exited, not killed).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Its exit status if it has exited by itself (without waiting).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Resident memory, from /proc (None once it has exited).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
+    /// The last `lines` lines of its log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log, lines)
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -13,9 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use spillway_integration::postgres::{connect, copy_backends};
-use spillway_integration::{
-    FaultProxy, Faults, KafkaBroker, LocalPostgres, Mock, PostgresServer, Tansu,
-};
+use spillway_integration::{FaultProxy, Faults, KafkaBroker, Mock, PostgresServer, Tansu};
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
@@ -31,7 +29,7 @@ async fn count(url: &str) -> Result<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_postgres_refuses_connections_and_restarts_with_its_committed_data() -> Result<()>
 {
-    let mut pg = blocking(LocalPostgres::start).await?;
+    let mut pg = blocking(spillway_integration::postgres::from_env).await?;
     let url = pg.url();
     let c = connect(&url).await?;
     c.batch_execute("CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000)")
@@ -57,7 +55,7 @@ async fn a_killed_postgres_refuses_connections_and_restarts_with_its_committed_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_postgres_times_out_a_query_and_answers_after_resume() -> Result<()> {
-    let mut pg = blocking(LocalPostgres::start).await?;
+    let mut pg = blocking(spillway_integration::postgres::from_env).await?;
     let c = connect(&pg.url()).await?;
     c.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
         .await?;
@@ -80,7 +78,7 @@ async fn a_paused_postgres_times_out_a_query_and_answers_after_resume() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_backend_mid_copy_drops_every_connection_and_postgres_recovers() -> Result<()> {
-    let mut pg = blocking(LocalPostgres::start).await?;
+    let mut pg = blocking(spillway_integration::postgres::from_env).await?;
     let url = pg.url();
     let copier = connect(&url).await?;
     let bystander = connect(&url).await?;
@@ -239,8 +237,8 @@ async fn the_mock_cluster_injects_request_errors_and_broker_outages() -> Result<
     Ok(())
 }
 
-async fn proxied_postgres() -> Result<(LocalPostgres, FaultProxy, String)> {
-    let pg = blocking(LocalPostgres::start).await?;
+async fn proxied_postgres() -> Result<(Box<dyn PostgresServer>, FaultProxy, String)> {
+    let pg = blocking(spillway_integration::postgres::from_env).await?;
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port())), 7).await?;
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
     connect(&url)

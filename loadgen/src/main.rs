@@ -88,6 +88,11 @@ struct Args {
     /// Gzip request bodies.
     #[arg(long)]
     gzip: bool,
+    /// Fraction of records (0 to 1) made unstorable on purpose (a `"poison": "\u0000"` field
+    /// Postgres's jsonb refuses), to check that they land in the dead-letter table and block
+    /// nothing. The verdict counts them as dead-lettered, not lost.
+    #[arg(long, default_value_t = 0.0)]
+    poison_rate: f64,
     /// Seed for burst times, sizes and payloads (random if unset; printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -249,12 +254,19 @@ async fn run(a: Args) -> Result<bool> {
         ),
         None => None,
     };
+    if !(0.0..=1.0).contains(&a.poison_rate) {
+        bail!(
+            "--poison-rate: {} must be a fraction between 0 and 1",
+            a.poison_rate
+        );
+    }
     let spec = PayloadSpec {
         records_per_request: range(&a.records_per_request, "records-per-request")?,
         record_size: range(&a.record_size, "record-size")?,
         file_records,
         gzip: a.gzip,
         id_field: a.id_field.clone(),
+        poison_rate: a.poison_rate,
     };
     let schedule = profile.schedule(a.duration);
     let command = std::env::args().collect::<Vec<_>>().join(" ");

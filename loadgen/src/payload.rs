@@ -18,6 +18,10 @@ pub struct PayloadSpec {
     pub gzip: bool,
     /// Name of the id field.
     pub id_field: String,
+    /// Fraction (0..=1) of records made unstorable on purpose: valid JSON that Postgres's jsonb
+    /// refuses (a `"poison": "\u0000"` field), to exercise the dead-letter path. Which records
+    /// is fixed by their sequence number: see [`PayloadSpec::is_poison`].
+    pub poison_rate: f64,
 }
 
 impl PayloadSpec {
@@ -30,7 +34,21 @@ impl PayloadSpec {
             file_records: None,
             gzip: false,
             id_field: "id".into(),
+            poison_rate: 0.0,
         }
+    }
+
+    /// Whether record `seq` is a poison record (deterministic: the same in every run).
+    pub fn is_poison(&self, seq: u64) -> bool {
+        if self.poison_rate <= 0.0 {
+            return false;
+        }
+        // SplitMix64's finaliser: a well-spread hash of the sequence number.
+        let mut z = seq.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z as f64 / u64::MAX as f64) < self.poison_rate
     }
 }
 
@@ -53,17 +71,35 @@ pub struct PayloadGen {
     next_seq: u64,
     next_file: usize,
     rng: fastrand::Rng,
+    /// `"<id field>":"<run id>-` as JSON, written before each generated record's sequence.
+    id_prefix: Vec<u8>,
+    /// Random alphanumeric text that generated records take their padding from.
+    pad: Vec<u8>,
 }
 
 impl PayloadGen {
     /// A generator for run `run_id`.
     pub fn new(spec: PayloadSpec, run_id: &str, seed: u64) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let pad_len = (spec.record_size.1 * 2).max(1 << 16);
+        let pad = std::iter::repeat_with(|| rng.alphanumeric() as u8)
+            .take(pad_len)
+            .collect();
+        // Both strings are escaped once here; the body is then written without serde.
+        let field = serde_json::to_string(&spec.id_field).unwrap_or_default();
+        let run = serde_json::to_string(run_id).unwrap_or_default();
+        let mut id_prefix = field.into_bytes();
+        id_prefix.extend_from_slice(b":");
+        id_prefix.extend_from_slice(&run.as_bytes()[..run.len().saturating_sub(1)]);
+        id_prefix.extend_from_slice(b"-");
         PayloadGen {
             spec,
             run_id: run_id.to_string(),
             next_seq: 0,
             next_file: 0,
-            rng: fastrand::Rng::with_seed(seed),
+            rng,
+            id_prefix,
+            pad,
         }
     }
 
@@ -77,33 +113,25 @@ impl PayloadGen {
         let (lo, hi) = self.spec.records_per_request;
         let n = self.rng.usize(lo..=hi.max(lo));
         let first_seq = self.next_seq;
-        let mut records = Vec::with_capacity(n);
-        for _ in 0..n {
-            let id = Value::String(Self::id(&self.run_id, self.next_seq));
-            self.next_seq += 1;
-            let record = match &self.spec.file_records {
-                Some(file) if !file.is_empty() => {
+        let json = match &self.spec.file_records {
+            Some(file) if !file.is_empty() => {
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
                     let mut obj = file[self.next_file % file.len()].clone();
                     self.next_file += 1;
+                    let id = Value::String(Self::id(&self.run_id, seq));
                     obj.insert(self.spec.id_field.clone(), id);
-                    Value::Object(obj)
+                    if self.spec.is_poison(seq) {
+                        obj.insert("poison".into(), Value::String("\0".into()));
+                    }
+                    records.push(Value::Object(obj));
                 }
-                _ => {
-                    let (lo, hi) = self.spec.record_size;
-                    let size = self.rng.usize(lo..=hi.max(lo));
-                    let pad: String = std::iter::repeat_with(|| self.rng.alphanumeric())
-                        .take(size.saturating_sub(60))
-                        .collect();
-                    let mut obj = Map::new();
-                    obj.insert(self.spec.id_field.clone(), id);
-                    obj.insert("n".into(), Value::from(self.rng.u32(..)));
-                    obj.insert("pad".into(), Value::String(pad));
-                    Value::Object(obj)
-                }
-            };
-            records.push(record);
-        }
-        let json = serde_json::to_vec(&Value::Array(records)).unwrap_or_default();
+                serde_json::to_vec(&Value::Array(records)).unwrap_or_default()
+            }
+            _ => self.generated_records(n),
+        };
         let body = if self.spec.gzip {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             let _ = e.write_all(&json);
@@ -116,6 +144,35 @@ impl PayloadGen {
             first_seq,
             records: n as u64,
         }
+    }
+
+    /// `n` generated records as a JSON array: `{"id":"<run>-<seq>","n":<u32>,"pad":"<text>"}`,
+    /// written straight into the buffer (this is the hot path of a high-rate run).
+    fn generated_records(&mut self, n: usize) -> Vec<u8> {
+        let (lo, hi) = self.spec.record_size;
+        let mut out = Vec::with_capacity(n * (hi.max(lo) + 16) + 2);
+        out.push(b'[');
+        for i in 0..n {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'{');
+            out.extend_from_slice(&self.id_prefix);
+            let _ = write!(out, "{seq}\",\"n\":{},\"pad\":\"", self.rng.u32(..));
+            let size = self.rng.usize(lo..=hi.max(lo));
+            let len = size.saturating_sub(60).min(self.pad.len());
+            let at = self.rng.usize(0..=self.pad.len() - len);
+            out.extend_from_slice(&self.pad[at..at + len]);
+            if self.spec.is_poison(seq) {
+                out.extend_from_slice(br#"","poison":"\u0000"}"#);
+            } else {
+                out.extend_from_slice(b"\"}");
+            }
+        }
+        out.push(b']');
+        out
     }
 
     /// Records generated so far.
@@ -154,13 +211,7 @@ mod tests {
 
     #[test]
     fn ids_are_unique_and_sizes_follow_the_spec() {
-        let spec = PayloadSpec {
-            records_per_request: (1, 5),
-            record_size: (200, 300),
-            file_records: None,
-            gzip: false,
-            id_field: "id".into(),
-        };
+        let spec = PayloadSpec::generated((1, 5), (200, 300));
         let mut g = PayloadGen::new(spec, "r1", 9);
         let mut ids = std::collections::BTreeSet::new();
         for _ in 0..100 {
@@ -185,11 +236,39 @@ mod tests {
             file_records: Some(recs),
             gzip: false,
             id_field: "uid".into(),
+            poison_rate: 0.0,
         };
         let p = PayloadGen::new(spec, "r", 1).next_payload();
         let v: Vec<Value> = serde_json::from_slice(&p.body).unwrap();
         assert_eq!(v[2]["a"], 1);
         assert_eq!(v[2]["uid"], "r-2");
         assert!(read_records_file("[1]").is_err());
+    }
+
+    #[test]
+    fn poison_records_are_the_chosen_share_and_jsonb_would_refuse_them() {
+        let mut spec = PayloadSpec::generated((10, 10), (100, 100));
+        spec.poison_rate = 0.05;
+        let mut g = PayloadGen::new(spec.clone(), "p", 3);
+        let (mut poison, mut total) = (0, 0);
+        for _ in 0..200 {
+            let p = g.next_payload();
+            let v: Vec<Value> = serde_json::from_slice(&p.body).unwrap();
+            for (i, r) in v.iter().enumerate() {
+                let is = spec.is_poison(p.first_seq + i as u64);
+                assert_eq!(r.get("poison").is_some(), is);
+                poison += usize::from(is);
+                total += 1;
+            }
+        }
+        assert!((50..=150).contains(&poison), "{poison} of {total} poisoned");
+        // The NUL travels as the JSON escape that Postgres's jsonb rejects.
+        let body = loop {
+            let p = g.next_payload();
+            if (p.first_seq..p.first_seq + p.records).any(|s| spec.is_poison(s)) {
+                break String::from_utf8(p.body.to_vec()).unwrap();
+            }
+        };
+        assert!(body.contains(r#""poison":"\u0000""#), "{body}");
     }
 }

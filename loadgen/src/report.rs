@@ -107,10 +107,11 @@ impl Report<'_> {
             Some(v) => {
                 let _ = writeln!(
                     s,
-                    "\nverdict: {} — acknowledged {}, found {}, lost {}, duplicated {}, unexpected {} (allowed), drained {} in {:.1} s",
+                    "\nverdict: {} — acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, unexpected {} (allowed), drained {} in {:.1} s",
                     if v.passed() { "PASS" } else { "FAIL" },
                     v.acknowledged,
                     v.found,
+                    v.dead_lettered,
                     v.lost,
                     v.duplicated,
                     v.unexpected,

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use hyper::client::HttpConnector;
-use hyper::{Body, Client, Request};
+use hyper::client::conn::SendRequest;
+use hyper::{Body, Request};
 use tokio::sync::mpsc;
 
 use crate::payload::PayloadGen;
@@ -166,10 +166,12 @@ pub struct Live {
     pub completed: AtomicU64,
     /// Errors so far.
     pub errors: AtomicU64,
+    /// Records acknowledged (2xx) so far.
+    pub acked_records: AtomicU64,
 }
 
 struct Job {
-    req: Request<Body>,
+    body: bytes::Bytes,
     planned: f64,
     first_seq: u64,
     records: u64,
@@ -195,11 +197,7 @@ pub async fn run(
     live: Arc<Live>,
     mut progress: impl FnMut(&Second, &Live, f64) + Send + 'static,
 ) -> RunResult {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector> = Client::builder()
-        .pool_max_idle_per_host(cfg.connections.max(1))
-        .build(connector);
+    let target = Arc::new(Target::new(&cfg));
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
     let start = Instant::now() + Duration::from_millis(50);
     let planned = cfg.schedule.len() as u64;
@@ -231,60 +229,65 @@ pub async fn run(
         let (mut transport_errors, mut records_sent) = (0, 0);
         let mut acked = AckSet::default();
         let mut samples = Vec::new();
-        while let Some(o) = rx.recv().await {
-            if !o.left {
-                agg_live.errors.fetch_add(1, Ordering::Relaxed);
-                if samples.len() < 10 {
-                    samples.push((0, o.body.unwrap_or_default()));
-                }
-                continue;
-            }
-            let lat = ((o.done_at - o.planned_at) * 1e6).max(1.0) as u64;
-            let svc = ((o.done_at - o.sent_at) * 1e6).max(1.0) as u64;
-            latency.saturating_record(lat);
-            service.saturating_record(svc);
-            agg_p99
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .saturating_record(lat);
-            records_sent += o.records;
-            let done_sec = o.done_at.max(0.0) as u64;
-            per_second
-                .entry(done_sec)
-                .or_insert_with(|| Histogram::new_from(&latency))
-                .saturating_record(lat);
-            let ok = o.status.is_some_and(|s| (200..300).contains(&s));
-            match o.status {
-                Some(s) => *statuses.entry(s).or_insert(0) += 1,
-                None => transport_errors += 1,
-            }
-            if ok {
-                acked.insert_range(o.first_seq, o.records);
-            } else {
-                agg_live.errors.fetch_add(1, Ordering::Relaxed);
-                if samples.len() < 10 {
-                    samples.push((o.status.unwrap_or(0), o.body.unwrap_or_default()));
-                }
-            }
-            agg_live.completed.fetch_add(1, Ordering::Relaxed);
+        let mut batch = Vec::with_capacity(256);
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            // One lock of each shared structure per batch, not per answer.
+            let mut p99 = agg_p99.lock().unwrap_or_else(|e| e.into_inner());
             let mut secs = agg_seconds.lock().unwrap_or_else(|e| e.into_inner());
-            let sent_sec = o.sent_at.max(0.0) as usize;
-            if let Some(s) = secs.get_mut(sent_sec) {
-                s.sent += 1;
-            }
-            while secs.len() <= done_sec as usize {
-                let n = secs.len() as u64;
-                secs.push(Second {
-                    second: n,
-                    ..Second::default()
-                });
-            }
-            let s = &mut secs[done_sec as usize];
-            s.completed += 1;
-            if ok {
-                s.ok += 1;
-            } else {
-                s.errors += 1;
+            for o in batch.drain(..) {
+                if !o.left {
+                    agg_live.errors.fetch_add(1, Ordering::Relaxed);
+                    if samples.len() < 10 {
+                        samples.push((0, o.body.unwrap_or_default()));
+                    }
+                    continue;
+                }
+                let lat = ((o.done_at - o.planned_at) * 1e6).max(1.0) as u64;
+                let svc = ((o.done_at - o.sent_at) * 1e6).max(1.0) as u64;
+                latency.saturating_record(lat);
+                service.saturating_record(svc);
+                p99.saturating_record(lat);
+                records_sent += o.records;
+                let done_sec = o.done_at.max(0.0) as u64;
+                per_second
+                    .entry(done_sec)
+                    .or_insert_with(|| Histogram::new_from(&latency))
+                    .saturating_record(lat);
+                let ok = o.status.is_some_and(|s| (200..300).contains(&s));
+                match o.status {
+                    Some(s) => *statuses.entry(s).or_insert(0) += 1,
+                    None => transport_errors += 1,
+                }
+                if ok {
+                    acked.insert_range(o.first_seq, o.records);
+                    agg_live
+                        .acked_records
+                        .fetch_add(o.records, Ordering::Relaxed);
+                } else {
+                    agg_live.errors.fetch_add(1, Ordering::Relaxed);
+                    if samples.len() < 10 {
+                        samples.push((o.status.unwrap_or(0), o.body.unwrap_or_default()));
+                    }
+                }
+                agg_live.completed.fetch_add(1, Ordering::Relaxed);
+                let sent_sec = o.sent_at.max(0.0) as usize;
+                if let Some(s) = secs.get_mut(sent_sec) {
+                    s.sent += 1;
+                }
+                while secs.len() <= done_sec as usize {
+                    let n = secs.len() as u64;
+                    secs.push(Second {
+                        second: n,
+                        ..Second::default()
+                    });
+                }
+                let s = &mut secs[done_sec as usize];
+                s.completed += 1;
+                if ok {
+                    s.ok += 1;
+                } else {
+                    s.errors += 1;
+                }
             }
         }
         let mut secs = agg_seconds.lock().unwrap_or_else(|e| e.into_inner());
@@ -334,28 +337,28 @@ pub async fn run(
         }
     });
 
-    // Connection workers: each sends its jobs one after another over one kept-alive connection.
+    // Connection workers: each sends its jobs one after another over its own kept-alive
+    // connection (reconnecting after an error), as wrk's connections do.
     let mut workers = Vec::new();
     let mut worker_tasks = Vec::new();
     for _ in 0..cfg.connections.max(1) {
         let (job_tx, mut jobs) = mpsc::unbounded_channel::<Job>();
-        let (client, tx, live) = (client.clone(), tx.clone(), live.clone());
+        let (target, tx, live) = (target.clone(), tx.clone(), live.clone());
         workers.push(job_tx);
         worker_tasks.push(tokio::spawn(async move {
+            let mut conn: Option<SendRequest<Body>> = None;
             while let Some(job) = jobs.recv().await {
                 let sent = Instant::now();
-                let resp = client.request(job.req).await;
-                let (status, body) = match resp {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let body = hyper::body::to_bytes(r.into_body()).await.ok();
-                        let text = (!(200..300).contains(&status)).then(|| {
-                            body.map(|b| String::from_utf8_lossy(&b).into_owned())
-                                .unwrap_or_default()
-                        });
+                let (status, body) = match target.exchange(&mut conn, job.body).await {
+                    Ok((status, body)) => {
+                        let text = (!(200..300).contains(&status))
+                            .then(|| String::from_utf8_lossy(&body).into_owned());
                         (Some(status), text)
                     }
-                    Err(e) => (None, Some(e.to_string())),
+                    Err(e) => {
+                        conn = None;
+                        (None, Some(e))
+                    }
                 };
                 let done = Instant::now();
                 live.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -405,19 +408,9 @@ pub async fn run(
             continue;
         }
         let p = payloads.next_payload();
-        let mut req = Request::post(&cfg.target).header("content-type", "application/json");
-        if let Some(enc) = &cfg.content_encoding {
-            req = req.header("content-encoding", enc.as_str());
-        }
-        for (k, v) in &cfg.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let Ok(req) = req.body(Body::from(p.body.clone())) else {
-            continue;
-        };
         live.in_flight.fetch_add(1, Ordering::Relaxed);
         let job = Job {
-            req,
+            body: p.body,
             planned: *t,
             first_seq: p.first_seq,
             records: p.records,
@@ -450,6 +443,121 @@ pub async fn run(
         seconds,
         elapsed,
         error_samples,
+    }
+}
+
+/// Where requests go, parsed once: the address to connect to and the request line and headers
+/// every request carries.
+struct Target {
+    authority: String,
+    path: hyper::Uri,
+    headers: hyper::HeaderMap,
+    problem: Option<String>,
+}
+
+impl Target {
+    fn new(cfg: &RunConfig) -> Self {
+        let mut headers = hyper::HeaderMap::new();
+        let mut problem = None;
+        let uri: hyper::Uri = match cfg.target.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                problem = Some(format!("invalid target URL {}: {e}", cfg.target));
+                hyper::Uri::default()
+            }
+        };
+        if uri.scheme_str().is_some_and(|s| s != "http") {
+            problem = Some(format!(
+                "only http:// targets are supported, not {}",
+                cfg.target
+            ));
+        }
+        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        let host = uri.host().unwrap_or("localhost");
+        let authority = if uri.port().is_some() {
+            authority
+        } else {
+            format!("{host}:80")
+        };
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .parse()
+            .unwrap_or_default();
+        let mut add = |k: &str, v: &str| match (
+            hyper::header::HeaderName::from_bytes(k.as_bytes()),
+            hyper::header::HeaderValue::from_str(v),
+        ) {
+            (Ok(k), Ok(v)) => {
+                headers.append(k, v);
+            }
+            _ => problem = Some(format!("invalid header {k}: {v}")),
+        };
+        add("host", uri.authority().map_or(host, |a| a.as_str()));
+        add("content-type", "application/json");
+        if let Some(enc) = &cfg.content_encoding {
+            add("content-encoding", enc);
+        }
+        for (k, v) in &cfg.headers {
+            add(k, v);
+        }
+        Target {
+            authority,
+            path,
+            headers,
+            problem,
+        }
+    }
+
+    /// Sends one request over `conn` (connecting first if there is none, or again once if
+    /// the server closed the idle connection) and reads the whole answer.
+    async fn exchange(
+        &self,
+        conn: &mut Option<SendRequest<Body>>,
+        body: bytes::Bytes,
+    ) -> Result<(u16, bytes::Bytes), String> {
+        if let Some(p) = &self.problem {
+            return Err(p.clone());
+        }
+        for attempt in 0..2 {
+            if conn.is_none() {
+                let stream = tokio::net::TcpStream::connect(&self.authority)
+                    .await
+                    .map_err(|e| format!("connecting to {}: {e}", self.authority))?;
+                let _ = stream.set_nodelay(true);
+                let (sender, connection) = hyper::client::conn::handshake(stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                *conn = Some(sender);
+            }
+            let Some(sender) = conn.as_mut() else { break };
+            if futures::future::poll_fn(|cx| sender.poll_ready(cx))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            // Closed while idle (nothing was sent on it): connect again, once.
+            *conn = None;
+            if attempt == 1 {
+                return Err("the server keeps closing new connections".into());
+            }
+        }
+        let Some(sender) = conn.as_mut() else {
+            return Err("no connection".into());
+        };
+        let mut req = Request::new(Body::from(body));
+        *req.method_mut() = hyper::Method::POST;
+        *req.uri_mut() = self.path.clone();
+        *req.headers_mut() = self.headers.clone();
+        let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = hyper::body::to_bytes(response.into_body())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((status, body))
     }
 }
 

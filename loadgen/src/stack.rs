@@ -5,13 +5,13 @@
 use std::time::Duration;
 
 use spillway_consumer::RunningConsumer;
-use spillway_integration::{kafka, KafkaBroker, LocalPostgres, PostgresServer};
+use spillway_integration::{kafka, postgres, KafkaBroker, PostgresServer};
 use spillway_producer::RunningProducer;
 
 /// The running stack.
 pub struct LocalStack {
-    /// Postgres.
-    pub pg: LocalPostgres,
+    /// Postgres (native or in a container, as `SPILLWAY_TEST_BACKEND` says).
+    pub pg: Box<dyn PostgresServer>,
     /// The broker.
     pub broker: Box<dyn KafkaBroker>,
     /// The ingest service.
@@ -36,7 +36,7 @@ pub const TABLE: &str = "records";
 impl LocalStack {
     /// Starts everything; `partitions` for the topic.
     pub async fn start(partitions: i32) -> anyhow::Result<Self> {
-        let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
+        let pg = tokio::task::spawn_blocking(postgres::from_env).await??;
         let broker = tokio::task::block_in_place(kafka::from_env)?;
         broker.create_topic(TOPIC, partitions).await?;
         let mut ps = spillway_producer::Settings::new(broker.bootstrap(), TOPIC);

@@ -13,4 +13,4 @@ pub mod ingest;
 pub mod server;
 
 pub use config::{Args, Settings};
-pub use server::{start, RunningProducer, StartError};
+pub use server::{serve, start, RunningProducer, StartError};

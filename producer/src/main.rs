@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spillway_producer::{start, Args, Settings};
+use spillway_producer::{serve, Args, Settings};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -19,31 +19,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(settings).await {
+    match serve(settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spillway-producer: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-async fn run(settings: Settings) -> anyhow::Result<()> {
-    let producer = start(settings).await?;
-    println!("spillway-producer listening on {}", producer.addr());
-    shutdown_signal().await?;
-    tracing::info!("signal received: finishing in-flight requests, then exiting");
-    producer.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

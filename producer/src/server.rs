@@ -55,6 +55,9 @@ pub enum StartError {
         /// The broker's limit.
         max_message: usize,
     },
+    /// The process could not install its SIGTERM/SIGINT handlers.
+    #[error("cannot install the signal handlers ({0}); nothing was started")]
+    Signals(std::io::Error),
     /// The listen address is unusable.
     #[error("cannot listen on {addr} ({detail}): is another process using it? Change --listen")]
     Bind {
@@ -101,6 +104,7 @@ struct Metrics {
     records_per_request: Arc<Histogram>,
     in_flight: Arc<Gauge>,
     queue_depth: Arc<Gauge>,
+    client_resets: Arc<Counter>,
 }
 
 const STATUSES: [u16; 11] = [200, 400, 401, 404, 405, 413, 415, 429, 500, 503, 504];
@@ -120,6 +124,11 @@ impl Metrics {
             })
             .collect();
         Metrics {
+            client_resets: registry.counter(
+                "spillway_producer_kafka_client_resets_total",
+                "Kafka clients replaced after the broker rejected the idempotent producer's state.",
+                &[],
+            ),
             records: registry.counter(
                 "spillway_producer_records_accepted_total",
                 "Records acknowledged by Kafka and answered 200.",
@@ -166,13 +175,73 @@ impl Metrics {
 
 struct State {
     settings: Settings,
-    producer: FutureProducer,
+    /// The Kafka client and its generation; replaced when the broker stops accepting its
+    /// idempotent writes (see [`State::replace_client`]).
+    kafka: std::sync::RwLock<KafkaClient>,
+    kafka_config: ClientConfig,
     max_message_bytes: usize,
     requests: Arc<Semaphore>,
     /// Request bytes, in KiB permits.
     kib: Arc<Semaphore>,
     metrics: Metrics,
     readiness: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+struct KafkaClient {
+    generation: u64,
+    producer: FutureProducer,
+    created: Instant,
+}
+
+/// The shortest time between two client replacements, so a broker that rejects every client
+/// is not hammered with new ones.
+const CLIENT_RESET_INTERVAL: Duration = Duration::from_secs(2);
+
+impl State {
+    fn producer(&self) -> (u64, FutureProducer) {
+        let k = self.kafka.read().unwrap_or_else(|p| p.into_inner());
+        (k.generation, k.producer.clone())
+    }
+
+    /// After `error` on a message sent by client `generation`: if the error says the broker no
+    /// longer accepts this idempotent producer's sequence (a fatal error, or a broker that lost
+    /// or garbled the producer's state), the client can never write again; librdkafka's advice
+    /// is to destroy it and create a new one (a new producer id). Requests still waiting on
+    /// the old client are answered 503 (not acknowledged).
+    fn replace_client_after(&self, generation: u64, error: &KafkaError) {
+        let stuck = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Unknown
+                    | RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        );
+        if !stuck {
+            return;
+        }
+        let mut k = self.kafka.write().unwrap_or_else(|p| p.into_inner());
+        if k.generation != generation || k.created.elapsed() < CLIENT_RESET_INTERVAL {
+            return;
+        }
+        match self.kafka_config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut k.producer, fresh);
+                k.generation += 1;
+                k.created = Instant::now();
+                self.metrics.client_resets.inc();
+                tracing::warn!(%error, generation = k.generation,
+                    "Kafka rejects this client's idempotent writes: replaced the Kafka client; \
+                     requests waiting on the old one are answered 503");
+                // Dropping a client purges and waits for its queue: not on a request's thread.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => tracing::error!(error = %e, "could not create a new Kafka client"),
+        }
+    }
 }
 
 /// A running producer. Drop it or call [`RunningProducer::shutdown`] to stop.
@@ -219,7 +288,7 @@ impl RunningProducer {
             tracing::warn!(?grace, "in-flight requests did not finish in time; closing");
             self.server.abort();
         }
-        let producer = self.state.producer.clone();
+        let (_, producer) = self.state.producer();
         let flushed =
             tokio::task::spawn_blocking(move || producer.flush(Timeout::After(grace))).await;
         match flushed {
@@ -232,6 +301,24 @@ impl RunningProducer {
             ),
         }
     }
+}
+
+/// Runs the service until SIGTERM or SIGINT, then finishes the requests in flight and the
+/// Kafka flush (bounded by the shutdown timeout). What `spillway-producer` runs; the chaos
+/// suite's producer child processes run it too.
+pub async fn serve(settings: Settings) -> Result<(), StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    let producer = start(settings).await?;
+    println!("spillway-producer listening on {}", producer.addr());
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received: finishing in-flight requests, then exiting");
+    producer.shutdown().await;
+    Ok(())
 }
 
 /// Connects to Kafka, checks the topic and the message size limit, and starts serving.
@@ -274,7 +361,12 @@ pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
         metrics: Metrics::new(),
         readiness: Mutex::new(None),
         max_message_bytes,
-        producer,
+        kafka: std::sync::RwLock::new(KafkaClient {
+            generation: 0,
+            producer,
+            created: Instant::now(),
+        }),
+        kafka_config: cfg,
         settings,
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -334,9 +426,23 @@ async fn broker_max_message_bytes(cfg: &ClientConfig, topic: &str) -> usize {
         return KAFKA_DEFAULT_MAX_MESSAGE_BYTES;
     };
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+    // Ask a broker that exists (Kafka numbers them from 1; other brokers do not).
+    let admin = Arc::new(admin);
+    let client = admin.clone();
+    let broker = tokio::task::spawn_blocking(move || {
+        let md = client
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .ok()?;
+        md.brokers().first().map(|b| b.id())
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(1);
     let lookups = [
         (ResourceSpecifier::Topic(topic), "max.message.bytes"),
-        (ResourceSpecifier::Broker(1), "message.max.bytes"),
+        (ResourceSpecifier::Broker(broker), "message.max.bytes"),
     ];
     for (resource, key) in &lookups {
         if let Ok(results) = admin.describe_configs([resource], &options).await {
@@ -474,7 +580,7 @@ fn render_metrics(state: &State) -> String {
     state
         .metrics
         .queue_depth
-        .set(state.producer.in_flight_count() as i64);
+        .set(state.producer().1.in_flight_count() as i64);
     state.metrics.registry.render()
 }
 
@@ -489,7 +595,7 @@ async fn ready(state: &Arc<State>) -> Result<(), String> {
             return result.clone();
         }
     }
-    let producer = state.producer.clone();
+    let (_, producer) = state.producer();
     let topic = state.settings.topic.clone();
     let result = tokio::task::spawn_blocking(move || {
         producer
@@ -609,10 +715,14 @@ where
     let count = envelope.records.len();
     let payload = envelope.encode();
     let sent = Instant::now();
-    let delivery = state
-        .producer
+    let (generation, producer) = state.producer();
+    let delivery = producer
         .send_result(FutureRecord::<(), [u8]>::to(&state.settings.topic).payload(&payload))
-        .map_err(|(e, _)| kafka_refusal(&e, state))?;
+        .map_err(|(e, _)| {
+            state.replace_client_after(generation, &e);
+            kafka_refusal(&e, state)
+        })?;
+    drop(producer);
     // librdkafka fails the message itself at message.timeout.ms; the margin only guards a bug.
     let waited = tokio::time::timeout(
         state.settings.produce_timeout + Duration::from_secs(2),
@@ -621,7 +731,10 @@ where
     .await;
     let delivery = match waited {
         Ok(Ok(Ok(d))) => d,
-        Ok(Ok(Err((e, _)))) => return Err(kafka_refusal(&e, state)),
+        Ok(Ok(Err((e, _)))) => {
+            state.replace_client_after(generation, &e);
+            return Err(kafka_refusal(&e, state));
+        }
         Ok(Err(_canceled)) => {
             return Err(Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -477,3 +477,44 @@ async fn health_readiness_and_metrics_endpoints() -> Result<()> {
     producer.shutdown().await;
     Ok(())
 }
+
+/// Fault: the broker answers produce requests with errors that leave an idempotent client
+/// unable to write again (a desynchronised sequence: Tansu does this after a reset connection).
+/// Invariant: those requests get 503, the producer replaces its Kafka client, and later
+/// requests are acknowledged again, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_broker_no_longer_accepts_is_replaced() -> Result<()> {
+    let (mock, producer) =
+        mock_producer(None, |s| s.produce_timeout = Duration::from_millis(2500)).await?;
+    let http = HttpClient::new();
+    let a = http
+        .post(&producer.store_url(), "application/json", "{}")
+        .await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    mock.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 3],
+    );
+    // Each new client's first write meets one of the injected errors: three replacements.
+    let mut answers = vec![];
+    loop {
+        let a = http
+            .post(&producer.store_url(), "application/json", "{}")
+            .await?;
+        answers.push(a.status);
+        if a.status == 200 {
+            break;
+        }
+        assert_eq!(a.status, 503, "{}", a.body);
+        assert!(answers.len() < 40, "never acknowledged again: {answers:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let resets = producer
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("spillway_producer_kafka_client_resets_total "))
+        .map(str::to_string);
+    assert_eq!(resets.as_deref(), Some("3"), "answers: {answers:?}");
+    producer.shutdown().await;
+    Ok(())
+}
