@@ -120,6 +120,17 @@ impl Drop for RunningConsumer {
     }
 }
 
+/// Logs to stderr at the level `SPILLWAY_LOG` sets (`info` by default), as the services do.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Runs the consumer until SIGTERM or SIGINT (then flushes what is buffered and leaves the
 /// group) or until it stops by itself. What `spillway-consumer` runs; the chaos suite's
 /// consumer child processes run it too.

@@ -190,10 +190,6 @@ impl PostgresServer for ContainerPostgres {
         "docker"
     }
 
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
     fn port(&self) -> u16 {
         self.port
     }

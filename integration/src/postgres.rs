@@ -26,8 +26,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub trait PostgresServer: Send {
     /// Which backend: `native` or `docker`.
     fn kind(&self) -> &'static str;
-    /// A `postgres://` URL for the `postgres` database as superuser `postgres`.
-    fn url(&self) -> String;
+    /// A `postgres://` URL for the `postgres` database as superuser `postgres` (trust
+    /// authentication, on 127.0.0.1).
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port())
+    }
     /// The TCP port on 127.0.0.1.
     fn port(&self) -> u16;
     /// SIGKILLs the postmaster and every backend, like a machine losing power for Postgres
@@ -327,10 +330,6 @@ fn backends_alive(data_dir: &Path) -> bool {
 impl PostgresServer for LocalPostgres {
     fn kind(&self) -> &'static str {
         "native"
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
     fn port(&self) -> u16 {

@@ -56,13 +56,7 @@ fn child_process() {
     };
     let args: Vec<String> =
         serde_json::from_str(&std::env::var(ARGS_ENV).unwrap_or_default()).unwrap_or_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    spillway_consumer::init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -310,6 +304,24 @@ struct Opts {
     consumer_env: Vec<(String, String)>,
     /// A FaultProxy in front of the broker, advertised to every client.
     broker_proxy: bool,
+}
+
+/// 512 KB/s each way: long enough COPYs to catch one in progress.
+fn slow_link() -> Faults {
+    Faults {
+        bandwidth: Some(512 << 10),
+        ..Faults::default()
+    }
+}
+
+impl Opts {
+    /// One consumer, to Postgres over a [`slow_link`] through a proxy.
+    fn slow_link() -> Self {
+        Opts {
+            pg_proxy: Some(slow_link()),
+            ..Opts::default()
+        }
+    }
 }
 
 impl Default for Opts {
@@ -562,6 +574,16 @@ impl Cluster {
             .with_context(|| format!("consumer {n} /metrics:\n{}", c.process.log_tail(20)))
     }
 
+    /// Consumer 0 neither crashed nor restarted, and it retried the interrupted flush.
+    async fn consumer_rode_it_out(&mut self, pid: Option<i32>) -> Result<()> {
+        self.consumer_survived(0, pid)?;
+        let retries = self
+            .consumer_metric(0, "spillway_consumer_flush_retries_total")
+            .await?;
+        ensure!(retries >= 1.0, "the interrupted flush was never retried");
+        Ok(())
+    }
+
     /// The consumer neither crashed nor was restarted: it rode the fault out.
     fn consumer_survived(&mut self, n: usize, pid: Option<i32>) -> Result<()> {
         let c = &mut self.consumers[n];
@@ -623,18 +645,7 @@ async fn postgres_killed_mid_copy() -> Result<()> {
         "postgres_killed_mid_copy",
         Duration::from_secs(150),
         |ctx| async move {
-            let slow = Faults {
-                bandwidth: Some(512 << 10),
-                ..Faults::default()
-            };
-            let mut c = Cluster::start(
-                &ctx,
-                Opts {
-                    pg_proxy: Some(slow),
-                    ..Opts::default()
-                },
-            )
-            .await?;
+            let mut c = Cluster::start(&ctx, Opts::slow_link()).await?;
             let pid = c.consumers[0].process.pid();
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(12), None);
             pause(Duration::from_secs(2)).await;
@@ -648,12 +659,7 @@ async fn postgres_killed_mid_copy() -> Result<()> {
             c.tl.note("postgres restarted");
             let (run, _, result) = traffic.done().await?;
             c.verdict(&run, &result).await?;
-            c.consumer_survived(0, pid)?;
-            let retries = c
-                .consumer_metric(0, "spillway_consumer_flush_retries_total")
-                .await?;
-            ensure!(retries >= 1.0, "the interrupted flush was never retried");
-            Ok(())
+            c.consumer_rode_it_out(pid).await
         },
     )
     .await
@@ -667,18 +673,7 @@ async fn backend_killed_mid_flush() -> Result<()> {
         "backend_killed_mid_flush",
         Duration::from_secs(120),
         |ctx| async move {
-            let slow = Faults {
-                bandwidth: Some(512 << 10),
-                ..Faults::default()
-            };
-            let mut c = Cluster::start(
-                &ctx,
-                Opts {
-                    pg_proxy: Some(slow),
-                    ..Opts::default()
-                },
-            )
-            .await?;
+            let mut c = Cluster::start(&ctx, Opts::slow_link()).await?;
             let pid = c.consumers[0].process.pid();
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(10), None);
             pause(Duration::from_secs(2)).await;
@@ -689,12 +684,7 @@ async fn backend_killed_mid_flush() -> Result<()> {
             ));
             let (run, _, result) = traffic.done().await?;
             c.verdict(&run, &result).await?;
-            c.consumer_survived(0, pid)?;
-            let retries = c
-                .consumer_metric(0, "spillway_consumer_flush_retries_total")
-                .await?;
-            ensure!(retries >= 1.0, "the interrupted flush was never retried");
-            Ok(())
+            c.consumer_rode_it_out(pid).await
         },
     )
     .await
@@ -706,11 +696,7 @@ async fn backend_killed_mid_flush() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_frozen_past_the_statement_timeout() -> Result<()> {
     chaos("postgres_frozen_past_the_statement_timeout", Duration::from_secs(150), |ctx| async move {
-        let slow = Faults {
-            bandwidth: Some(512 << 10),
-            ..Faults::default()
-        };
-        let mut c = Cluster::start(&ctx, Opts { pg_proxy: Some(slow), ..Opts::default() }).await?;
+        let mut c = Cluster::start(&ctx, Opts::slow_link()).await?;
         let pid = c.consumers[0].process.pid();
         let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(14), None);
         pause(Duration::from_secs(2)).await;
@@ -743,18 +729,7 @@ async fn connection_cut_mid_copy_then_a_slow_link() -> Result<()> {
         "connection_cut_mid_copy_then_a_slow_link",
         Duration::from_secs(180),
         |mut ctx| async move {
-            let slow = Faults {
-                bandwidth: Some(512 << 10),
-                ..Faults::default()
-            };
-            let c = Cluster::start(
-                &ctx,
-                Opts {
-                    pg_proxy: Some(slow.clone()),
-                    ..Opts::default()
-                },
-            )
-            .await?;
+            let c = Cluster::start(&ctx, Opts::slow_link()).await?;
             let proxy = c.pg_proxy.as_ref().unwrap();
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(15), None);
             pause(Duration::from_secs(2)).await;
@@ -763,7 +738,7 @@ async fn connection_cut_mid_copy_then_a_slow_link() -> Result<()> {
             let cut = ctx.rng.u64(0..4096);
             proxy.set(Faults {
                 cut_after_upstream_bytes: Some(cut),
-                ..slow
+                ..slow_link()
             });
             c.tl.note(format!(
                 "COPY in progress: every connection to Postgres cut after {cut} bytes"
