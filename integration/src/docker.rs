@@ -9,6 +9,7 @@
 //!
 //! `SPILLWAY_DOCKER_PG_IMAGE` picks the image (`name:tag`, default `spillway-postgres:15`);
 //! with a registry, `postgres:15` (the official image) works the same way.
+//! `SPILLWAY_DOCKER_PG_CMD` replaces the command's start (default `postgres`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -90,30 +91,27 @@ impl ContainerPostgres {
         Self::start_image(&image)
     }
 
-    /// Starts a container from `image` (`name:tag`).
+    /// Starts a container from `image` (`name:tag`). Its command is `SPILLWAY_DOCKER_PG_CMD`
+    /// (words split on spaces; default `postgres`), followed by the harness's settings: the
+    /// port, 127.0.0.1 only, and fsync on.
     pub fn start_image(image: &str) -> Result<Self> {
         let (name, tag) = image.rsplit_once(':').unwrap_or((image, "latest"));
         let port = free_port();
+        let command = std::env::var("SPILLWAY_DOCKER_PG_CMD").unwrap_or_else(|_| "postgres".into());
+        let mut cmd: Vec<String> = command.split_whitespace().map(str::to_string).collect();
         // Durability is what the tests check: fsync stays on (the testcontainers Postgres
         // module turns it off).
-        let cmd: Vec<String> = [
-            "postgres",
-            "-c",
+        for setting in [
             "listen_addresses=127.0.0.1",
-            "-c",
             &format!("port={port}"),
-            "-c",
             "fsync=on",
-            "-c",
             "synchronous_commit=on",
-            "-c",
             "full_page_writes=on",
-            "-c",
             "max_connections=200",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ] {
+            cmd.push("-c".into());
+            cmd.push(setting.to_string());
+        }
         let request = GenericImage::new(name, tag)
             .with_wait_for(WaitFor::Nothing)
             .with_network("host")
