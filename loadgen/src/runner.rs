@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use hyper::client::conn::SendRequest;
-use hyper::{Body, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::payload::PayloadGen;
@@ -346,7 +345,7 @@ pub async fn run(
         let (target, tx, live) = (target.clone(), tx.clone(), live.clone());
         workers.push(job_tx);
         worker_tasks.push(tokio::spawn(async move {
-            let mut conn: Option<SendRequest<Body>> = None;
+            let mut conn: Option<Conn> = None;
             while let Some(job) = jobs.recv().await {
                 let sent = Instant::now();
                 let (status, body) = match target.exchange(&mut conn, job.body).await {
@@ -446,18 +445,16 @@ pub async fn run(
     }
 }
 
-/// Where requests go, parsed once: the address to connect to and the request line and headers
-/// every request carries.
+/// Where requests go, parsed once: the address to connect to, and the request line and headers
+/// every request carries, already serialised.
 struct Target {
     authority: String,
-    path: hyper::Uri,
-    headers: hyper::HeaderMap,
+    head: Vec<u8>,
     problem: Option<String>,
 }
 
 impl Target {
     fn new(cfg: &RunConfig) -> Self {
-        let mut headers = hyper::HeaderMap::new();
         let mut problem = None;
         let uri: hyper::Uri = match cfg.target.parse() {
             Ok(u) => u,
@@ -472,27 +469,21 @@ impl Target {
                 cfg.target
             ));
         }
-        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
         let host = uri.host().unwrap_or("localhost");
-        let authority = if uri.port().is_some() {
-            authority
-        } else {
-            format!("{host}:80")
+        let authority = match uri.port_u16() {
+            Some(port) => format!("{host}:{port}"),
+            None => format!("{host}:80"),
         };
-        let path = uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .parse()
-            .unwrap_or_default();
-        let mut add = |k: &str, v: &str| match (
-            hyper::header::HeaderName::from_bytes(k.as_bytes()),
-            hyper::header::HeaderValue::from_str(v),
-        ) {
-            (Ok(k), Ok(v)) => {
-                headers.append(k, v);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = format!("POST {path} HTTP/1.1\r\n").into_bytes();
+        let mut add = |k: &str, v: &str| {
+            let valid = hyper::header::HeaderName::from_bytes(k.as_bytes()).is_ok()
+                && hyper::header::HeaderValue::from_str(v).is_ok();
+            if valid {
+                head.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+            } else {
+                problem = Some(format!("invalid header {k}: {v}"));
             }
-            _ => problem = Some(format!("invalid header {k}: {v}")),
         };
         add("host", uri.authority().map_or(host, |a| a.as_str()));
         add("content-type", "application/json");
@@ -504,60 +495,182 @@ impl Target {
         }
         Target {
             authority,
-            path,
-            headers,
+            head,
             problem,
         }
     }
 
-    /// Sends one request over `conn` (connecting first if there is none, or again once if
-    /// the server closed the idle connection) and reads the whole answer.
+    /// Sends one request over `conn` (connecting first if there is none) and reads the whole
+    /// answer. HTTP/1.1 is spoken directly, as wrk does: one write of the prebuilt head and the
+    /// body, and the answer parsed from a reused buffer. A request is never sent twice: if the
+    /// connection fails after the write, that is the request's error.
     async fn exchange(
         &self,
-        conn: &mut Option<SendRequest<Body>>,
+        conn: &mut Option<Conn>,
         body: bytes::Bytes,
     ) -> Result<(u16, bytes::Bytes), String> {
         if let Some(p) = &self.problem {
             return Err(p.clone());
         }
-        for attempt in 0..2 {
-            if conn.is_none() {
-                let stream = tokio::net::TcpStream::connect(&self.authority)
-                    .await
-                    .map_err(|e| format!("connecting to {}: {e}", self.authority))?;
-                let _ = stream.set_nodelay(true);
-                let (sender, connection) = hyper::client::conn::handshake(stream)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(connection);
-                *conn = Some(sender);
-            }
-            let Some(sender) = conn.as_mut() else { break };
-            if futures::future::poll_fn(|cx| sender.poll_ready(cx))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            // Closed while idle (nothing was sent on it): connect again, once.
+        if conn.as_ref().is_some_and(Conn::closed_by_peer) {
             *conn = None;
-            if attempt == 1 {
-                return Err("the server keeps closing new connections".into());
-            }
         }
-        let Some(sender) = conn.as_mut() else {
+        if conn.is_none() {
+            let stream = tokio::net::TcpStream::connect(&self.authority)
+                .await
+                .map_err(|e| format!("connecting to {}: {e}", self.authority))?;
+            let _ = stream.set_nodelay(true);
+            *conn = Some(Conn {
+                stream,
+                buf: bytes::BytesMut::with_capacity(8192),
+            });
+        }
+        let Some(c) = conn.as_mut() else {
             return Err("no connection".into());
         };
-        let mut req = Request::new(Body::from(body));
-        *req.method_mut() = hyper::Method::POST;
-        *req.uri_mut() = self.path.clone();
-        *req.headers_mut() = self.headers.clone();
-        let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let body = hyper::body::to_bytes(response.into_body())
+        let mut req = Vec::with_capacity(self.head.len() + 32 + body.len());
+        req.extend_from_slice(&self.head);
+        req.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+        req.extend_from_slice(&body);
+        let answer = async {
+            c.stream.write_all(&req).await.map_err(|e| e.to_string())?;
+            c.read_response().await
+        };
+        match answer.await {
+            Ok((status, body, keep)) => {
+                if !keep {
+                    *conn = None;
+                }
+                Ok((status, body))
+            }
+            Err(e) => {
+                *conn = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection and its read buffer.
+struct Conn {
+    stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl Conn {
+    /// Whether the server closed the connection (or sent something unasked, such as a 408
+    /// before closing) while it was idle: then it is replaced before a request is written.
+    fn closed_by_peer(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    async fn fill(&mut self) -> Result<usize, String> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(8192);
+        }
+        let n = self
+            .stream
+            .read_buf(&mut self.buf)
             .await
             .map_err(|e| e.to_string())?;
-        Ok((status, body))
+        Ok(n)
+    }
+
+    /// Reads one response: (status, body, whether the connection stays open).
+    async fn read_response(&mut self) -> Result<(u16, bytes::Bytes, bool), String> {
+        let closed = || "the server closed the connection before answering".to_string();
+        let (status, head_len, length, chunked, keep) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut headers);
+            match r
+                .parse(&self.buf)
+                .map_err(|e| format!("bad response: {e}"))?
+            {
+                httparse::Status::Complete(n) => {
+                    let status = r.code.unwrap_or(0);
+                    let (mut length, mut chunked, mut keep) = (None, false, true);
+                    for h in r.headers.iter() {
+                        let v = std::str::from_utf8(h.value).unwrap_or("").trim();
+                        if h.name.eq_ignore_ascii_case("content-length") {
+                            length = v.parse::<usize>().ok();
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            chunked = v.to_ascii_lowercase().contains("chunked");
+                        } else if h.name.eq_ignore_ascii_case("connection") {
+                            keep = !v.eq_ignore_ascii_case("close");
+                        }
+                    }
+                    if r.version == Some(0) {
+                        keep = false;
+                    }
+                    break (status, n, length, chunked, keep);
+                }
+                httparse::Status::Partial => {
+                    if self.fill().await? == 0 {
+                        return Err(closed());
+                    }
+                }
+            }
+        };
+        let _ = self.buf.split_to(head_len);
+        let no_body = status == 204 || status == 304 || (100..200).contains(&status);
+        let body = if no_body {
+            bytes::Bytes::new()
+        } else if chunked {
+            self.read_chunked().await?
+        } else if let Some(n) = length {
+            while self.buf.len() < n {
+                if self.fill().await? == 0 {
+                    return Err(closed());
+                }
+            }
+            self.buf.split_to(n).freeze()
+        } else {
+            // No length: the body runs to the end of the connection.
+            while self.fill().await? > 0 {}
+            return Ok((status, self.buf.split().freeze(), false));
+        };
+        Ok((status, body, keep))
+    }
+
+    async fn read_chunked(&mut self) -> Result<bytes::Bytes, String> {
+        let mut body = bytes::BytesMut::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                if self.fill().await? == 0 {
+                    return Err("the connection closed inside a chunked body".into());
+                }
+            };
+            let line = std::str::from_utf8(&self.buf[..line_end]).unwrap_or("");
+            let size_hex = line.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size_hex, 16)
+                .map_err(|_| format!("bad chunk size {size_hex:?}"))?;
+            let _ = self.buf.split_to(line_end + 2);
+            if size == 0 {
+                // Trailers, if any, end with an empty line.
+                loop {
+                    if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                        let empty = i == 0;
+                        let _ = self.buf.split_to(i + 2);
+                        if empty {
+                            return Ok(body.freeze());
+                        }
+                    } else if self.fill().await? == 0 {
+                        return Ok(body.freeze());
+                    }
+                }
+            }
+            while self.buf.len() < size + 2 {
+                if self.fill().await? == 0 {
+                    return Err("the connection closed inside a chunk".into());
+                }
+            }
+            body.extend_from_slice(&self.buf[..size]);
+            let _ = self.buf.split_to(size + 2);
+        }
     }
 }
 
@@ -582,5 +695,110 @@ mod tests {
         assert_eq!(a.len(), 6);
         assert!(a.contains(130) && !a.contains(5) && !a.contains(10_000));
         assert_eq!(a.iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 130]);
+    }
+
+    /// A server that answers the n-th request it gets (over any connection) with
+    /// `answers[n]`, closing the connection after answers that mention `close`.
+    async fn canned_server(answers: Vec<&'static str>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut next = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = Vec::new();
+                loop {
+                    // One request: head, then content-length bytes.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break 0,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    if head_end == 0 {
+                        break;
+                    }
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 4096];
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    buf.drain(..head_end + len);
+                    let answer = answers[next % answers.len()];
+                    next += 1;
+                    let _ = s.write_all(answer.as_bytes()).await;
+                    if answer.contains("close") {
+                        break;
+                    }
+                }
+            }
+        });
+        format!("http://{addr}/store")
+    }
+
+    #[tokio::test]
+    async fn the_client_reads_sized_chunked_empty_and_close_delimited_answers() {
+        let url = canned_server(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+            "HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n4\r\nbusy\r\n3;x=y\r\n!!!\r\n0\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nbye",
+        ])
+        .await;
+        let target = Target::new(&RunConfig::new(url, vec![]));
+        let mut conn = None;
+        let body = bytes::Bytes::from_static(b"[{\"id\":1}]");
+        let a = target.exchange(&mut conn, body.clone()).await.unwrap();
+        assert_eq!((a.0, &a.1[..]), (200, &b"{}"[..]));
+        let a = target.exchange(&mut conn, body.clone()).await.unwrap();
+        assert_eq!((a.0, &a.1[..]), (503, &b"busy!!!"[..]));
+        let a = target.exchange(&mut conn, body.clone()).await.unwrap();
+        assert_eq!((a.0, a.1.len()), (204, 0));
+        assert!(conn.is_some(), "one connection kept alive so far");
+        let a = target.exchange(&mut conn, body.clone()).await.unwrap();
+        assert_eq!((a.0, &a.1[..]), (200, &b"bye"[..]));
+        assert!(
+            conn.is_none(),
+            "a close-delimited answer ends the connection"
+        );
+        // The next request opens a new connection.
+        let a = target.exchange(&mut conn, body).await.unwrap();
+        assert_eq!((a.0, &a.1[..]), (200, &b"{}"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_while_idle_is_replaced_before_sending() {
+        // Every answer closes its connection, but says so only by closing (an idle timeout).
+        let url = canned_server(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-then: close\r\n\r\n{}",
+        ])
+        .await;
+        let target = Target::new(&RunConfig::new(url, vec![]));
+        let mut conn = None;
+        for _ in 0..3 {
+            let a = target
+                .exchange(&mut conn, bytes::Bytes::from_static(b"{}"))
+                .await
+                .unwrap();
+            assert_eq!(a.0, 200);
+            assert!(conn.is_some(), "the answer did not say it closes");
+            // Idle long enough for the server's close to arrive: that is the case under test.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let bad = Target::new(&RunConfig::new("https://example.invalid/".into(), vec![]));
+        let e = bad.exchange(&mut None, bytes::Bytes::new()).await;
+        assert!(e.unwrap_err().contains("only http://"));
     }
 }
