@@ -140,29 +140,29 @@ impl ContainerPostgres {
         self.container.as_ref().map(|c| c.id().to_string())
     }
 
+    /// Polls with a query until Postgres answers (all in one call on the Docker runtime).
     fn wait_ready(&self) -> Result<()> {
         let url = self.url();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let url = url.clone();
-            let ok = run(async move {
-                match crate::postgres::connect(&url).await {
-                    Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
-                    Err(_) => false,
+        let ready = run(async move {
+            let deadline = Instant::now() + READY_TIMEOUT;
+            while Instant::now() < deadline {
+                if let Ok(c) = crate::postgres::connect(&url).await {
+                    if c.simple_query("SELECT 1").await.is_ok() {
+                        return true;
+                    }
                 }
-            })?;
-            if ok {
-                return Ok(());
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if Instant::now() > deadline {
-                return Err(HarnessError::NotReady {
-                    what: "postgres (container)",
-                    secs: READY_TIMEOUT.as_secs(),
-                    log: format!("docker logs {}", self.id().unwrap_or_default()),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            false
+        })?;
+        if ready {
+            return Ok(());
         }
+        Err(HarnessError::NotReady {
+            what: "postgres (container)",
+            secs: READY_TIMEOUT.as_secs(),
+            log: format!("docker logs {}", self.id().unwrap_or_default()),
+        })
     }
 
     fn exec(&self, cmd: &[&str]) -> Result<()> {

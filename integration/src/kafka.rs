@@ -128,8 +128,7 @@ impl Tansu {
         Ok(t)
     }
 
-    /// The broker's log file.
-    pub fn log_path(&self) -> PathBuf {
+    fn log_path(&self) -> PathBuf {
         self.dir.path().join("tansu.log")
     }
 

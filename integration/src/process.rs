@@ -108,20 +108,14 @@ pub(crate) fn wait_exit(child: &mut Child, timeout: Duration) -> bool {
 /// [`pause`](Self::pause) is SIGSTOP. Dropping the handle SIGKILLs and reaps the process.
 #[derive(Debug)]
 pub struct ChildProcess {
-    name: String,
     child: Option<Child>,
     log: std::path::PathBuf,
 }
 
 impl ChildProcess {
     /// Spawns `cmd` with stdin closed and stdout and stderr appended to `log`.
-    pub fn spawn(
-        name: impl Into<String>,
-        mut cmd: std::process::Command,
-        log: &Path,
-    ) -> crate::Result<Self> {
-        let name = name.into();
-        let (out, err) = log_files(log, &name)?;
+    pub fn spawn(name: &str, mut cmd: std::process::Command, log: &Path) -> crate::Result<Self> {
+        let (out, err) = log_files(log, name)?;
         let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(out)
@@ -129,7 +123,6 @@ impl ChildProcess {
             .spawn()
             .map_err(crate::io_err(format!("starting {name}")))?;
         Ok(ChildProcess {
-            name,
             child: Some(child),
             log: log.to_path_buf(),
         })
@@ -138,11 +131,6 @@ impl ChildProcess {
     /// Its pid, while it runs.
     pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().map(|c| c.id() as i32)
-    }
-
-    /// Its name, as given to [`spawn`](Self::spawn).
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// SIGKILL, then reap.
@@ -164,32 +152,6 @@ impl ChildProcess {
         if let Some(pid) = self.pid() {
             signal(pid, Signal::SIGCONT);
         }
-    }
-
-    /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL. Returns whether it exited
-    /// by itself.
-    pub fn terminate(&mut self, grace: Duration) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return true;
-        };
-        signal(c.id() as i32, Signal::SIGCONT);
-        signal(c.id() as i32, Signal::SIGTERM);
-        let clean = wait_exit(&mut c, grace);
-        if !clean {
-            kill_and_reap(&mut c);
-        }
-        clean
-    }
-
-    /// Waits up to `timeout` for the process to exit by itself; its status if it did.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let c = self.child.as_mut()?;
-        if !wait_exit(c, timeout) {
-            return None;
-        }
-        let status = c.try_wait().ok().flatten();
-        self.child = None;
-        status
     }
 
     /// Whether it is still running (not exited, not killed).
