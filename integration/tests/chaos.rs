@@ -610,7 +610,7 @@ impl Traffic {
 }
 
 fn ids(run: &str, seqs: &[u64]) -> Vec<String> {
-    seqs.iter().map(|s| format!("{run}-{s}")).collect()
+    seqs.iter().map(|s| PayloadGen::id(run, *s)).collect()
 }
 
 /// The suite's usual load: a base rate with seeded bursts of 20x.

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::json;
 
+use crate::payload::PayloadGen;
 use crate::runner::{RunResult, Second};
 use crate::verify::Verdict;
 
@@ -118,25 +119,17 @@ impl Report<'_> {
                     if v.drained { "yes" } else { "NO" },
                     v.drain_seconds
                 );
-                if !v.lost_sample.is_empty() {
-                    let _ = writeln!(
-                        s,
-                        "lost ids (sample): {:?}",
-                        v.lost_sample
+                for (what, sample) in [
+                    ("lost", &v.lost_sample),
+                    ("duplicated", &v.duplicated_sample),
+                ] {
+                    if !sample.is_empty() {
+                        let ids: Vec<String> = sample
                             .iter()
-                            .map(|q| format!("{}-{q}", self.run_id))
-                            .collect::<Vec<_>>()
-                    );
-                }
-                if !v.duplicated_sample.is_empty() {
-                    let _ = writeln!(
-                        s,
-                        "duplicated ids (sample): {:?}",
-                        v.duplicated_sample
-                            .iter()
-                            .map(|q| format!("{}-{q}", self.run_id))
-                            .collect::<Vec<_>>()
-                    );
+                            .map(|q| PayloadGen::id(self.run_id, *q))
+                            .collect();
+                        let _ = writeln!(s, "{what} ids (sample): {ids:?}");
+                    }
                 }
             }
             None => {
