@@ -101,13 +101,16 @@ struct Service {
 }
 
 impl Service {
+    /// Starts `role` with `args` plus `--listen` on a free port of 127.0.0.1 (kept across
+    /// restarts).
     fn spawn(
         role: &'static str,
-        port: u16,
-        args: Vec<String>,
+        mut args: Vec<String>,
         env: Vec<(String, String)>,
         log: PathBuf,
     ) -> Result<Self> {
+        let port = free_port();
+        args.extend(strings(&["--listen", &format!("127.0.0.1:{port}")]));
         let process = Self::launch(role, &args, &env, &log)?;
         Ok(Service {
             role,
@@ -379,50 +382,55 @@ impl Cluster {
         let db_url = format!("postgres://postgres@127.0.0.1:{db_port}/postgres");
         let bootstrap = broker.bootstrap();
 
-        let port = free_port();
-        let mut args = strings(&["--brokers", &bootstrap, "--topic", TOPIC]);
-        args.extend(strings(&["--listen", &format!("127.0.0.1:{port}")]));
-        args.extend(strings(&["--produce-timeout-ms", "3000"]));
-        args.extend(strings(&["-X", "reconnect.backoff.max.ms=500"]));
-        let mut producer = Service::spawn(
-            "producer",
-            port,
-            args,
-            vec![],
-            ctx.logs.join("producer.log"),
-        )?;
         ctx.tl.note("postgres and broker up");
+        let args = strings(&[
+            "--brokers",
+            &bootstrap,
+            "--topic",
+            TOPIC,
+            "--produce-timeout-ms",
+            "3000",
+            "-X",
+            "reconnect.backoff.max.ms=500",
+        ]);
+        let log = ctx.logs.join("producer.log");
+        let mut producer = Service::spawn("producer", args, vec![], log)?;
         producer.ready("/readyz").await?;
         ctx.tl.note("producer ready");
 
         let mut consumers = Vec::new();
         for n in 0..opts.consumers {
-            let port = free_port();
-            let mut args = strings(&["--brokers", &bootstrap, "--topic", TOPIC]);
-            args.extend(strings(&["--group", "chaos", "--database-url", &db_url]));
-            args.extend(strings(&["--listen", &format!("127.0.0.1:{port}")]));
-            args.extend(strings(&["--batch-max-age-ms", "100"]));
-            args.extend(strings(&[
+            let mut args = strings(&[
+                "--brokers",
+                &bootstrap,
+                "--topic",
+                TOPIC,
+                "--group",
+                "chaos",
+                "--database-url",
+                &db_url,
+                "--batch-max-age-ms",
+                "100",
                 "--statement-timeout-ms",
                 &STATEMENT_TIMEOUT.as_millis().to_string(),
-            ]));
-            args.extend(strings(&["--connect-timeout-ms", "2000"]));
-            args.extend(strings(&[
+                "--connect-timeout-ms",
+                "2000",
                 "--retry-initial-ms",
                 "50",
                 "--retry-max-ms",
                 "1000",
-            ]));
-            args.extend(strings(&["--retry-seed", &ctx.seed.to_string()]));
-            args.extend(strings(&[
+                "--retry-seed",
+                &ctx.seed.to_string(),
                 "-X",
                 &format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis()),
-            ]));
-            args.extend(strings(&["-X", "heartbeat.interval.ms=500"]));
-            args.extend(strings(&["-X", "reconnect.backoff.max.ms=500"]));
+                "-X",
+                "heartbeat.interval.ms=500",
+                "-X",
+                "reconnect.backoff.max.ms=500",
+            ]);
             args.extend(opts.consumer_args.iter().cloned());
             let log = ctx.logs.join(format!("consumer-{n}.log"));
-            let mut c = Service::spawn("consumer", port, args, opts.consumer_env.clone(), log)?;
+            let mut c = Service::spawn("consumer", args, opts.consumer_env.clone(), log)?;
             c.ready("/healthz").await?;
             consumers.push(c);
         }
