@@ -83,7 +83,7 @@ pub struct Entry {
 pub struct BatchId(pub u64);
 
 /// A contiguous run of one partition's records to write in one transaction.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Batch {
     /// Hand this back with the batch.
     pub id: BatchId,
@@ -100,6 +100,12 @@ pub struct Batch {
     pub attempt: u32,
     /// When the oldest entry was pushed.
     pub oldest_pushed_at: Instant,
+    /// Write only if the store still holds `start` (always, unless a test runs the
+    /// `no-compare-and-set` mutation).
+    pub check_start: bool,
+    /// Move the position in the same transaction as the rows (always, unless a test runs the
+    /// `position-before-rows` mutation).
+    pub position_with_rows: bool,
 }
 
 impl Batch {
@@ -544,6 +550,8 @@ impl Batcher {
                 entries,
                 attempt,
                 oldest_pushed_at,
+                check_start: true,
+                position_with_rows: true,
             });
         }
         None

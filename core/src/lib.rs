@@ -14,6 +14,7 @@
 
 pub mod adaptive;
 pub mod batcher;
+pub mod consumer;
 pub mod envelope;
 pub mod error;
 pub mod ledger;
@@ -25,6 +26,10 @@ pub use adaptive::{AdaptiveConfig, BatchSizer};
 pub use batcher::{
     AfterFlush, Batch, BatchId, Batcher, BatcherConfig, BatcherStats, Entry, FlushOutcome, Push,
     Record,
+};
+pub use consumer::{
+    Command, ConsumerConfig, ConsumerMachine, ConsumerStats, Epoch, EpochTags, Exit, FlushResult,
+    Message, Mutation, Notice, PartitionLag, Phase,
 };
 pub use envelope::{DecodeError, Envelope, RequestId};
 pub use error::{ConfigError, ErrorClass};

@@ -1,0 +1,1115 @@
+//! The consumer's whole decision-making, as a sans-IO state machine.
+//!
+//! The shell (`spillway-consumer`) owns the Kafka thread, the Postgres pool and the timers. It
+//! feeds [`ConsumerMachine`] every event with the time it happened, and performs every
+//! [`Command`] the machine emits, in order. It decides nothing itself:
+//!
+//! | event (shell → machine)                         | typical commands (machine → shell)            |
+//! |-------------------------------------------------|-----------------------------------------------|
+//! | [`on_assigned`](ConsumerMachine::on_assigned)   | [`Command::ReadPositions`], [`Command::Pause`] |
+//! | [`on_positions`](ConsumerMachine::on_positions) | [`Command::Seek`], [`Command::Resume`]         |
+//! | [`on_seek_done`](ConsumerMachine::on_seek_done) / `_failed` | (reading starts) / re-seek later  |
+//! | [`on_message`](ConsumerMachine::on_message)     | [`Command::Flush`], [`Command::Pause`] when full, a gap report |
+//! | [`on_flush_result`](ConsumerMachine::on_flush_result) | [`Command::CommitKafka`], retries, a fence re-read |
+//! | [`on_revoked`](ConsumerMachine::on_revoked)     | (buffer dropped)                              |
+//! | [`on_group_view`](ConsumerMachine::on_group_view) | [`Command::Rejoin`] when orphaned            |
+//! | [`on_shutdown`](ConsumerMachine::on_shutdown)   | pauses, final flushes, [`Command::Exit`]      |
+//! | [`handle_timeout`](ConsumerMachine::handle_timeout) at [`poll_timeout`](ConsumerMachine::poll_timeout) | due batches, retries |
+//!
+//! Each partition moves through [`Phase`]s. A partition reads only after a seek (or the
+//! assignment's start offset) was *confirmed* by the Kafka side, and only messages tagged with
+//! the epoch of that confirmed seek are accepted ([`EpochTags`] is the Kafka side's half of
+//! that rule). After a seek to offset X the next accepted message must be at X: any jump forward
+//! is a gap, and the partition stops there (reported, never written past).
+//!
+//! Flow control is per partition, as Kafka's pause is: when the shared buffer refuses a record,
+//! every reading partition is paused and will be re-read from its exact next record once the
+//! buffer is half empty again. A partition's desired pause state follows its phase, and the
+//! machine tells Kafka whenever the two differ, including for a partition assigned while the
+//! buffer is full, and on every (re)assignment (a pause can outlive a revocation in librdkafka).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::batcher::{
+    AfterFlush, Batch, BatchId, Batcher, BatcherConfig, FlushOutcome, Push, Record,
+};
+use crate::envelope::Envelope;
+use crate::error::ConfigError;
+use crate::ledger::{Partition, Position};
+use crate::retry::RetryPolicy;
+
+/// Tags the messages of one seek of one partition. A message tagged with another epoch than
+/// the partition's current one was fetched before a seek and is never accepted.
+pub type Epoch = u64;
+
+/// One known bug the machine can run with, so that a test can prove it notices the bug. The
+/// switch that turns one on ([`ConsumerConfig::mutation`]) exists only with the `mutations`
+/// feature, which only tests enable: a release build cannot run mutated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// The new epoch is published before the seek is done, and a failed seek is ignored.
+    EpochBeforeSeek,
+    /// A forward jump in a partition's offsets is accepted.
+    AcceptGaps,
+    /// One global paused flag instead of a pause state per partition.
+    GlobalPause,
+    /// Batches are written without checking the stored position.
+    NoCompareAndSet,
+    /// The position is stored in its own transaction, before the rows.
+    PositionBeforeRows,
+    /// A batch whose flush failed is dropped as if written.
+    DropFailedBatch,
+}
+
+impl Mutation {
+    /// Every mutation, with the name `SPILLWAY_SIM_MUTATE` / `SPILLWAY_MUTATE` selects it by.
+    pub const ALL: [(&'static str, Mutation); 6] = [
+        ("epoch-before-seek", Mutation::EpochBeforeSeek),
+        ("accept-gaps", Mutation::AcceptGaps),
+        ("global-pause", Mutation::GlobalPause),
+        ("no-compare-and-set", Mutation::NoCompareAndSet),
+        ("position-before-rows", Mutation::PositionBeforeRows),
+        ("drop-failed-batch", Mutation::DropFailedBatch),
+    ];
+
+    /// The mutation called `name`.
+    pub fn parse(name: &str) -> Option<Mutation> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+    }
+}
+
+/// Settings of the consumer's state machine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsumerConfig {
+    /// Batching, buffer bounds and flush retries.
+    pub batcher: BatcherConfig,
+    /// How long a shutdown may spend writing what is buffered.
+    pub shutdown_timeout: Duration,
+    /// A consumer that owns no partition while a partition has lag and its stored position has
+    /// not moved for this long rejoins the group (the broker left that partition unowned).
+    pub orphan_timeout: Duration,
+    /// A known bug to run with (tests only).
+    #[cfg(feature = "mutations")]
+    pub mutation: Option<Mutation>,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            batcher: BatcherConfig::default(),
+            shutdown_timeout: Duration::from_secs(30),
+            orphan_timeout: Duration::from_secs(20),
+            #[cfg(feature = "mutations")]
+            mutation: None,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.batcher.validate()?;
+        if self.shutdown_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "shutdown-timeout-ms",
+                "must be greater than zero",
+            ));
+        }
+        if self.orphan_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "orphan-rejoin-ms",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the machine runs with this known bug (never without the `mutations` feature).
+    pub fn mutated(&self, m: Mutation) -> bool {
+        #[cfg(feature = "mutations")]
+        return self.mutation == Some(m);
+        #[cfg(not(feature = "mutations"))]
+        {
+            let _ = m;
+            false
+        }
+    }
+}
+
+/// Where a partition stands in the consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Assigned; its stored position is being read from Postgres.
+    Positioning,
+    /// A seek (or the assignment) to the stored or next position was asked with this epoch and
+    /// is not confirmed yet.
+    Seeking(Epoch),
+    /// Reading messages tagged with this epoch, in offset order.
+    Reading(Epoch),
+    /// A record was refused for lack of room: paused, re-read from its next record when the
+    /// buffer is half empty.
+    Waiting,
+    /// A seek failed: paused, tried again at this time.
+    SeekRetry(Instant),
+    /// The offsets jumped past a record that was never read: stopped for good (until the
+    /// partition is assigned again).
+    Stopped,
+}
+
+impl Phase {
+    fn wants_fetching(self) -> bool {
+        matches!(self, Phase::Seeking(_) | Phase::Reading(_))
+    }
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    phase: Phase,
+    /// What Kafka was last told: `None` when unknown (just assigned).
+    kafka_paused: Option<bool>,
+    seek_attempts: u32,
+}
+
+/// A message the Kafka side polled.
+#[derive(Debug)]
+pub struct Message {
+    /// Partition.
+    pub partition: Partition,
+    /// Offset.
+    pub offset: i64,
+    /// The epoch [`EpochTags::tag`] gave it when it was polled.
+    pub epoch: Epoch,
+    /// The payload (`None` for a null message).
+    pub payload: Option<Vec<u8>>,
+}
+
+/// How a flush went, as the shell classified it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlushResult {
+    /// Rows, dead letters and the new position are committed.
+    Written,
+    /// The stored position was not the batch's start: nothing was written.
+    Fenced,
+    /// Nothing was committed (or the commit's fate is unknown); the same batch may succeed later.
+    Retriable {
+        /// The error.
+        reason: String,
+    },
+    /// The COPY of the rows refused a record; nothing was committed.
+    Poison {
+        /// The database's message.
+        reason: String,
+        /// The entry the database named, if any (a hint).
+        culprit: Option<usize>,
+    },
+    /// The dead-letter insert failed; nothing was committed. Retried, never dead-letters a
+    /// row (the rows were not at fault).
+    DeadLettersRejected {
+        /// The database's message.
+        reason: String,
+    },
+    /// A configuration problem (permissions, schema): the consumer must stop.
+    Fatal {
+        /// The database's message.
+        reason: String,
+    },
+}
+
+/// What the group looks like from the outside, per partition of the topic (the shell reads it
+/// periodically: stored positions from Postgres, high watermarks from Kafka).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// Partition.
+    pub partition: Partition,
+    /// Its stored position.
+    pub stored: Position,
+    /// The offset after its last message.
+    pub high_watermark: i64,
+}
+
+/// Why the consumer ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown asked and everything buffered is written.
+    Drained,
+    /// Shutdown asked; these records were not written within the shutdown timeout (they stay in
+    /// Kafka after the stored positions).
+    ShutdownTimeout {
+        /// Records left.
+        buffered: usize,
+    },
+    /// Postgres refused in a way retrying cannot fix.
+    Fatal(String),
+}
+
+/// Something the shell should log or count; it changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A batch is durable.
+    Committed {
+        /// Partition.
+        partition: Partition,
+        /// Its new position.
+        position: Position,
+        /// Rows written.
+        rows: usize,
+        /// Records dead-lettered.
+        dead_letters: usize,
+    },
+    /// A flush failed and will be retried.
+    Retrying {
+        /// Partition.
+        partition: Partition,
+        /// The failed try (1 = first).
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The dead-letter insert keeps failing: the batch waits (error level).
+    DeadLettersRejected {
+        /// Partition.
+        partition: Partition,
+        /// The failed try.
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// Another consumer moved the position: the partition is re-read from the stored one.
+    Fenced {
+        /// Partition.
+        partition: Partition,
+    },
+    /// The offsets jumped: the partition stopped (error level).
+    Gap {
+        /// Partition.
+        partition: Partition,
+        /// The offset the next message had to have.
+        expected: i64,
+        /// The offset it had.
+        got: i64,
+    },
+    /// The buffer is full: reading partitions are paused.
+    BufferFull {
+        /// Records buffered.
+        records: usize,
+        /// Bytes buffered.
+        bytes: usize,
+    },
+    /// The buffer is half empty: waiting partitions are re-read.
+    Resuming {
+        /// Records buffered.
+        records: usize,
+    },
+    /// A partition was revoked.
+    Revoked {
+        /// Partition.
+        partition: Partition,
+        /// Buffered records dropped (the next owner reads them again).
+        dropped: usize,
+    },
+    /// A seek failed and will be tried again.
+    SeekFailed {
+        /// Partition.
+        partition: Partition,
+        /// Why.
+        reason: String,
+    },
+    /// The stored positions could not be read; tried again.
+    PositionsUnavailable {
+        /// Why.
+        reason: String,
+    },
+    /// Partitions with lag nobody writes while this consumer owns none: rejoining the group.
+    Orphaned {
+        /// Those partitions.
+        partitions: Vec<Partition>,
+    },
+    /// Shutdown started.
+    Draining {
+        /// Records buffered.
+        buffered: usize,
+    },
+}
+
+/// What the shell must do, in order.
+#[derive(Debug)]
+pub enum Command {
+    /// Read the stored positions of these partitions and report them with
+    /// [`ConsumerMachine::on_positions`] (or `on_positions_failed`).
+    ReadPositions(Vec<Partition>),
+    /// Make the partition's next message the one at `offset`, tagged `epoch`; report with
+    /// `on_seek_done` or `on_seek_failed`. For a partition whose assignment is pending, this is
+    /// its start offset.
+    Seek {
+        /// Partition.
+        partition: Partition,
+        /// Offset.
+        offset: i64,
+        /// The epoch its messages carry once done.
+        epoch: Epoch,
+    },
+    /// Stop fetching the partition.
+    Pause(Partition),
+    /// Fetch the partition again.
+    Resume(Partition),
+    /// Write the batch in one transaction; report with `on_flush_result`.
+    Flush(Arc<Batch>),
+    /// Commit this next-offset to the group (for lag tools; Postgres holds the truth).
+    CommitKafka {
+        /// Partition.
+        partition: Partition,
+        /// Offset.
+        offset: i64,
+    },
+    /// Leave and join the group again.
+    Rejoin,
+    /// Log or count this.
+    Notice(Notice),
+    /// Stop; nothing more will be asked.
+    Exit(Exit),
+}
+
+/// Counters and gauges of the machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Records buffered (pending, queued and in flight).
+    pub buffered_records: usize,
+    /// Bytes buffered.
+    pub buffered_bytes: usize,
+    /// Current adaptive batch size.
+    pub target_batch_records: usize,
+    /// Partitions owned (any phase).
+    pub assigned: usize,
+    /// Partitions paused in Kafka.
+    pub paused: usize,
+    /// Partitions stopped at a gap.
+    pub stopped: usize,
+    /// Messages dropped: fetched before a seek, or while the partition waited for room.
+    pub dropped_messages: u64,
+    /// Gaps found since start.
+    pub gaps: u64,
+    /// Flushes fenced since start.
+    pub fenced: u64,
+    /// Flush retries since start.
+    pub retries: u64,
+    /// Rejoins asked since start.
+    pub rejoins: u64,
+}
+
+/// The consumer's state machine. See the module documentation.
+#[derive(Debug)]
+pub struct ConsumerMachine {
+    config: ConsumerConfig,
+    batcher: Batcher,
+    partitions: BTreeMap<Partition, PartitionState>,
+    in_flight: BTreeMap<BatchId, Arc<Batch>>,
+    commands: VecDeque<Command>,
+    next_epoch: Epoch,
+    retry: RetryPolicy,
+    positions_retry: Option<(Instant, u32)>,
+    full: bool,
+    /// With the `global-pause` mutation: the one flag that replaces per-partition state.
+    global_paused: bool,
+    draining_until: Option<Instant>,
+    exited: bool,
+    /// Per partition of the topic: the stored position last seen and since when.
+    watch: BTreeMap<Partition, (Position, Instant)>,
+    orphaned: Vec<Partition>,
+    next_rejoin: Option<Instant>,
+    stats: ConsumerStats,
+}
+
+impl ConsumerMachine {
+    /// A machine that owns no partition yet.
+    pub fn new(config: ConsumerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let batcher = Batcher::new(config.batcher.clone())?;
+        let retry = RetryPolicy::new(config.batcher.retry.clone());
+        Ok(ConsumerMachine {
+            config,
+            batcher,
+            partitions: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            commands: VecDeque::new(),
+            next_epoch: 1,
+            retry,
+            positions_retry: None,
+            full: false,
+            global_paused: false,
+            draining_until: None,
+            exited: false,
+            watch: BTreeMap::new(),
+            orphaned: Vec::new(),
+            next_rejoin: None,
+            stats: ConsumerStats::default(),
+        })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    /// The next command to perform, in order.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// When [`ConsumerMachine::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.exited {
+            return None;
+        }
+        let seeks = self.partitions.values().filter_map(|s| match s.phase {
+            Phase::SeekRetry(at) => Some(at),
+            _ => None,
+        });
+        [
+            self.batcher.poll_timeout(),
+            self.positions_retry.map(|(at, _)| at),
+            self.draining_until,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(seeks)
+        .min()
+    }
+
+    /// Time passed: emits due batches, retries seeks and position reads, ends a shutdown that
+    /// ran out of time.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.exited {
+            return;
+        }
+        if let Some((at, _)) = self.positions_retry {
+            if at <= now {
+                self.positions_retry = None;
+                let waiting: Vec<Partition> = self
+                    .partitions
+                    .iter()
+                    .filter(|(_, s)| s.phase == Phase::Positioning)
+                    .map(|(p, _)| *p)
+                    .collect();
+                if !waiting.is_empty() {
+                    self.commands.push_back(Command::ReadPositions(waiting));
+                }
+            }
+        }
+        let due: Vec<Partition> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| matches!(s.phase, Phase::SeekRetry(at) if at <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in due {
+            self.seek_to_next(p);
+        }
+        self.settle(now);
+    }
+
+    /// The group gave this consumer `partitions` (added to what it owns). Their stored
+    /// positions must be read before anything is read from them.
+    pub fn on_assigned(&mut self, partitions: &[Partition], now: Instant) {
+        if self.exited {
+            return;
+        }
+        let mut read = Vec::new();
+        for &p in partitions {
+            self.batcher.revoke(p);
+            self.partitions.insert(
+                p,
+                PartitionState {
+                    phase: Phase::Positioning,
+                    kafka_paused: None,
+                    seek_attempts: 0,
+                },
+            );
+            self.sync_pause(p);
+            read.push(p);
+        }
+        if !read.is_empty() && self.draining_until.is_none() {
+            self.commands.push_back(Command::ReadPositions(read));
+        }
+        self.orphaned.clear();
+        self.settle(now);
+    }
+
+    /// The stored positions were read.
+    pub fn on_positions(&mut self, positions: &[(Partition, Position)], now: Instant) {
+        if self.exited {
+            return;
+        }
+        for &(p, at) in positions {
+            let Some(state) = self.partitions.get(&p) else {
+                continue;
+            };
+            if state.phase != Phase::Positioning {
+                continue;
+            }
+            self.batcher.assign(p, at);
+            let epoch = self.new_epoch();
+            // Kafka needs a start offset now (the assignment may be waiting for it); a
+            // partition with no room waits, and is sought again with a new epoch later.
+            self.commands.push_back(Command::Seek {
+                partition: p,
+                offset: at.kafka_offset(),
+                epoch,
+            });
+            let phase = if self.full || self.draining_until.is_some() {
+                Phase::Waiting
+            } else {
+                Phase::Seeking(epoch)
+            };
+            self.set_phase(p, phase);
+        }
+        self.settle(now);
+    }
+
+    /// The stored positions could not be read.
+    pub fn on_positions_failed(&mut self, reason: String, fatal: bool, now: Instant) {
+        if self.exited {
+            return;
+        }
+        if fatal {
+            self.exit(Exit::Fatal(reason));
+            return;
+        }
+        let attempt = self.positions_retry.map_or(1, |(_, a)| a + 1);
+        let at = now + self.retry.delay(attempt);
+        self.positions_retry = Some((at, attempt));
+        self.notice(Notice::PositionsUnavailable { reason });
+    }
+
+    /// The Kafka side confirmed a seek: messages tagged `epoch` start at the sought offset.
+    pub fn on_seek_done(&mut self, partition: Partition, epoch: Epoch, now: Instant) {
+        if let Some(s) = self.partitions.get_mut(&partition) {
+            if s.phase == Phase::Seeking(epoch) {
+                s.phase = Phase::Reading(epoch);
+                s.seek_attempts = 0;
+            }
+        }
+        self.settle(now);
+    }
+
+    /// A seek failed: the partition's messages would not start at the sought offset.
+    pub fn on_seek_failed(
+        &mut self,
+        partition: Partition,
+        epoch: Epoch,
+        reason: String,
+        now: Instant,
+    ) {
+        if self.config.mutated(Mutation::EpochBeforeSeek) {
+            return;
+        }
+        let Some(s) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        if s.phase != Phase::Seeking(epoch) {
+            return;
+        }
+        s.seek_attempts += 1;
+        let at = now + self.retry.delay(s.seek_attempts);
+        self.set_phase(partition, Phase::SeekRetry(at));
+        self.notice(Notice::SeekFailed { partition, reason });
+        self.settle(now);
+    }
+
+    /// The group took these partitions away. Their buffered records are dropped (the next owner
+    /// reads them again); a flush in flight comes back stale.
+    pub fn on_revoked(&mut self, partitions: &[Partition], now: Instant) {
+        for &p in partitions {
+            if self.partitions.remove(&p).is_none() {
+                continue;
+            }
+            let dropped = self.batcher.revoke(p);
+            self.notice(Notice::Revoked {
+                partition: p,
+                dropped,
+            });
+        }
+        self.settle(now);
+    }
+
+    /// A message polled from Kafka.
+    pub fn on_message(&mut self, message: Message, now: Instant) {
+        if self.exited {
+            return;
+        }
+        let p = message.partition;
+        let epoch_ok = match self.partitions.get(&p).map(|s| s.phase) {
+            Some(Phase::Reading(e)) => e == message.epoch,
+            Some(Phase::Seeking(e)) => {
+                e == message.epoch && self.config.mutated(Mutation::EpochBeforeSeek)
+            }
+            _ => false,
+        };
+        if !epoch_ok {
+            self.stats.dropped_messages += 1;
+            return;
+        }
+        let Some(next) = self.batcher.next_position(p) else {
+            self.stats.dropped_messages += 1;
+            return;
+        };
+        if message.offset > next.offset && !self.config.mutated(Mutation::AcceptGaps) {
+            self.stats.gaps += 1;
+            self.set_phase(p, Phase::Stopped);
+            self.notice(Notice::Gap {
+                partition: p,
+                expected: next.offset,
+                got: message.offset,
+            });
+            self.settle(now);
+            return;
+        }
+        if message.offset < next.offset {
+            // Already buffered or written: delivered again.
+            self.stats.dropped_messages += 1;
+            return;
+        }
+        let single = |payload: Vec<u8>| Record {
+            partition: p,
+            offset: message.offset,
+            index: 0,
+            last_in_message: true,
+            received_at_micros: 0,
+            payload,
+        };
+        let pushed = match message.payload.as_deref().map(Envelope::decode) {
+            Some(Ok(env)) if env.records.is_empty() => self.batcher.push_dead_letter(
+                single(message.payload.clone().unwrap_or_default()),
+                "an envelope with no records".into(),
+                now,
+            ),
+            Some(Ok(env)) => {
+                let n = env.records.len();
+                let mut last = Push::Accepted;
+                for (i, r) in env.records.iter().enumerate() {
+                    let record = Record {
+                        partition: p,
+                        offset: message.offset,
+                        index: i as u32,
+                        last_in_message: i + 1 == n,
+                        received_at_micros: env.received_at_micros,
+                        payload: r.to_vec(),
+                    };
+                    last = self.batcher.push(record, now);
+                    if matches!(last, Push::Full(_) | Push::Unassigned(_)) {
+                        break;
+                    }
+                }
+                last
+            }
+            Some(Err(e)) => {
+                let reason = format!("undecodable message: {}", e.kind);
+                self.batcher.push_dead_letter(single(e.raw), reason, now)
+            }
+            None => self.batcher.push_dead_letter(
+                single(Vec::new()),
+                "empty (null) Kafka message".into(),
+                now,
+            ),
+        };
+        if let Push::Full(_) = pushed {
+            self.buffer_full(p);
+        }
+        self.settle(now);
+    }
+
+    /// A flush came back.
+    pub fn on_flush_result(&mut self, id: BatchId, result: FlushResult, now: Instant) {
+        if self.exited {
+            return;
+        }
+        let Some(batch) = self.in_flight.remove(&id) else {
+            return;
+        };
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        let partition = batch.partition;
+        let outcome = match result {
+            FlushResult::Written => FlushOutcome::Written,
+            FlushResult::Fenced => FlushOutcome::Fenced,
+            FlushResult::Retriable { reason } => {
+                if self.config.mutated(Mutation::DropFailedBatch) {
+                    FlushOutcome::Written
+                } else {
+                    FlushOutcome::Retriable { reason }
+                }
+            }
+            FlushResult::Poison { reason, culprit } => FlushOutcome::Poison { reason, culprit },
+            FlushResult::DeadLettersRejected { reason } => {
+                self.notice(Notice::DeadLettersRejected {
+                    partition,
+                    attempt: batch.attempt,
+                    reason: reason.clone(),
+                });
+                FlushOutcome::Retriable { reason }
+            }
+            FlushResult::Fatal { reason } => {
+                self.exit(Exit::Fatal(reason));
+                return;
+            }
+        };
+        let reason = match &outcome {
+            FlushOutcome::Retriable { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        match self.batcher.on_flush_result(batch, outcome, now) {
+            AfterFlush::Committed {
+                partition,
+                position,
+                rows,
+                dead_letters,
+            } => {
+                self.notice(Notice::Committed {
+                    partition,
+                    position,
+                    rows,
+                    dead_letters,
+                });
+                self.commands.push_back(Command::CommitKafka {
+                    partition,
+                    offset: position.kafka_offset(),
+                });
+            }
+            AfterFlush::RetryAt { attempt, .. } => {
+                self.stats.retries += 1;
+                self.notice(Notice::Retrying {
+                    partition,
+                    attempt,
+                    reason: reason.unwrap_or_default(),
+                });
+            }
+            AfterFlush::Isolating | AfterFlush::Stale => {}
+            AfterFlush::Fenced { partition } => {
+                self.stats.fenced += 1;
+                self.notice(Notice::Fenced { partition });
+                if let Some(s) = self.partitions.get_mut(&partition) {
+                    s.phase = Phase::Positioning;
+                }
+                self.sync_pause(partition);
+                if self.draining_until.is_none() {
+                    self.commands
+                        .push_back(Command::ReadPositions(vec![partition]));
+                }
+            }
+        }
+        self.settle(now);
+    }
+
+    /// The group seen from outside. A consumer that owns nothing while some partition has lag
+    /// and a stored position that did not move for `orphan_timeout` asks to rejoin the group.
+    pub fn on_group_view(&mut self, view: &[PartitionLag], now: Instant) {
+        if self.exited {
+            return;
+        }
+        let mut orphaned = Vec::new();
+        for lag in view {
+            let since = match self.watch.get(&lag.partition) {
+                Some((pos, since)) if *pos == lag.stored => *since,
+                _ => now,
+            };
+            self.watch.insert(lag.partition, (lag.stored, since));
+            let behind = lag.high_watermark > lag.stored.offset;
+            if behind && now.saturating_duration_since(since) >= self.config.orphan_timeout {
+                orphaned.push(lag.partition);
+            }
+        }
+        self.orphaned = if self.partitions.is_empty() && self.draining_until.is_none() {
+            orphaned
+        } else {
+            Vec::new()
+        };
+        if !self.orphaned.is_empty() && self.next_rejoin.is_none_or(|t| t <= now) {
+            self.stats.rejoins += 1;
+            self.next_rejoin = Some(now + self.config.orphan_timeout);
+            self.notice(Notice::Orphaned {
+                partitions: self.orphaned.clone(),
+            });
+            self.commands.push_back(Command::Rejoin);
+        }
+    }
+
+    /// Stop reading, write what is buffered, then exit (or exit at the shutdown timeout).
+    pub fn on_shutdown(&mut self, now: Instant) {
+        if self.exited || self.draining_until.is_some() {
+            return;
+        }
+        self.draining_until = Some(now + self.config.shutdown_timeout);
+        self.batcher.set_draining(true);
+        self.notice(Notice::Draining {
+            buffered: self.batcher.stats().buffered_records,
+        });
+        let all: Vec<Partition> = self.partitions.keys().copied().collect();
+        for p in all {
+            self.set_phase(p, Phase::Waiting);
+        }
+        self.settle(now);
+    }
+
+    /// Whether the consumer does its job: it is not stopping, and it does not sit idle while
+    /// partitions nobody writes have lag.
+    pub fn is_ready(&self) -> bool {
+        !self.exited && self.draining_until.is_none() && self.orphaned.is_empty()
+    }
+
+    /// A partition's phase.
+    pub fn phase(&self, partition: Partition) -> Option<Phase> {
+        self.partitions.get(&partition).map(|s| s.phase)
+    }
+
+    /// The partitions owned, in order.
+    pub fn assigned(&self) -> impl Iterator<Item = Partition> + '_ {
+        self.partitions.keys().copied()
+    }
+
+    /// Whether the machine has exited.
+    pub fn has_exited(&self) -> bool {
+        self.exited
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> ConsumerStats {
+        let b = self.batcher.stats();
+        ConsumerStats {
+            buffered_records: b.buffered_records,
+            buffered_bytes: b.buffered_bytes,
+            target_batch_records: b.target_batch_records,
+            assigned: self.partitions.len(),
+            paused: self
+                .partitions
+                .values()
+                .filter(|s| s.kafka_paused == Some(true))
+                .count(),
+            stopped: self
+                .partitions
+                .values()
+                .filter(|s| s.phase == Phase::Stopped)
+                .count(),
+            ..self.stats.clone()
+        }
+    }
+
+    fn new_epoch(&mut self) -> Epoch {
+        let e = self.next_epoch;
+        self.next_epoch += 1;
+        e
+    }
+
+    fn notice(&mut self, n: Notice) {
+        self.commands.push_back(Command::Notice(n));
+    }
+
+    fn exit(&mut self, why: Exit) {
+        if !self.exited {
+            self.exited = true;
+            self.commands.push_back(Command::Exit(why));
+        }
+    }
+
+    /// Every reading partition waits for room; the one that was refused re-reads from its
+    /// refused record.
+    fn buffer_full(&mut self, refused: Partition) {
+        if !self.full {
+            let s = self.batcher.stats();
+            self.notice(Notice::BufferFull {
+                records: s.buffered_records,
+                bytes: s.buffered_bytes,
+            });
+        }
+        self.full = true;
+        if self.config.mutated(Mutation::GlobalPause) {
+            self.global_pause();
+            self.set_phase(refused, Phase::Waiting);
+            return;
+        }
+        let reading: Vec<Partition> = self
+            .partitions
+            .iter()
+            .filter(|(p, s)| **p == refused || s.phase.wants_fetching())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in reading {
+            self.set_phase(p, Phase::Waiting);
+        }
+    }
+
+    /// The bug this machine exists to avoid: one flag, pausing what is assigned now.
+    fn global_pause(&mut self) {
+        if !self.global_paused {
+            self.global_paused = true;
+            let all: Vec<Partition> = self.partitions.keys().copied().collect();
+            for p in all {
+                self.commands.push_back(Command::Pause(p));
+            }
+        }
+        let reading: Vec<Partition> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| s.phase.wants_fetching())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in reading {
+            if let Some(s) = self.partitions.get_mut(&p) {
+                s.phase = Phase::Waiting;
+            }
+        }
+    }
+
+    fn set_phase(&mut self, p: Partition, phase: Phase) {
+        if let Some(s) = self.partitions.get_mut(&p) {
+            s.phase = phase;
+        }
+        self.sync_pause(p);
+    }
+
+    /// Tells Kafka to pause or resume `p` when its phase wants otherwise than Kafka was told.
+    fn sync_pause(&mut self, p: Partition) {
+        if self.config.mutated(Mutation::GlobalPause) {
+            return;
+        }
+        let Some(s) = self.partitions.get_mut(&p) else {
+            return;
+        };
+        let paused = !s.phase.wants_fetching();
+        if s.kafka_paused != Some(paused) {
+            s.kafka_paused = Some(paused);
+            self.commands.push_back(if paused {
+                Command::Pause(p)
+            } else {
+                Command::Resume(p)
+            });
+        }
+    }
+
+    /// Re-reads `p` from the next record it needs, with a new epoch.
+    fn seek_to_next(&mut self, p: Partition) {
+        let Some(next) = self.batcher.next_position(p) else {
+            return;
+        };
+        let epoch = self.new_epoch();
+        self.commands.push_back(Command::Seek {
+            partition: p,
+            offset: next.kafka_offset(),
+            epoch,
+        });
+        let confirmed_at_once = self.config.mutated(Mutation::EpochBeforeSeek);
+        self.set_phase(
+            p,
+            if confirmed_at_once {
+                Phase::Reading(epoch)
+            } else {
+                Phase::Seeking(epoch)
+            },
+        );
+    }
+
+    /// After every event: resume when there is room, emit due batches, finish a drain.
+    fn settle(&mut self, now: Instant) {
+        if self.exited {
+            return;
+        }
+        self.relieve();
+        while let Some(batch) = self.batcher.poll_batch(now) {
+            let batch = self.mutate_batch(batch);
+            let batch = Arc::new(batch);
+            self.in_flight.insert(batch.id, batch.clone());
+            self.commands.push_back(Command::Flush(batch));
+        }
+        if let Some(until) = self.draining_until {
+            if self.batcher.is_empty() && self.in_flight.is_empty() {
+                self.exit(Exit::Drained);
+            } else if now >= until {
+                let buffered = self.batcher.stats().buffered_records;
+                self.exit(Exit::ShutdownTimeout { buffered });
+            }
+        }
+    }
+
+    fn mutate_batch(&self, mut batch: Batch) -> Batch {
+        if self.config.mutated(Mutation::NoCompareAndSet) {
+            batch.check_start = false;
+        }
+        if self.config.mutated(Mutation::PositionBeforeRows) {
+            batch.position_with_rows = false;
+        }
+        batch
+    }
+
+    /// Once the buffer is half empty, every waiting partition is re-read from its next record.
+    fn relieve(&mut self) {
+        if !self.full || self.draining_until.is_some() {
+            return;
+        }
+        let s = self.batcher.stats();
+        let cfg = self.batcher.config();
+        if s.buffered_records > cfg.capacity_records / 2
+            || s.buffered_bytes > cfg.capacity_bytes / 2
+        {
+            return;
+        }
+        self.full = false;
+        self.notice(Notice::Resuming {
+            records: s.buffered_records,
+        });
+        let waiting: Vec<Partition> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Waiting)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in waiting {
+            self.seek_to_next(p);
+        }
+        if self.config.mutated(Mutation::GlobalPause) && self.global_paused {
+            self.global_paused = false;
+            let all: Vec<Partition> = self.partitions.keys().copied().collect();
+            for p in all {
+                self.commands.push_back(Command::Resume(p));
+            }
+        }
+    }
+}
+
+/// The Kafka side's half of the epoch rule: a message is tagged with the epoch of the last seek
+/// that *succeeded* on its partition, so a failed seek can never make stale messages look new.
+#[derive(Debug, Default)]
+pub struct EpochTags {
+    current: BTreeMap<Partition, Epoch>,
+    publish_before_seek: bool,
+}
+
+impl EpochTags {
+    /// Tags for a consumer configured with `config`.
+    pub fn new(config: &ConsumerConfig) -> Self {
+        EpochTags {
+            current: BTreeMap::new(),
+            publish_before_seek: config.mutated(Mutation::EpochBeforeSeek),
+        }
+    }
+
+    /// A seek with `epoch` is about to be tried.
+    pub fn seeking(&mut self, partition: Partition, epoch: Epoch) {
+        if self.publish_before_seek {
+            self.current.insert(partition, epoch);
+        }
+    }
+
+    /// The seek with `epoch` succeeded: messages polled from now on carry it.
+    pub fn sought(&mut self, partition: Partition, epoch: Epoch) {
+        self.current.insert(partition, epoch);
+    }
+
+    /// The partition left the assignment.
+    pub fn forget(&mut self, partition: Partition) {
+        self.current.remove(&partition);
+    }
+
+    /// The tag for a message of `partition` polled now (0: no seek succeeded, never accepted).
+    pub fn tag(&self, partition: Partition) -> Epoch {
+        self.current.get(&partition).copied().unwrap_or(0)
+    }
+}
