@@ -10,7 +10,9 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 use spillway_core::props::{parse_properties, redact_properties};
-use spillway_core::{AdaptiveConfig, BatcherConfig, ConfigError, Jitter, RetryConfig};
+use spillway_core::{
+    AdaptiveConfig, BatcherConfig, ConfigError, ConsumerConfig, Jitter, RetryConfig,
+};
 
 use crate::pg::TableName;
 
@@ -90,6 +92,10 @@ pub struct Args {
     /// On SIGTERM, how long to try flushing what is buffered [default: 30000].
     #[arg(long, env = "SPILLWAY_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<u64>,
+    /// Rejoin the group when this consumer owns no partition while a partition has lag and a
+    /// stored position that has not moved for this long (default 20000).
+    #[arg(long, env = "SPILLWAY_ORPHAN_REJOIN_MS")]
+    pub orphan_rejoin_ms: Option<u64>,
     /// A librdkafka property: -X key=value (repeatable), e.g. -X session.timeout.ms=10000.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     #[serde(skip)]
@@ -124,16 +130,15 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Shutdown grace.
     pub shutdown_timeout: Duration,
+    /// Rejoin the group after owning nothing this long while partitions have lag nobody writes.
+    pub orphan_timeout: Duration,
     /// Extra librdkafka properties, applied last.
     pub rdkafka: Vec<(String, String)>,
 }
 
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let url = match self.database_url.split_once('@') {
-            Some((_, host)) => format!("<credentials>@{host}"),
-            None => self.database_url.clone(),
-        };
+        let url = redact_url(&self.database_url);
         f.debug_struct("Settings")
             .field("brokers", &self.brokers)
             .field("topic", &self.topic)
@@ -190,6 +195,7 @@ impl Settings {
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
+            orphan_timeout: Duration::from_secs(20),
             rdkafka: vec![],
         }
     }
@@ -222,7 +228,8 @@ impl Settings {
                 pool_size,
                 statement_timeout_ms,
                 connect_timeout_ms,
-                shutdown_timeout_ms
+                shutdown_timeout_ms,
+                orphan_rejoin_ms
             );
             a.librdkafka = f.librdkafka;
         }
@@ -292,19 +299,100 @@ impl Settings {
             }
             s.pool_size = v;
         }
+        let positive = |v: u64, name: &'static str| {
+            if v == 0 {
+                Err(bad(name, "must be greater than zero"))
+            } else {
+                Ok(ms(v))
+            }
+        };
         if let Some(v) = a.statement_timeout_ms {
-            s.statement_timeout = ms(v);
+            s.statement_timeout = positive(v, "statement-timeout-ms")?;
         }
         if let Some(v) = a.connect_timeout_ms {
-            s.connect_timeout = ms(v);
+            s.connect_timeout = positive(v, "connect-timeout-ms")?;
         }
         if let Some(v) = a.shutdown_timeout_ms {
-            s.shutdown_timeout = ms(v);
+            s.shutdown_timeout = positive(v, "shutdown-timeout-ms")?;
+        }
+        if let Some(v) = a.orphan_rejoin_ms {
+            s.orphan_timeout = positive(v, "orphan-rejoin-ms")?;
         }
         s.rdkafka = a.librdkafka.into_iter().collect();
         s.rdkafka.extend(parse_properties(&a.rdkafka)?);
         Ok(s)
     }
+}
+
+impl Settings {
+    /// The settings of the core's state machine. With the `mutations` feature (tests only),
+    /// `SPILLWAY_MUTATE=<name>` runs it with one known bug.
+    pub fn machine_config(&self) -> Result<ConsumerConfig, ConfigError> {
+        let config = ConsumerConfig {
+            batcher: self.batcher.clone(),
+            shutdown_timeout: self.shutdown_timeout,
+            orphan_timeout: self.orphan_timeout,
+            #[cfg(feature = "mutations")]
+            mutation: match std::env::var("SPILLWAY_MUTATE") {
+                Ok(name) => Some(spillway_core::Mutation::parse(&name).ok_or_else(|| {
+                    bad(
+                        "SPILLWAY_MUTATE",
+                        format!("{name:?} is not a known mutation"),
+                    )
+                })?),
+                Err(_) => None,
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// A Postgres connection string with its password hidden, in URL form
+/// (`postgres://user:secret@host/db`, where the password may itself hold `@`) or key/value form
+/// (`host=h password=secret`).
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        return match authority.rfind('@') {
+            Some(at) => {
+                let user = authority[..at].split(':').next().unwrap_or_default();
+                format!(
+                    "{scheme}://{user}:<redacted>@{}{tail}",
+                    &authority[at + 1..]
+                )
+            }
+            None => url.to_string(),
+        };
+    }
+    let mut out = Vec::new();
+    let mut words = url.split_whitespace();
+    while let Some(w) = words.next() {
+        match w.split_once('=') {
+            Some((k, v)) if k.trim().eq_ignore_ascii_case("password") => {
+                // A quoted password may contain spaces: skip to its closing quote.
+                if v.starts_with('\'') && !(v.len() > 1 && v.ends_with('\'')) {
+                    for rest in words.by_ref() {
+                        if rest.ends_with('\'') {
+                            break;
+                        }
+                    }
+                }
+                out.push(format!("{k}=<redacted>"));
+            }
+            None if w.eq_ignore_ascii_case("password") => {
+                out.push("password=<redacted>".into());
+                // "password = secret": the value follows the "=".
+                if words.clone().next() == Some("=") {
+                    words.next();
+                    words.next();
+                }
+            }
+            _ => out.push(w.to_string()),
+        }
+    }
+    out.join(" ")
 }
 
 fn random_seed() -> u64 {
@@ -349,6 +437,37 @@ mod tests {
         assert_eq!(with(&["--table", "a;b"]), "table");
         assert_eq!(with(&["--pool-size", "0"]), "pool-size");
         assert_eq!(with(&["--buffer-max-records", "10"]), "buffer-max-records");
-        assert_eq!(with(&["--batch-max-age-ms", "0"]), "batch-max-age");
+        assert_eq!(with(&["--batch-max-age-ms", "0"]), "batch-max-age-ms");
+        assert_eq!(with(&["--retry-max-ms", "0"]), "retry-max-ms");
+        assert_eq!(
+            with(&["--statement-timeout-ms", "0"]),
+            "statement-timeout-ms"
+        );
+        assert_eq!(with(&["--connect-timeout-ms", "0"]), "connect-timeout-ms");
+        assert_eq!(with(&["--shutdown-timeout-ms", "0"]), "shutdown-timeout-ms");
+        assert_eq!(with(&["--orphan-rejoin-ms", "0"]), "orphan-rejoin-ms");
+    }
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        for (url, secret) in [
+            ("postgres://u:hunter2@h/db", "hunter2"),
+            (
+                "postgres://u:p@ss@word@h:5432/db?sslmode=require",
+                "ss@word",
+            ),
+            ("host=h user=u password=hunter2 dbname=db", "hunter2"),
+            ("host=h password='two words' dbname=db", "words"),
+            ("host=h PASSWORD = hunter2", "hunter2"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.contains("<redacted>"), "{url} -> {shown}");
+        }
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:<redacted>@h/db"
+        );
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
     }
 }

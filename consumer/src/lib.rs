@@ -5,8 +5,9 @@
 //! (a compare-and-set: if another consumer moved it, the transaction rolls back). Postgres is
 //! the source of truth for positions; the Kafka commit after each flush only feeds lag tools.
 //! While Postgres is down the buffer fills to its bound, then Kafka is paused; nothing is
-//! dropped and memory stays flat. Decisions (batching, retries, isolating bad records) are
-//! the core's [`spillway_core::Batcher`]; this crate only does the IO.
+//! dropped and memory stays flat. Every decision (batching, retries, isolating bad records,
+//! pausing and re-reading partitions, fencing, draining) is the core's
+//! [`spillway_core::ConsumerMachine`]; this crate only does the IO.
 #![warn(missing_docs)]
 
 pub mod config;
@@ -27,7 +28,9 @@ use warp::hyper::Body;
 use warp::Filter;
 
 pub use config::{Args, Settings};
-pub use pipeline::{Metrics, FAILPOINT_EXIT_AFTER_COMMITS};
+pub use pipeline::{Health, Metrics};
+#[cfg(feature = "failpoints")]
+pub use pipeline::{FAILPOINT_EXIT_AFTER_COMMITS, FAILPOINT_PANIC_FLUSHES};
 
 /// Why the consumer stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -165,17 +168,29 @@ pub async fn start(settings: Settings) -> Result<RunningConsumer, ConsumerError>
     let pool = Arc::new(pool);
     migrate_with_retry(&pool, &settings).await?;
     let metrics = pipeline::new_metrics();
-    let pipeline = pipeline::Pipeline::new(settings.clone(), pool.clone(), metrics.clone())?;
+    let health = Arc::new(Health::default());
+    let pipeline = pipeline::Pipeline::new(
+        settings.clone(),
+        pool.clone(),
+        metrics.clone(),
+        health.clone(),
+    )?;
     let (http_stop, http_stop_rx) = oneshot::channel::<()>();
     let kafka = pipeline.kafka_client();
-    let (addr, server) = warp::serve(routes(pool, kafka, metrics.clone(), settings.clone()))
-        .try_bind_with_graceful_shutdown(settings.listen, async {
-            let _ = http_stop_rx.await;
-        })
-        .map_err(|e| ConsumerError::Bind {
-            addr: settings.listen,
-            detail: e.to_string(),
-        })?;
+    let (addr, server) = warp::serve(routes(
+        pool,
+        kafka,
+        metrics.clone(),
+        health,
+        settings.clone(),
+    ))
+    .try_bind_with_graceful_shutdown(settings.listen, async {
+        let _ = http_stop_rx.await;
+    })
+    .map_err(|e| ConsumerError::Bind {
+        addr: settings.listen,
+        detail: e.to_string(),
+    })?;
     tokio::spawn(server);
     let (stop, stop_rx) = oneshot::channel();
     let task = tokio::spawn(pipeline.run(stop_rx));
@@ -220,18 +235,56 @@ fn routes(
     pool: Arc<pg::Pool>,
     kafka: Arc<KafkaClient>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     settings: Settings,
 ) -> impl Filter<Extract = (Response<Body>,), Error = Infallible> + Clone {
-    let healthz = warp::path("healthz")
-        .and(warp::get())
-        .map(|| text(StatusCode::OK, "alive\n".into()));
+    let alive = health.clone();
+    let healthz = warp::path("healthz").and(warp::get()).map(move || {
+        match alive
+            .stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+        {
+            None => text(StatusCode::OK, "alive\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the pipeline stopped: {why}\n"),
+            ),
+        }
+    });
     let m = metrics.clone();
     let metrics_route = warp::path("metrics")
         .and(warp::get())
         .map(move || text(StatusCode::OK, m.registry.render()));
     let readyz = warp::path("readyz").and(warp::get()).then(move || {
         let (pool, kafka, topic) = (pool.clone(), kafka.clone(), settings.topic.clone());
+        let health = health.clone();
         async move {
+            if !health.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                let stopped = health
+                    .stopped
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let why = match stopped {
+                    Some(why) => format!("the pipeline stopped: {why}"),
+                    None => health
+                        .not_ready_because
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
+                };
+                let why = if why.is_empty() {
+                    "stopping".to_string()
+                } else {
+                    why
+                };
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                );
+            }
             match ready(&pool, kafka, topic).await {
                 Ok(()) => text(StatusCode::OK, "ready\n".into()),
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),

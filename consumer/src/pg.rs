@@ -2,12 +2,13 @@
 //! transaction. Errors are classified here into the core's [`ErrorClass`]; nothing above this
 //! module looks at a `tokio_postgres::Error`.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::SinkExt;
 use postgres_native_tls::MakeTlsConnector;
-use spillway_core::{Batch, ErrorClass, FlushOutcome, Partition, Position};
+use spillway_core::{Batch, ErrorClass, FlushResult, Partition, Position};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
@@ -250,11 +251,21 @@ impl Pool {
 
     /// Borrows a connection, opening one if none is idle.
     pub async fn get(&self) -> Result<Conn<'_>, PgFailure> {
-        let permit = self
-            .permits
+        let turn = self.wait_turn().await?;
+        self.open(turn).await
+    }
+
+    /// Waits until one of the pool's connections is free. Waiting here is not a sign of an
+    /// outage (other partitions are flushing), so no deadline should count it.
+    pub async fn wait_turn(&self) -> Result<SemaphorePermit<'_>, PgFailure> {
+        self.permits
             .acquire()
             .await
-            .map_err(|_| client_failure("pool closed"))?;
+            .map_err(|_| client_failure("pool closed"))
+    }
+
+    /// Takes an idle connection, or opens one, for the holder of `turn`.
+    pub async fn open<'a>(&'a self, turn: SemaphorePermit<'a>) -> Result<Conn<'a>, PgFailure> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let client = match idle.filter(|c| !c.is_closed()) {
             Some(c) => c,
@@ -275,7 +286,7 @@ impl Pool {
         Ok(Conn {
             client: Some(client),
             pool: self,
-            _permit: permit,
+            _permit: turn,
         })
     }
 }
@@ -360,31 +371,89 @@ pub async fn position(
     Ok(Position::new(row.get(0), row.get::<_, i32>(1) as u32))
 }
 
-/// The result of one flush attempt.
-#[derive(Debug)]
-pub enum Flushed {
-    /// Committed, or rolled back with this outcome for the core.
-    Outcome(FlushOutcome),
-    /// A configuration problem: stop.
-    Fatal(String),
+/// Every stored position of `topic` for `table`.
+pub async fn positions(
+    client: &Client,
+    table: &TableName,
+    topic: &str,
+) -> Result<BTreeMap<Partition, Position>, PgFailure> {
+    let rows = client
+        .query(
+            "SELECT kafka_partition, next_offset, next_index FROM spillway_offsets
+             WHERE table_name = $1 AND topic = $2",
+            &[&table.plain, &topic],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), Position::new(r.get(1), r.get::<_, i32>(2) as u32)))
+        .collect())
 }
 
-/// Writes a batch in one transaction: the partition's position moves from `start` to `end`
-/// (only if it still holds `start`), the rows go in by COPY BINARY, the dead letters beside.
-pub async fn flush(
-    client: &mut Client,
+/// What a failure outside the statements of a flush (connecting, a deadline) means for it.
+pub fn flush_result(f: PgFailure) -> FlushResult {
+    match f.class {
+        ErrorClass::Fatal => FlushResult::Fatal { reason: f.message },
+        _ => FlushResult::Retriable { reason: f.message },
+    }
+}
+
+/// Which statement of the flush failed: the same SQLSTATE means different things in each.
+#[derive(Clone, Copy)]
+enum Stage {
+    /// BEGIN, the position's compare-and-set, COMMIT: a data error here is not a record's.
+    Bookkeeping,
+    /// The COPY of the rows: a data error names a record.
+    Rows,
+    /// The dead-letter insert: a data error is the dead-letter table's (a constraint or a
+    /// trigger someone added), never a row's.
+    DeadLetters,
+    /// The COMMIT: a deferred constraint on the rows may fire here, naming no row.
+    Commit,
+}
+
+fn staged(stage: Stage, e: &tokio_postgres::Error, batch: &Batch) -> FlushResult {
+    let f = classify(e);
+    match (f.class, stage) {
+        (ErrorClass::Fatal, _) => FlushResult::Fatal { reason: f.message },
+        (ErrorClass::Retriable, _) | (ErrorClass::Poison, Stage::Bookkeeping) => {
+            FlushResult::Retriable { reason: f.message }
+        }
+        (ErrorClass::Poison, Stage::Rows) => FlushResult::Poison {
+            culprit: f.row.and_then(|row| entry_of_row(batch, row)),
+            reason: f.message,
+        },
+        (ErrorClass::Poison, Stage::Commit) => FlushResult::Poison {
+            culprit: None,
+            reason: f.message,
+        },
+        (ErrorClass::Poison, Stage::DeadLetters) => {
+            FlushResult::DeadLettersRejected { reason: f.message }
+        }
+    }
+}
+
+/// Moves the partition's position from the batch's start to its end, only if it still holds
+/// the start (unless a test runs the `no-compare-and-set` mutation). Returns whether it moved.
+async fn move_position(
+    tx: &tokio_postgres::Transaction<'_>,
     table: &TableName,
     topic: &str,
     batch: &Batch,
-) -> Result<Flushed, PgFailure> {
-    let tx = client.transaction().await.map_err(|e| classify(&e))?;
-    // The row lock taken here serialises competing writers of one partition: a zombie waits,
-    // then finds the position moved and rolls back.
+) -> Result<bool, tokio_postgres::Error> {
+    let sql = if batch.check_start {
+        "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
+         WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
+           AND next_offset = $6 AND next_index = $7"
+    } else {
+        "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
+         WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
+           AND $6::bigint IS NOT NULL AND $7::int IS NOT NULL"
+    };
     let moved = tx
         .execute(
-            "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
-             WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
-               AND next_offset = $6 AND next_index = $7",
+            sql,
             &[
                 &table.plain,
                 &topic,
@@ -395,14 +464,54 @@ pub async fn flush(
                 &(batch.start.index as i32),
             ],
         )
-        .await
-        .map_err(|e| classify(&e))?;
-    if moved != 1 {
-        tx.rollback().await.map_err(|e| classify(&e))?;
-        return Ok(Flushed::Outcome(FlushOutcome::Fenced));
+        .await?;
+    Ok(moved == 1)
+}
+
+/// Writes a batch in one transaction: the partition's position moves from `start` to `end`
+/// (only if it still holds `start`), the rows go in by COPY BINARY, the dead letters beside.
+/// Each error is classified by the statement that raised it.
+pub async fn flush(
+    client: &mut Client,
+    table: &TableName,
+    topic: &str,
+    batch: &Batch,
+) -> FlushResult {
+    use Stage::*;
+    if !batch.position_with_rows {
+        // The `position-before-rows` mutation: the position commits on its own, first.
+        let moved = async {
+            let tx = client.transaction().await?;
+            let moved = move_position(&tx, table, topic, batch).await?;
+            tx.commit().await?;
+            Ok::<_, tokio_postgres::Error>(moved)
+        }
+        .await;
+        match moved {
+            Ok(true) => {}
+            Ok(false) => return FlushResult::Fenced,
+            Err(e) => return staged(Bookkeeping, &e, batch),
+        }
     }
-    let rows = batch.row_count();
-    if rows > 0 {
+    let tx = match client.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => return staged(Bookkeeping, &e, batch),
+    };
+    if batch.position_with_rows {
+        // The row lock taken here serialises competing writers of one partition: a zombie
+        // waits, then finds the position moved and rolls back.
+        match move_position(&tx, table, topic, batch).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return match tx.rollback().await {
+                    Ok(()) => FlushResult::Fenced,
+                    Err(e) => staged(Bookkeeping, &e, batch),
+                }
+            }
+            Err(e) => return staged(Bookkeeping, &e, batch),
+        }
+    }
+    if batch.row_count() > 0 {
         let size: usize = batch
             .rows()
             .map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD)
@@ -413,25 +522,14 @@ pub async fn flush(
             table.records(),
             pgcopy::COLUMNS
         );
-        let sink = tx
-            .copy_in::<_, bytes::Bytes>(&statement)
-            .await
-            .map_err(|e| classify(&e))?;
-        futures::pin_mut!(sink);
-        let sent = async {
+        let copied = async {
+            let sink = tx.copy_in::<_, bytes::Bytes>(&statement).await?;
+            futures::pin_mut!(sink);
             sink.send(data).await?;
             sink.as_mut().finish().await
         };
-        if let Err(e) = sent.await {
-            let failure = classify(&e);
-            return match failure.class {
-                ErrorClass::Poison => Ok(Flushed::Outcome(FlushOutcome::Poison {
-                    culprit: failure.row.and_then(|row| entry_of_row(batch, row)),
-                    reason: failure.message,
-                })),
-                ErrorClass::Fatal => Ok(Flushed::Fatal(failure.message)),
-                ErrorClass::Retriable => Err(failure),
-            };
+        if let Err(e) = copied.await {
+            return staged(Rows, &e, batch);
         }
     }
     let dead: Vec<_> = batch.dead_letters().collect();
@@ -451,19 +549,24 @@ pub async fn flush(
             .iter()
             .map(|(_, why)| printable(why.as_bytes()))
             .collect();
-        tx.execute(
-            &format!(
-                "INSERT INTO {} (kafka_partition, kafka_offset, record_index, received_at, raw, error)
-                 SELECT * FROM unnest($1::int[], $2::bigint[], $3::int[], $4::timestamptz[], $5::text[], $6::text[])",
-                table.dead_letters()
-            ),
-            &[&partitions, &offsets, &indexes, &received, &raw, &errors],
-        )
-        .await
-        .map_err(|e| classify(&e))?;
+        let inserted = tx
+            .execute(
+                &format!(
+                    "INSERT INTO {} (kafka_partition, kafka_offset, record_index, received_at, raw, error)
+                     SELECT * FROM unnest($1::int[], $2::bigint[], $3::int[], $4::timestamptz[], $5::text[], $6::text[])",
+                    table.dead_letters()
+                ),
+                &[&partitions, &offsets, &indexes, &received, &raw, &errors],
+            )
+            .await;
+        if let Err(e) = inserted {
+            return staged(DeadLetters, &e, batch);
+        }
     }
-    tx.commit().await.map_err(|e| classify(&e))?;
-    Ok(Flushed::Outcome(FlushOutcome::Written))
+    match tx.commit().await {
+        Ok(()) => FlushResult::Written,
+        Err(e) => staged(Commit, &e, batch),
+    }
 }
 
 /// The entry index of the `row`-th row (rows skip dead letters).

@@ -1,27 +1,38 @@
-//! The consumer's event loop: Kafka messages in, batches out to Postgres, flush results back
-//! into the core, Kafka paused when the buffer is full and rewound when there is room again.
+//! The consumer's event loop: a thin shell around [`ConsumerMachine`]. It feeds the machine
+//! every event (Kafka messages and rebalances, seek outcomes, flush and position-read results,
+//! the group's lag, timers, shutdown) with `now`, and performs every command the machine emits:
+//! Kafka commands go to the Kafka thread, flushes and position reads run as tasks, notices
+//! become logs and metrics. It keeps no flow-control state of its own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use spillway_core::metrics::{Counter, Gauge, Histogram, Registry};
 use spillway_core::{
-    AfterFlush, Batch, Batcher, Envelope, ErrorClass, FlushOutcome, Partition, Position, Push,
-    Record, RetryPolicy,
+    BatchId, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult, Notice, Partition,
+    PartitionLag, Position,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 use crate::config::Settings;
-use crate::pg::{self, Flushed, PgFailure, Pool};
-use crate::source::{Source, SourceCommand, SourceEvent};
+use crate::pg::{self, PgFailure, Pool};
+use crate::source::{self, Source, SourceCommand, SourceEvent, StartAt};
 use crate::ConsumerError;
 
-/// Environment variable naming a test failpoint: after this many Postgres commits, the process
-/// SIGKILLs itself, before the Kafka commit (for the "killed between the two commits" tests).
+/// Environment variable naming a test failpoint (`failpoints` feature only): after this many
+/// Postgres commits, the process SIGKILLs itself, before the Kafka commit.
+#[cfg(feature = "failpoints")]
 pub const FAILPOINT_EXIT_AFTER_COMMITS: &str = "SPILLWAY_FAILPOINT_EXIT_AFTER_COMMITS";
+
+/// Environment variable naming a test failpoint (`failpoints` feature only): the first this
+/// many flush tasks panic.
+#[cfg(feature = "failpoints")]
+pub const FAILPOINT_PANIC_FLUSHES: &str = "SPILLWAY_FAILPOINT_PANIC_FLUSHES";
 
 /// The consumer's metrics.
 pub struct Metrics {
@@ -33,6 +44,8 @@ pub struct Metrics {
     retries: Arc<Counter>,
     fenced: Arc<Counter>,
     dropped: Arc<Counter>,
+    gaps: Arc<Counter>,
+    rejoins: Arc<Counter>,
     batch_size: Arc<Histogram>,
     flush_latency: Arc<Histogram>,
     db_up: Arc<Gauge>,
@@ -40,6 +53,8 @@ pub struct Metrics {
     buffered_bytes: Arc<Gauge>,
     target_batch: Arc<Gauge>,
     paused: Arc<Gauge>,
+    assigned: Arc<Gauge>,
+    stopped: Arc<Gauge>,
     lag: Mutex<BTreeMap<Partition, Arc<Gauge>>>,
 }
 
@@ -54,32 +69,37 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
+        let counter = |name: &str, help: &str| r.counter(name, help, &[]);
+        let gauge = |name: &str, help: &str| r.gauge(name, help, &[]);
         Metrics {
-            rows: r.counter(
+            rows: counter(
                 "spillway_consumer_rows_written_total",
                 "Rows committed to the records table.",
-                &[],
             ),
-            batches: r.counter("spillway_consumer_batches_total", "Batches committed.", &[]),
-            dead_letters: r.counter(
+            batches: counter("spillway_consumer_batches_total", "Batches committed."),
+            dead_letters: counter(
                 "spillway_consumer_dead_letters_total",
                 "Records committed to the dead-letter table.",
-                &[],
             ),
-            retries: r.counter(
+            retries: counter(
                 "spillway_consumer_flush_retries_total",
                 "Flushes that failed and will be retried.",
-                &[],
             ),
-            fenced: r.counter(
+            fenced: counter(
                 "spillway_consumer_fenced_total",
                 "Flushes refused because another consumer moved the position.",
-                &[],
             ),
-            dropped: r.counter(
+            dropped: counter(
                 "spillway_consumer_rewound_messages_total",
-                "Messages dropped while paused (buffer full) and read again later.",
-                &[],
+                "Messages dropped (fetched before a seek, or while the buffer was full) and read again later.",
+            ),
+            gaps: counter(
+                "spillway_consumer_offset_gaps_total",
+                "Partitions stopped because their offsets jumped past an unread record.",
+            ),
+            rejoins: counter(
+                "spillway_consumer_rejoins_total",
+                "Group rejoins asked because this consumer owned nothing while partitions had lag nobody wrote.",
             ),
             batch_size: r.histogram(
                 "spillway_consumer_batch_records",
@@ -93,30 +113,27 @@ impl Metrics {
                 &[],
                 Histogram::latency_seconds(),
             ),
-            db_up: r.gauge(
+            db_up: gauge(
                 "spillway_consumer_database_up",
                 "1 while Postgres accepts flushes.",
-                &[],
             ),
-            buffered_records: r.gauge(
-                "spillway_consumer_buffered_records",
-                "Records held in memory.",
-                &[],
-            ),
-            buffered_bytes: r.gauge(
-                "spillway_consumer_buffered_bytes",
-                "Bytes held in memory.",
-                &[],
-            ),
-            target_batch: r.gauge(
+            buffered_records: gauge("spillway_consumer_buffered_records", "Records held in memory."),
+            buffered_bytes: gauge("spillway_consumer_buffered_bytes", "Bytes held in memory."),
+            target_batch: gauge(
                 "spillway_consumer_target_batch_records",
                 "Current adaptive batch size.",
-                &[],
             ),
-            paused: r.gauge(
+            paused: gauge(
                 "spillway_consumer_kafka_paused",
-                "1 while Kafka is paused for lack of buffer room.",
-                &[],
+                "1 while some partition is paused in Kafka (buffer full, positioning, or stopped).",
+            ),
+            assigned: gauge(
+                "spillway_consumer_assigned_partitions",
+                "Partitions this consumer owns.",
+            ),
+            stopped: gauge(
+                "spillway_consumer_stopped_partitions",
+                "Partitions stopped at an offset gap (see the error log).",
             ),
             lag: Mutex::new(BTreeMap::new()),
             registry: r,
@@ -155,6 +172,22 @@ impl Metrics {
     pub fn buffered_records(&self) -> i64 {
         self.buffered_records.get()
     }
+
+    /// Partitions owned now.
+    pub fn assigned_partitions(&self) -> i64 {
+        self.assigned.get()
+    }
+}
+
+/// What the HTTP endpoints read: whether the pipeline runs and whether it does its job.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Set once the pipeline ended, with why.
+    pub stopped: Mutex<Option<String>>,
+    /// The core's readiness.
+    pub ready: AtomicBool,
+    /// Why not ready, when the core says so.
+    pub not_ready_because: Mutex<String>,
 }
 
 /// Logs Postgres going down and coming back once each, not at every attempt.
@@ -188,28 +221,36 @@ impl DbHealth {
     }
 }
 
-type FlushResult = (Batch, Result<Flushed, PgFailure>, Duration);
+/// A rebalance callback waiting, on the Kafka thread, for the start of each partition.
+struct PendingAssignment {
+    waiting: BTreeSet<Partition>,
+    starts: Vec<StartAt>,
+    reply: std_mpsc::SyncSender<Vec<StartAt>>,
+}
+
+type FlushDone = (BatchId, FlushResult, Duration);
+type PositionsRead = Result<Vec<(Partition, Position)>, PgFailure>;
 
 pub(crate) struct Pipeline {
     settings: Settings,
-    batcher: Batcher,
+    machine: ConsumerMachine,
     pool: Arc<Pool>,
     source: Source,
     events: mpsc::Receiver<SourceEvent>,
-    results_tx: mpsc::UnboundedSender<FlushResult>,
-    results: mpsc::UnboundedReceiver<FlushResult>,
-    in_flight: usize,
-    epochs: HashMap<Partition, u64>,
-    next_epoch: u64,
-    rewinding: BTreeSet<Partition>,
-    paused: bool,
-    draining: bool,
+    flushes: JoinSet<FlushDone>,
+    flush_tasks: HashMap<tokio::task::Id, BatchId>,
+    reads: JoinSet<PositionsRead>,
+    pending: Option<PendingAssignment>,
     db: DbHealth,
-    retry: RetryPolicy,
     metrics: Arc<Metrics>,
-    positions: Arc<Mutex<BTreeMap<Partition, i64>>>,
-    commits: u64,
+    health: Arc<Health>,
+    dropped_reported: u64,
+    #[cfg(feature = "failpoints")]
     exit_after_commits: Option<u64>,
+    #[cfg(feature = "failpoints")]
+    commits: u64,
+    #[cfg(feature = "failpoints")]
+    panic_flushes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Pipeline {
@@ -217,8 +258,11 @@ impl Pipeline {
         settings: Settings,
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Result<Self, ConsumerError> {
-        let batcher = Batcher::new(settings.batcher.clone()).map_err(ConsumerError::Config)?;
+        let config = settings.machine_config()?;
+        let tags = EpochTags::new(&config);
+        let machine = ConsumerMachine::new(config)?;
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &settings.brokers)
             .set("group.id", &settings.group)
@@ -232,34 +276,37 @@ impl Pipeline {
             cfg.set(k, v);
         }
         let (source, events) =
-            Source::start(&cfg, &settings.topic, 256).map_err(ConsumerError::Kafka)?;
-        let (results_tx, results) = mpsc::unbounded_channel();
-        let exit_after_commits = std::env::var(FAILPOINT_EXIT_AFTER_COMMITS)
-            .ok()
-            .and_then(|v| v.parse().ok());
+            Source::start(&cfg, &settings.topic, 256, tags).map_err(ConsumerError::Kafka)?;
         Ok(Pipeline {
-            retry: RetryPolicy::new(settings.batcher.retry.clone()),
             settings,
-            batcher,
+            machine,
             pool,
             source,
             events,
-            results_tx,
-            results,
-            in_flight: 0,
-            epochs: HashMap::new(),
-            next_epoch: 1,
-            rewinding: BTreeSet::new(),
-            paused: false,
-            draining: false,
+            flushes: JoinSet::new(),
+            flush_tasks: HashMap::new(),
+            reads: JoinSet::new(),
+            pending: None,
             db: DbHealth {
                 down_since: None,
                 failures: 0,
             },
             metrics,
-            positions: Arc::new(Mutex::new(BTreeMap::new())),
+            health,
+            dropped_reported: 0,
+            #[cfg(feature = "failpoints")]
+            exit_after_commits: std::env::var(FAILPOINT_EXIT_AFTER_COMMITS)
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            #[cfg(feature = "failpoints")]
             commits: 0,
-            exit_after_commits,
+            #[cfg(feature = "failpoints")]
+            panic_flushes: Arc::new(std::sync::atomic::AtomicU64::new(
+                std::env::var(FAILPOINT_PANIC_FLUSHES)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
         })
     }
 
@@ -275,436 +322,469 @@ impl Pipeline {
         mut stop: oneshot::Receiver<()>,
     ) -> Result<(), ConsumerError> {
         self.metrics.db_up.set(1);
-        let lag_task = self.spawn_lag_reporter();
-        let mut draining_since: Option<Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let (views_tx, mut views) = mpsc::channel(1);
+        let lag_task = self.spawn_group_watch(views_tx);
+        let mut stopping = false;
         let result = loop {
-            let timer = self.batcher.poll_timeout();
-            let step = tokio::select! {
+            let timer = self.machine.poll_timeout();
+            let now = tokio::select! {
                 biased;
-                Some((batch, result, elapsed)) = self.results.recv() => self.on_flushed(batch, result, elapsed).await,
+                Some(joined) = self.flushes.join_next_with_id() => {
+                    self.on_flush_joined(joined);
+                    Instant::now()
+                }
+                Some(read) = self.reads.join_next() => {
+                    let read = read.unwrap_or_else(|e| Err(PgFailure {
+                        class: ErrorClass::Retriable,
+                        message: format!("the position read failed: {e}"),
+                        row: None,
+                    }));
+                    self.on_positions_read(read);
+                    Instant::now()
+                }
                 event = self.events.recv() => match event {
-                    Some(e) => self.on_event(e).await,
-                    None => Err(ConsumerError::Stopped("the Kafka thread stopped".into())),
+                    Some(e) => self.on_event(e),
+                    None => break Err(ConsumerError::Stopped("the Kafka thread stopped".into())),
                 },
-                _ = sleep_until(timer) => Ok(()),
-                _ = &mut stop, if draining_since.is_none() => {
-                    draining_since = Some(Instant::now());
-                    self.begin_drain();
-                    Ok(())
+                Some(view) = views.recv() => {
+                    let now = Instant::now();
+                    self.machine.on_group_view(&view, now);
+                    now
                 }
-                _ = tick.tick() => Ok(()),
+                _ = sleep_until(timer) => {
+                    let now = Instant::now();
+                    self.machine.handle_timeout(now);
+                    now
+                }
+                _ = &mut stop, if !stopping => {
+                    stopping = true;
+                    tracing::info!("stopping: no new messages; flushing what is buffered");
+                    // A rebalance waiting for start offsets gets none: the group gives those
+                    // partitions to others.
+                    self.pending = None;
+                    let now = Instant::now();
+                    self.machine.on_shutdown(now);
+                    now
+                }
             };
-            if let Err(e) = step {
-                break Err(e);
+            let _ = now;
+            if let Some(exit) = self.perform_commands() {
+                break exit;
             }
-            self.flush_due();
-            self.relieve_backpressure();
             self.update_gauges();
-            if let Some(since) = draining_since {
-                if self.batcher.is_empty() && self.in_flight == 0 {
-                    tracing::info!("everything buffered is written; leaving the consumer group");
-                    break Ok(());
-                }
-                if since.elapsed() > self.settings.shutdown_timeout {
-                    tracing::warn!(
-                        buffered = self.batcher.stats().buffered_records,
-                        "shutdown timeout: these records were not written; they stay in Kafka after the stored positions and are written on the next start"
-                    );
-                    break Ok(());
-                }
-            }
         };
         lag_task.abort();
-        let source = self.source;
+        self.reads.abort_all();
+        self.flushes.abort_all();
+        *self
+            .health
+            .stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(match &result {
+            Ok(()) => "stopped".to_string(),
+            Err(e) => e.to_string(),
+        });
+        self.health.ready.store(false, Ordering::Relaxed);
+        // The Kafka thread may be blocked sending on the full channel: closing our end first
+        // wakes it, so joining it cannot hang.
+        let Pipeline { source, events, .. } = self;
+        drop(events);
         let _ = tokio::task::spawn_blocking(move || source.close()).await;
         result
     }
 
-    fn begin_drain(&mut self) {
-        tracing::info!("stopping: no new messages; flushing what is buffered");
-        self.batcher.set_draining(true);
-        self.draining = true;
-        let all: Vec<Partition> = self.batcher.partitions().collect();
-        self.source.command(SourceCommand::Pause(all));
-        self.paused = true;
-        // Nothing buffered is lost by not reading further: it stays in Kafka.
-        self.rewinding.extend(self.batcher.partitions());
-    }
-
-    async fn on_event(&mut self, event: SourceEvent) -> Result<(), ConsumerError> {
+    fn on_event(&mut self, event: SourceEvent) -> Instant {
+        let now = Instant::now();
         match event {
-            SourceEvent::Message {
-                partition,
-                offset,
-                epoch,
-                payload,
-            } => {
-                self.on_message(partition, offset, epoch, payload);
-                Ok(())
-            }
+            SourceEvent::Message(m) => self.machine.on_message(m, now),
             SourceEvent::Assigned { partitions, reply } => {
-                let positions = self.read_positions(&partitions).await?;
-                let mut answer = Vec::with_capacity(positions.len());
-                for (p, pos) in positions {
-                    let epoch = self.take_partition(p, pos);
-                    answer.push((p, pos, epoch));
-                }
                 tracing::info!(
-                    ?answer,
-                    "partitions assigned; starting at the positions stored in Postgres"
+                    ?partitions,
+                    "partitions assigned; reading their stored positions"
                 );
-                let _ = reply.send(answer);
-                Ok(())
+                if partitions.is_empty() {
+                    let _ = reply.send(Vec::new());
+                } else {
+                    self.pending = Some(PendingAssignment {
+                        waiting: partitions.iter().copied().collect(),
+                        starts: Vec::new(),
+                        reply,
+                    });
+                    self.machine.on_assigned(&partitions, now);
+                }
             }
             SourceEvent::Revoked { partitions, reply } => {
-                for p in &partitions {
-                    let dropped = self.batcher.revoke(*p);
-                    self.epochs.remove(p);
-                    self.rewinding.remove(p);
-                    self.positions
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(p);
-                    if dropped > 0 {
-                        tracing::info!(
-                            partition = p,
-                            dropped,
-                            "partition revoked; its unwritten records go to the next owner"
-                        );
-                    }
-                }
+                self.machine.on_revoked(&partitions, now);
                 let _ = reply.send(());
-                Ok(())
+            }
+            SourceEvent::SeekDone(p, epoch) => self.machine.on_seek_done(p, epoch, now),
+            SourceEvent::SeekFailed(p, epoch, reason) => {
+                self.machine.on_seek_failed(p, epoch, reason, now)
             }
             SourceEvent::Error(e) => {
-                tracing::debug!(error = %e, "Kafka client event");
-                Ok(())
-            }
-        }
-    }
-
-    fn on_message(
-        &mut self,
-        partition: Partition,
-        offset: i64,
-        epoch: u64,
-        payload: Option<Vec<u8>>,
-    ) {
-        if self.epochs.get(&partition) != Some(&epoch) || self.rewinding.contains(&partition) {
-            self.metrics.dropped.inc();
-            return;
-        }
-        let now = Instant::now();
-        let single = |payload: Vec<u8>| Record {
-            partition,
-            offset,
-            index: 0,
-            last_in_message: true,
-            received_at_micros: 0,
-            payload,
-        };
-        let pushed = match payload.as_deref().map(Envelope::decode) {
-            Some(Ok(env)) => {
-                let n = env.records.len();
-                let mut last = Push::Accepted;
-                for (i, r) in env.records.iter().enumerate() {
-                    let record = Record {
-                        partition,
-                        offset,
-                        index: i as u32,
-                        last_in_message: i + 1 == n,
-                        received_at_micros: env.received_at_micros,
-                        payload: r.to_vec(),
-                    };
-                    last = self.batcher.push(record, now);
-                    if matches!(last, Push::Full(_) | Push::Unassigned(_)) {
-                        break;
-                    }
+                if source::needs_attention(&e) {
+                    tracing::error!(error = %e, topic = %self.settings.topic, "Kafka refuses this consumer: check the topic name, the credentials and the ACLs (-X properties); nothing is read until this is fixed");
+                } else {
+                    tracing::debug!(error = %e, "Kafka client event");
                 }
-                last
-            }
-            Some(Err(e)) => {
-                let reason = format!("undecodable message: {}", e.kind);
-                self.batcher.push_dead_letter(single(e.raw), reason, now)
-            }
-            None => self.batcher.push_dead_letter(
-                single(vec![]),
-                "empty (null) Kafka message".into(),
-                now,
-            ),
-        };
-        if let Push::Full(_) = pushed {
-            // Drop this and every later message of the partition until a seek re-reads them.
-            self.rewinding.insert(partition);
-            if !self.paused {
-                let stats = self.batcher.stats();
-                tracing::info!(
-                    buffered = stats.buffered_records,
-                    bytes = stats.buffered_bytes,
-                    "buffer full: pausing Kafka"
-                );
-                let all: Vec<Partition> = self.batcher.partitions().collect();
-                self.source.command(SourceCommand::Pause(all));
-                self.paused = true;
             }
         }
+        now
     }
 
-    /// Resumes Kafka once the buffer is half empty, re-reading every partition that dropped
-    /// records from the exact record it dropped.
-    fn relieve_backpressure(&mut self) {
-        if !self.paused {
-            return;
-        }
-        let s = self.batcher.stats();
-        let cfg = self.batcher.config();
-        if s.buffered_records > cfg.capacity_records / 2
-            || s.buffered_bytes > cfg.capacity_bytes / 2
-        {
-            return;
-        }
-        if self.draining {
-            return;
-        }
-        for p in std::mem::take(&mut self.rewinding) {
-            if let Some(pos) = self.batcher.next_position(p) {
-                let epoch = self.bump_epoch(p);
-                self.source.command(SourceCommand::Seek {
-                    partition: p,
-                    offset: pos.kafka_offset(),
-                    epoch,
-                });
-            }
-        }
-        let all: Vec<Partition> = self.batcher.partitions().collect();
-        self.source.command(SourceCommand::Resume(all));
-        self.paused = false;
-        tracing::info!(
-            buffered = s.buffered_records,
-            "buffer has room again: resuming Kafka"
-        );
-    }
-
-    /// Starts (or restarts) `p` at its stored position `pos`; returns the epoch messages read
-    /// from there will carry.
-    fn take_partition(&mut self, p: Partition, pos: Position) -> u64 {
-        self.batcher.assign(p, pos);
-        self.rewinding.remove(&p);
-        self.set_position(p, pos);
-        self.bump_epoch(p)
-    }
-
-    fn bump_epoch(&mut self, p: Partition) -> u64 {
-        let e = self.next_epoch;
-        self.next_epoch += 1;
-        self.epochs.insert(p, e);
-        e
-    }
-
-    fn flush_due(&mut self) {
-        let now = Instant::now();
-        while let Some(batch) = self.batcher.poll_batch(now) {
-            self.in_flight += 1;
-            let pool = self.pool.clone();
-            let table = self.settings.table.clone();
-            let topic = self.settings.topic.clone();
-            let tx = self.results_tx.clone();
-            // A stopped (SIGSTOP) or unreachable server never fires its own statement timeout,
-            // and TCP keepalives do not notice a live kernel: give up on our side too. If the
-            // commit did land, the retry finds the position moved (compare-and-set) and skips.
-            let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let attempt = async {
-                    let mut conn = pool.get().await?;
-                    let r = pg::flush(conn.client_mut(), &table, &topic, &batch).await;
-                    if r.is_ok() {
-                        conn.release();
-                    }
-                    r
-                };
-                let result = tokio::time::timeout(deadline, attempt)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(PgFailure {
-                            class: ErrorClass::Retriable,
-                            message: format!("no answer from Postgres within {deadline:?}"),
-                            row: None,
-                        })
-                    });
-                let _ = tx.send((batch, result, started.elapsed()));
-            });
-        }
-    }
-
-    async fn on_flushed(
+    fn on_flush_joined(
         &mut self,
-        batch: Batch,
-        result: Result<Flushed, PgFailure>,
-        elapsed: Duration,
-    ) -> Result<(), ConsumerError> {
-        self.in_flight -= 1;
-        let buffered = self.batcher.stats().buffered_records;
-        let outcome = match result {
-            Ok(Flushed::Outcome(o)) => {
-                self.db.observe(true, None, &self.metrics, buffered);
-                o
+        joined: Result<(tokio::task::Id, FlushDone), tokio::task::JoinError>,
+    ) {
+        let now = Instant::now();
+        let (id, result) = match joined {
+            Ok((task, (id, result, elapsed))) => {
+                self.flush_tasks.remove(&task);
+                if result == FlushResult::Written {
+                    self.metrics.flush_latency.observe(elapsed.as_secs_f64());
+                }
+                let buffered = self.machine.stats().buffered_records;
+                match &result {
+                    FlushResult::Retriable { reason } => {
+                        self.db
+                            .observe(false, Some(reason), &self.metrics, buffered)
+                    }
+                    FlushResult::Fatal { .. } => {}
+                    _ => self.db.observe(true, None, &self.metrics, buffered),
+                }
+                (id, result)
             }
-            Ok(Flushed::Fatal(message)) => return Err(ConsumerError::Fatal(message)),
-            Err(f) => match f.class {
-                ErrorClass::Fatal => return Err(ConsumerError::Fatal(f.message)),
-                ErrorClass::Poison => FlushOutcome::Poison {
-                    reason: f.message,
-                    culprit: None,
-                },
-                ErrorClass::Retriable => {
+            Err(e) => {
+                let Some(id) = self.flush_tasks.remove(&e.id()) else {
+                    return;
+                };
+                tracing::error!(error = %e, "a flush task panicked; its batch will be retried");
+                let reason = format!("the flush task failed: {e}");
+                (id, FlushResult::Retriable { reason })
+            }
+        };
+        self.machine.on_flush_result(id, result, now);
+    }
+
+    fn on_positions_read(&mut self, read: PositionsRead) {
+        let now = Instant::now();
+        let buffered = self.machine.stats().buffered_records;
+        match read {
+            Ok(positions) => {
+                self.db.observe(true, None, &self.metrics, buffered);
+                tracing::info!(?positions, "starting at the positions stored in Postgres");
+                self.machine.on_positions(&positions, now);
+            }
+            Err(f) => {
+                let fatal = f.class == ErrorClass::Fatal;
+                if !fatal {
                     self.db
                         .observe(false, Some(&f.message), &self.metrics, buffered);
-                    FlushOutcome::Retriable { reason: f.message }
                 }
-            },
-        };
-        match self.batcher.on_flush_result(batch, outcome, Instant::now()) {
-            AfterFlush::Committed {
+                self.machine.on_positions_failed(f.message, fatal, now);
+            }
+        }
+    }
+
+    /// Performs what the machine asked; returns how the pipeline ends, when it does.
+    fn perform_commands(&mut self) -> Option<Result<(), ConsumerError>> {
+        while let Some(c) = self.machine.poll_command() {
+            match c {
+                Command::ReadPositions(partitions) => self.read_positions(partitions),
+                Command::Seek {
+                    partition,
+                    offset,
+                    epoch,
+                } => {
+                    if let Some(pending) = self.pending.as_mut() {
+                        if pending.waiting.remove(&partition) {
+                            pending.starts.push((partition, offset, epoch));
+                            if pending.waiting.is_empty() {
+                                if let Some(done) = self.pending.take() {
+                                    let _ = done.reply.send(done.starts);
+                                }
+                            }
+                            continue;
+                        }
+                    }
+                    self.source.command(SourceCommand::Seek {
+                        partition,
+                        offset,
+                        epoch,
+                    });
+                }
+                Command::Pause(p) => self.source.command(SourceCommand::Pause(p)),
+                Command::Resume(p) => self.source.command(SourceCommand::Resume(p)),
+                Command::Flush(batch) => {
+                    let id = batch.id;
+                    let pool = self.pool.clone();
+                    let (table, topic) = (self.settings.table.clone(), self.settings.topic.clone());
+                    // A stopped (SIGSTOP) or unreachable server never fires its own statement
+                    // timeout: give up on our side too, counting from when a pooled connection
+                    // is ours (waiting for one is not an outage). If the commit did land, the
+                    // retry finds the position moved (compare-and-set) and skips.
+                    let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
+                    #[cfg(feature = "failpoints")]
+                    let panics = self.panic_flushes.clone();
+                    let task = self.flushes.spawn(async move {
+                        #[cfg(feature = "failpoints")]
+                        if panics
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            })
+                            .is_ok()
+                        {
+                            panic!("{FAILPOINT_PANIC_FLUSHES}: this flush task panics");
+                        }
+                        let turn = pool.wait_turn().await;
+                        let started = Instant::now();
+                        let attempt = async {
+                            let mut conn = pool.open(turn?).await?;
+                            let result = pg::flush(conn.client_mut(), &table, &topic, &batch).await;
+                            if matches!(result, FlushResult::Written | FlushResult::Fenced) {
+                                conn.release();
+                            }
+                            Ok::<_, PgFailure>(result)
+                        };
+                        let result = match tokio::time::timeout(deadline, attempt).await {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(f)) => pg::flush_result(f),
+                            Err(_) => FlushResult::Retriable {
+                                reason: format!("no answer from Postgres within {deadline:?}"),
+                            },
+                        };
+                        (id, result, started.elapsed())
+                    });
+                    self.flush_tasks.insert(task.id(), id);
+                }
+                Command::CommitKafka { partition, offset } => self
+                    .source
+                    .command(SourceCommand::Commit(partition, offset)),
+                Command::Rejoin => self.source.command(SourceCommand::Rejoin),
+                Command::Notice(n) => self.on_notice(n),
+                Command::Exit(exit) => {
+                    return Some(match exit {
+                        Exit::Drained => {
+                            tracing::info!(
+                                "everything buffered is written; leaving the consumer group"
+                            );
+                            Ok(())
+                        }
+                        Exit::ShutdownTimeout { buffered } => {
+                            tracing::warn!(
+                                buffered,
+                                "shutdown timeout: these records were not written; they stay in Kafka after the stored positions and are written on the next start"
+                            );
+                            Ok(())
+                        }
+                        Exit::Fatal(message) => Err(ConsumerError::Fatal(message)),
+                    })
+                }
+            }
+        }
+        None
+    }
+
+    fn on_notice(&mut self, n: Notice) {
+        match n {
+            Notice::Committed {
                 partition,
                 position,
                 rows,
                 dead_letters,
             } => {
+                let _ = (partition, position);
                 self.metrics.rows.add(rows as u64);
                 self.metrics.dead_letters.add(dead_letters as u64);
                 self.metrics.batches.inc();
                 self.metrics.batch_size.observe(rows as f64);
-                self.metrics.flush_latency.observe(elapsed.as_secs_f64());
-                self.set_position(partition, position);
-                self.commits += 1;
-                if self.exit_after_commits.is_some_and(|n| self.commits >= n) {
-                    eprintln!("{FAILPOINT_EXIT_AFTER_COMMITS}: SIGKILLing this process after the Postgres commit, before the Kafka commit");
-                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-                    std::process::abort();
+                #[cfg(feature = "failpoints")]
+                {
+                    self.commits += 1;
+                    if self.exit_after_commits.is_some_and(|n| self.commits >= n) {
+                        eprintln!("{FAILPOINT_EXIT_AFTER_COMMITS}: SIGKILLing this process after the Postgres commit, before the Kafka commit");
+                        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                        std::process::abort();
+                    }
                 }
-                self.source.command(SourceCommand::Commit(vec![(
-                    partition,
-                    position.kafka_offset(),
-                )]));
             }
-            AfterFlush::RetryAt { .. } => self.metrics.retries.inc(),
-            AfterFlush::Isolating => {
-                tracing::debug!("a batch was rejected for a record; isolating it")
-            }
-            AfterFlush::Fenced { partition } => {
+            Notice::Retrying { .. } => self.metrics.retries.inc(),
+            Notice::DeadLettersRejected {
+                partition,
+                attempt,
+                reason,
+            } => tracing::error!(
+                partition,
+                attempt,
+                error = %reason,
+                "Postgres refuses the dead-letter insert: the batch waits and is retried; nothing is dead-lettered in its place. Check constraints or triggers on the dead-letter table"
+            ),
+            Notice::Fenced { partition } => {
                 self.metrics.fenced.inc();
                 tracing::warn!(
                     partition,
-                    "another consumer moved this partition's position: re-reading it"
+                    "another consumer moved this partition's position: re-reading it from the stored one"
                 );
-                let pos = self.read_positions(&[partition]).await?;
-                for (p, pos) in pos {
-                    let epoch = self.take_partition(p, pos);
-                    self.source.command(SourceCommand::Seek {
-                        partition: p,
-                        offset: pos.kafka_offset(),
-                        epoch,
-                    });
+            }
+            Notice::Gap {
+                partition,
+                expected,
+                got,
+            } => {
+                self.metrics.gaps.inc();
+                tracing::error!(
+                    partition,
+                    expected,
+                    got,
+                    "Kafka's offsets jumped past records this consumer never read (retention deleted them, or the topic is compacted): the partition is stopped at its last written record and nothing after the gap is written. Restart to retry; the records in the gap are gone from Kafka"
+                );
+            }
+            Notice::BufferFull { records, bytes } => {
+                tracing::info!(records, bytes, "buffer full: pausing Kafka")
+            }
+            Notice::Resuming { records } => {
+                tracing::info!(
+                    records,
+                    "buffer has room again: re-reading the paused partitions"
+                )
+            }
+            Notice::Revoked { partition, dropped } => {
+                if dropped > 0 {
+                    tracing::info!(
+                        partition,
+                        dropped,
+                        "partition revoked; its unwritten records go to the next owner"
+                    );
                 }
             }
-            AfterFlush::Stale => {}
+            Notice::SeekFailed { partition, reason } => {
+                tracing::warn!(partition, error = %reason, "seek failed; the partition stays paused and the seek is tried again")
+            }
+            Notice::PositionsUnavailable { reason } => {
+                tracing::debug!(error = %reason, "stored positions unavailable; retrying")
+            }
+            Notice::Orphaned { partitions } => {
+                self.metrics.rejoins.inc();
+                tracing::warn!(
+                    ?partitions,
+                    "this consumer owns no partition while these have lag nobody writes: rejoining the group"
+                );
+                *self
+                    .health
+                    .not_ready_because
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = format!(
+                    "owns no partition while partitions {partitions:?} have lag nobody writes (rejoining the group)"
+                );
+            }
+            Notice::Draining { buffered } => {
+                tracing::info!(buffered, "draining: writing what is buffered")
+            }
         }
-        Ok(())
     }
 
-    fn set_position(&self, p: Partition, pos: Position) {
-        self.positions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(p, pos.kafka_offset());
-    }
-
-    /// Reads stored positions, retrying with backoff while Postgres is unavailable.
-    async fn read_positions(
-        &mut self,
-        partitions: &[Partition],
-    ) -> Result<Vec<(Partition, Position)>, ConsumerError> {
-        let mut attempt = 0;
-        loop {
-            let result = async {
-                let conn = self.pool.get().await?;
+    fn read_positions(&mut self, partitions: Vec<Partition>) {
+        let pool = self.pool.clone();
+        let (table, topic) = (self.settings.table.clone(), self.settings.topic.clone());
+        let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
+        self.reads.spawn(async move {
+            let turn = pool.wait_turn().await;
+            let read = async {
+                let conn = pool.open(turn?).await?;
                 let mut out = Vec::with_capacity(partitions.len());
                 for p in partitions {
-                    out.push((
-                        *p,
-                        pg::position(
-                            conn.client(),
-                            &self.settings.table,
-                            &self.settings.topic,
-                            *p,
-                        )
-                        .await?,
-                    ));
+                    out.push((p, pg::position(conn.client(), &table, &topic, p).await?));
                 }
                 conn.release();
-                Ok::<_, PgFailure>(out)
-            }
-            .await;
-            let buffered = self.batcher.stats().buffered_records;
-            match result {
-                Ok(v) => {
-                    self.db.observe(true, None, &self.metrics, buffered);
-                    return Ok(v);
-                }
-                Err(f) if f.class == ErrorClass::Fatal => {
-                    return Err(ConsumerError::Fatal(f.message))
-                }
-                Err(f) => {
-                    self.db
-                        .observe(false, Some(&f.message), &self.metrics, buffered);
-                    attempt += 1;
-                    tokio::time::sleep(self.retry.delay(attempt)).await;
-                }
-            }
-        }
+                Ok(out)
+            };
+            tokio::time::timeout(deadline, read)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(PgFailure {
+                        class: ErrorClass::Retriable,
+                        message: format!("no answer from Postgres within {deadline:?}"),
+                        row: None,
+                    })
+                })
+        });
     }
 
-    fn update_gauges(&self) {
-        let s = self.batcher.stats();
+    fn update_gauges(&mut self) {
+        let s = self.machine.stats();
         self.metrics.buffered_records.set(s.buffered_records as i64);
         self.metrics.buffered_bytes.set(s.buffered_bytes as i64);
         self.metrics.target_batch.set(s.target_batch_records as i64);
-        self.metrics.paused.set(self.paused as i64);
+        self.metrics.paused.set((s.paused > 0) as i64);
+        self.metrics.assigned.set(s.assigned as i64);
+        self.metrics.stopped.set(s.stopped as i64);
+        self.metrics
+            .dropped
+            .add(s.dropped_messages.saturating_sub(self.dropped_reported));
+        self.dropped_reported = s.dropped_messages;
+        let ready = self.machine.is_ready();
+        self.health.ready.store(ready, Ordering::Relaxed);
     }
 
-    fn spawn_lag_reporter(&self) -> tokio::task::JoinHandle<()> {
+    /// Every 2 s: every partition's stored position (Postgres) and high watermark (Kafka), for
+    /// the lag gauges and for the core's orphan check.
+    fn spawn_group_watch(
+        &self,
+        views: mpsc::Sender<Vec<PartitionLag>>,
+    ) -> tokio::task::JoinHandle<()> {
         let consumer = self.source.consumer().clone();
         let topic = self.source.topic().to_string();
-        let positions = self.positions.clone();
         let metrics = self.metrics.clone();
+        let pool = self.pool.clone();
+        let table = self.settings.table.clone();
+        let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                let snapshot: Vec<(Partition, i64)> = positions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .map(|(p, o)| (*p, *o))
-                    .collect();
+                let stored = async {
+                    let turn = pool.wait_turn().await;
+                    let conn = pool.open(turn?).await?;
+                    let positions = pg::positions(conn.client(), &table, &topic).await?;
+                    conn.release();
+                    Ok::<_, PgFailure>(positions)
+                };
+                let Ok(Ok(stored)) = tokio::time::timeout(deadline, stored).await else {
+                    continue;
+                };
                 let (consumer, topic) = (consumer.clone(), topic.clone());
-                let highs = tokio::task::spawn_blocking(move || {
-                    snapshot
-                        .into_iter()
-                        .filter_map(|(p, at)| {
-                            let (_, high) = consumer
-                                .fetch_watermarks(&topic, p, Duration::from_secs(1))
-                                .ok()?;
-                            Some((p, high - at))
-                        })
-                        .collect::<Vec<_>>()
+                let view = tokio::task::spawn_blocking(move || {
+                    let metadata = consumer
+                        .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                        .ok()?;
+                    let partitions: Vec<Partition> = metadata
+                        .topics()
+                        .iter()
+                        .filter(|t| t.name() == topic)
+                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                        .collect();
+                    let mut view = Vec::with_capacity(partitions.len());
+                    for p in partitions {
+                        let (_, high) = consumer
+                            .fetch_watermarks(&topic, p, Duration::from_secs(1))
+                            .ok()?;
+                        view.push(PartitionLag {
+                            partition: p,
+                            stored: stored.get(&p).copied().unwrap_or(Position::BEGINNING),
+                            high_watermark: high,
+                        });
+                    }
+                    Some(view)
                 })
                 .await
-                .unwrap_or_default();
-                for (p, lag) in highs {
-                    metrics.lag_gauge(p).set(lag.max(0));
+                .ok()
+                .flatten();
+                let Some(view) = view else { continue };
+                for lag in &view {
+                    metrics
+                        .lag_gauge(lag.partition)
+                        .set((lag.high_watermark - lag.stored.offset).max(0));
                 }
+                let _ = views.try_send(view);
             }
         })
     }

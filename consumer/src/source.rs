@@ -1,14 +1,15 @@
-//! The Kafka side: a dedicated thread polls the group consumer and hands messages to the
-//! async pipeline over a bounded channel. The pipeline never blocks this thread for long, so
-//! the consumer keeps polling (and stays in its group) through any Postgres outage.
+//! The Kafka side: a dedicated thread polls the group consumer, carries out the core's Kafka
+//! commands (seek, pause, resume, commit, rejoin) between two polls, and hands events to the
+//! async pipeline over a bounded channel. It decides nothing: the core
+//! ([`spillway_core::ConsumerMachine`]) does.
 //!
-//! Positions come from Postgres: on assignment the rebalance callback asks the pipeline where
-//! each partition stands and assigns at exactly those offsets. A per-partition *epoch* tags
-//! every message; the pipeline bumps it when it rewinds a partition (after dropping records it
-//! had no room for), and this thread applies the matching seek between two polls, so a message
-//! fetched before the seek can never be mistaken for one after it.
+//! Positions come from Postgres: on assignment the rebalance callback asks the pipeline for the
+//! start offset of each partition (the core reads the stored positions and answers with a seek)
+//! and assigns at exactly those offsets. Every message is tagged with its partition's epoch by
+//! [`EpochTags`]: the epoch of the last seek that *succeeded*, so a failed seek can never make a
+//! stale message look current. The outcome of each seek goes back as an event, in order with
+//! the messages.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -17,33 +18,27 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use spillway_core::{Partition, Position};
+use spillway_core::{Epoch, EpochTags, Partition};
 use tokio::sync::mpsc;
+
+/// The start of one assigned partition: its offset and the epoch its messages will carry.
+pub type StartAt = (Partition, i64, Epoch);
 
 /// What the Kafka thread tells the pipeline.
 #[derive(Debug)]
 pub enum SourceEvent {
     /// A message, tagged with its partition's epoch when it was polled.
-    Message {
-        /// Partition.
-        partition: Partition,
-        /// Offset.
-        offset: i64,
-        /// Epoch of the partition at poll time.
-        epoch: u64,
-        /// The payload (`None` for a null message).
-        payload: Option<Vec<u8>>,
-    },
-    /// Partitions assigned: reply with (partition, stored position, new epoch) for each.
+    Message(spillway_core::Message),
+    /// Partitions assigned: reply with where each starts.
     Assigned {
         /// The partitions.
         partitions: Vec<Partition>,
         /// Where to start each.
-        reply: std_mpsc::SyncSender<Vec<(Partition, Position, u64)>>,
+        reply: std_mpsc::SyncSender<Vec<StartAt>>,
     },
     /// Partitions revoked: reply once the pipeline dropped them.
     Revoked {
@@ -52,8 +47,12 @@ pub enum SourceEvent {
         /// Acknowledgement.
         reply: std_mpsc::SyncSender<()>,
     },
-    /// A client-level error (broker down, ...), for logs and readiness.
-    Error(String),
+    /// A seek (or the assignment's start offset) took effect.
+    SeekDone(Partition, Epoch),
+    /// A seek (or the assignment) failed.
+    SeekFailed(Partition, Epoch, String),
+    /// A client-level error.
+    Error(KafkaError),
 }
 
 /// What the pipeline asks of the Kafka thread.
@@ -66,23 +65,32 @@ pub enum SourceCommand {
         /// Offset.
         offset: i64,
         /// The new epoch.
-        epoch: u64,
+        epoch: Epoch,
     },
-    /// Stop fetching these partitions.
-    Pause(Vec<Partition>),
-    /// Fetch them again.
-    Resume(Vec<Partition>),
-    /// Commit these next-offsets to the group (asynchronously), for lag tools.
-    Commit(Vec<(Partition, i64)>),
+    /// Stop fetching this partition.
+    Pause(Partition),
+    /// Fetch it again.
+    Resume(Partition),
+    /// Commit this next-offset to the group (asynchronously), for lag tools.
+    Commit(Partition, i64),
+    /// Leave and join the group again.
+    Rejoin,
 }
 
 /// The rebalance handling of the group consumer (see the module documentation).
-#[derive(Debug)]
 pub struct Context {
     topic: String,
     events: mpsc::Sender<SourceEvent>,
-    epochs: Arc<Mutex<HashMap<Partition, u64>>>,
+    tags: Arc<Mutex<EpochTags>>,
     closing: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("topic", &self.topic)
+            .finish()
+    }
 }
 
 impl ClientContext for Context {}
@@ -99,15 +107,42 @@ impl ConsumerContext for Context {
             RebalanceProtocol::Cooperative
         );
         let partitions: Vec<Partition> = tpl.elements().iter().map(|e| e.partition()).collect();
-        let result = match err {
+        match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                if !self.closing.load(Ordering::Relaxed) {
-                    self.set_start_positions(tpl, partitions);
-                }
-                if cooperative {
-                    consumer.incremental_assign(tpl)
+                let starts = if self.closing.load(Ordering::Relaxed) {
+                    None
                 } else {
-                    consumer.assign(tpl)
+                    self.start_offsets(partitions)
+                };
+                let Some(starts) = starts else {
+                    // The pipeline is stopping: take nothing; the group gives it to others.
+                    return;
+                };
+                let mut assigned = TopicPartitionList::new();
+                for (p, offset, _) in &starts {
+                    if let Err(e) =
+                        assigned.add_partition_offset(&self.topic, *p, Offset::Offset(*offset))
+                    {
+                        tracing::error!(partition = p, error = %e, "cannot set the start offset");
+                    }
+                }
+                let result = if cooperative {
+                    consumer.incremental_assign(&assigned)
+                } else {
+                    consumer.assign(&assigned)
+                };
+                let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+                for (p, _, epoch) in starts {
+                    let event = match &result {
+                        Ok(()) => {
+                            tags.sought(p, epoch);
+                            SourceEvent::SeekDone(p, epoch)
+                        }
+                        Err(e) => SourceEvent::SeekFailed(p, epoch, e.to_string()),
+                    };
+                    if self.events.blocking_send(event).is_err() {
+                        return;
+                    }
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -115,54 +150,47 @@ impl ConsumerContext for Context {
                     let (reply, done) = std_mpsc::sync_channel(1);
                     if self
                         .events
-                        .blocking_send(SourceEvent::Revoked { partitions, reply })
+                        .blocking_send(SourceEvent::Revoked {
+                            partitions: partitions.clone(),
+                            reply,
+                        })
                         .is_ok()
                     {
                         let _ = done.recv();
                     }
                 }
-                if cooperative {
+                let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+                for p in partitions {
+                    tags.forget(p);
+                }
+                let result = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
                     consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "giving up the revoked partitions failed");
                 }
             }
             other => {
                 tracing::error!(error = ?other, "Kafka rebalance failed");
-                consumer.unassign()
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "giving up the assignment failed");
+                }
             }
-        };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "applying the Kafka assignment failed");
         }
     }
 }
 
 impl Context {
-    /// Asks the pipeline for the stored positions and writes them into the assignment.
-    fn set_start_positions(&self, tpl: &mut TopicPartitionList, partitions: Vec<Partition>) {
-        let (reply, positions) = std_mpsc::sync_channel(1);
-        if self
-            .events
+    /// Asks the pipeline where each partition starts (it waits for the stored positions).
+    /// `None` when the pipeline has stopped.
+    fn start_offsets(&self, partitions: Vec<Partition>) -> Option<Vec<StartAt>> {
+        let (reply, starts) = std_mpsc::sync_channel(1);
+        self.events
             .blocking_send(SourceEvent::Assigned { partitions, reply })
-            .is_err()
-        {
-            return;
-        }
-        let Ok(positions) = positions.recv() else {
-            return;
-        };
-        let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
-        for (partition, position, epoch) in positions {
-            epochs.insert(partition, epoch);
-            if let Err(e) = tpl.set_partition_offset(
-                &self.topic,
-                partition,
-                Offset::Offset(position.kafka_offset()),
-            ) {
-                tracing::error!(partition, error = %e, "cannot set the start offset");
-            }
-        }
+            .ok()?;
+        starts.recv().ok()
     }
 }
 
@@ -190,35 +218,32 @@ impl Source {
         config: &ClientConfig,
         topic: &str,
         channel_capacity: usize,
+        tags: EpochTags,
     ) -> KafkaResult<(Self, mpsc::Receiver<SourceEvent>)> {
         let (events, rx) = mpsc::channel(channel_capacity);
-        let epochs = Arc::new(Mutex::new(HashMap::new()));
+        let tags = Arc::new(Mutex::new(tags));
         let closing = Arc::new(AtomicBool::new(false));
         let context = Context {
             topic: topic.to_string(),
             events: events.clone(),
-            epochs: epochs.clone(),
+            tags: tags.clone(),
             closing: closing.clone(),
         };
         let consumer: Arc<BaseConsumer<Context>> = Arc::new(config.create_with_context(context)?);
         consumer.subscribe(&[topic])?;
         let (commands, command_rx) = std_mpsc::channel();
-        let thread_consumer = consumer.clone();
-        let thread_topic = topic.to_string();
-        let thread_stop = closing.clone();
+        let poller = Poller {
+            consumer: consumer.clone(),
+            topic: topic.to_string(),
+            events,
+            commands: command_rx,
+            tags,
+            stop: closing.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("spillway-kafka".into())
-            .spawn(move || {
-                poll_loop(
-                    thread_consumer,
-                    thread_topic,
-                    events,
-                    command_rx,
-                    epochs,
-                    thread_stop,
-                )
-            })
-            .map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))?;
+            .spawn(move || poller.run())
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         Ok((
             Source {
                 consumer,
@@ -246,8 +271,8 @@ impl Source {
         &self.topic
     }
 
-    /// Stops polling, commits synchronously what was committed asynchronously, leaves the
-    /// group, and joins the thread.
+    /// Stops polling, leaves the group and joins the thread. Drop the event receiver first:
+    /// a thread blocked on a full channel then wakes up and sees the stop.
     pub fn close(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -262,88 +287,125 @@ impl Drop for Source {
     }
 }
 
-fn poll_loop(
+struct Poller {
     consumer: Arc<BaseConsumer<Context>>,
     topic: String,
     events: mpsc::Sender<SourceEvent>,
     commands: std_mpsc::Receiver<SourceCommand>,
-    epochs: Arc<Mutex<HashMap<Partition, u64>>>,
+    tags: Arc<Mutex<EpochTags>>,
     stop: Arc<AtomicBool>,
-) {
-    let tpl_of = |partitions: &[Partition]| {
+}
+
+impl Poller {
+    fn one(&self, p: Partition) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition(&topic, *p);
-        }
+        tpl.add_partition(&self.topic, p);
         tpl
-    };
-    while !stop.load(Ordering::Relaxed) {
-        while let Ok(c) = commands.try_recv() {
-            match c {
-                SourceCommand::Seek {
+    }
+
+    fn tags(&self) -> std::sync::MutexGuard<'_, EpochTags> {
+        self.tags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Carries out one command; returns an event to report, if any.
+    fn perform(&self, c: SourceCommand) -> Option<SourceEvent> {
+        match c {
+            SourceCommand::Seek {
+                partition,
+                offset,
+                epoch,
+            } => {
+                self.tags().seeking(partition, epoch);
+                let result = self.consumer.seek(
+                    &self.topic,
                     partition,
-                    offset,
-                    epoch,
-                } => {
-                    epochs
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(partition, epoch);
-                    if let Err(e) = consumer.seek(
-                        &topic,
-                        partition,
-                        Offset::Offset(offset),
-                        Duration::from_secs(10),
-                    ) {
-                        tracing::warn!(partition, offset, error = %e, "seek failed (partition no longer assigned?)");
+                    Offset::Offset(offset),
+                    Duration::from_secs(10),
+                );
+                Some(match result {
+                    Ok(()) => {
+                        self.tags().sought(partition, epoch);
+                        SourceEvent::SeekDone(partition, epoch)
                     }
+                    Err(e) => SourceEvent::SeekFailed(partition, epoch, e.to_string()),
+                })
+            }
+            SourceCommand::Pause(p) => {
+                if let Err(e) = self.consumer.pause(&self.one(p)) {
+                    tracing::debug!(partition = p, error = %e, "pause (partition not assigned yet?)");
                 }
-                SourceCommand::Pause(ps) => {
-                    if let Err(e) = consumer.pause(&tpl_of(&ps)) {
-                        tracing::debug!(error = %e, "pause");
-                    }
+                None
+            }
+            SourceCommand::Resume(p) => {
+                if let Err(e) = self.consumer.resume(&self.one(p)) {
+                    tracing::debug!(partition = p, error = %e, "resume (partition not assigned?)");
                 }
-                SourceCommand::Resume(ps) => {
-                    if let Err(e) = consumer.resume(&tpl_of(&ps)) {
-                        tracing::debug!(error = %e, "resume");
-                    }
+                None
+            }
+            SourceCommand::Commit(p, offset) => {
+                let mut tpl = TopicPartitionList::new();
+                let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(offset));
+                if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                    tracing::debug!(error = %e, "Kafka commit (informational; Postgres holds the positions)");
                 }
-                SourceCommand::Commit(offsets) => {
-                    let mut tpl = TopicPartitionList::new();
-                    for (p, o) in offsets {
-                        let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
-                    }
-                    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                        tracing::debug!(error = %e, "Kafka commit (informational; Postgres holds the positions)");
-                    }
+                None
+            }
+            SourceCommand::Rejoin => {
+                self.consumer.unsubscribe();
+                if let Err(e) = self.consumer.subscribe(&[&self.topic]) {
+                    Some(SourceEvent::Error(e))
+                } else {
+                    None
                 }
             }
-        }
-        let event = match consumer.poll(Duration::from_millis(100)) {
-            None => continue,
-            Some(Ok(m)) => {
-                let epoch = epochs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&m.partition())
-                    .copied()
-                    .unwrap_or(0);
-                SourceEvent::Message {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    epoch,
-                    payload: m.payload().map(<[u8]>::to_vec),
-                }
-            }
-            Some(Err(e)) => SourceEvent::Error(e.to_string()),
-        };
-        if events.blocking_send(event).is_err() {
-            break;
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    // Leave the group now rather than at the session timeout; the rebalance callback sees
-    // `closing` and does not wait for the pipeline.
-    consumer.unsubscribe();
-    let _ = consumer.poll(Duration::from_millis(100));
+
+    fn run(self) {
+        'polling: while !self.stop.load(Ordering::Relaxed) {
+            while let Ok(c) = self.commands.try_recv() {
+                if let Some(event) = self.perform(c) {
+                    if self.events.blocking_send(event).is_err() {
+                        break 'polling;
+                    }
+                }
+            }
+            let event = match self.consumer.poll(Duration::from_millis(100)) {
+                None => continue,
+                Some(Ok(m)) => SourceEvent::Message(spillway_core::Message {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    epoch: self.tags().tag(m.partition()),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                }),
+                Some(Err(e)) => SourceEvent::Error(e),
+            };
+            if self.events.blocking_send(event).is_err() {
+                break;
+            }
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        // Leave the group now rather than at the session timeout; the rebalance callback sees
+        // `closing` and does not wait for the pipeline.
+        self.consumer.unsubscribe();
+        let _ = self.consumer.poll(Duration::from_millis(100));
+    }
+}
+
+/// Whether a Kafka error needs a person (credentials, permissions, a missing topic) rather
+/// than patience (a broker restarting).
+pub fn needs_attention(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SSL
+        )
+    )
 }

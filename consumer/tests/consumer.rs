@@ -461,3 +461,272 @@ async fn while_postgres_is_down_the_buffer_stays_bounded_and_everything_drains_a
     assert_exactly_once(&s.pg.url(), 0..20_000).await?;
     stop(consumer).await
 }
+
+/// The value of an unlabelled metric in a Prometheus text page (a missing metric is an error,
+/// so a renamed metric fails the test instead of passing it).
+fn metric(page: &str, name: &str) -> Result<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("no metric {name} in:\n{page}"))
+}
+
+fn metric_of(c: &RunningConsumer, name: &str) -> Result<f64> {
+    metric(&c.metrics().registry.render(), name)
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let answer = spillway_integration::http::HttpClient::new()
+        .get(&format!("http://{addr}{path}"))
+        .await?;
+    Ok((answer.status, answer.body))
+}
+
+/// A plain librdkafka member of the consumers' group that takes partitions and writes nothing,
+/// polling on its own thread until dropped.
+struct SilentMember {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    assigned: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SilentMember {
+    fn join(bootstrap: &str) -> Result<Self> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "consumers")
+            // Member ids start with the client id and the range assignor gives the partition to
+            // the first member id in order: this one.
+            .set("client.id", "aaa-silent-member")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .create()?;
+        consumer.subscribe(&[TOPIC])?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let assigned = std::sync::Arc::new(AtomicUsize::new(0));
+        let (s, a) = (stop.clone(), assigned.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let _ = consumer.poll(Duration::from_millis(100));
+                let n = consumer.assignment().map(|t| t.count()).unwrap_or(0);
+                a.store(n, Ordering::Relaxed);
+            }
+            consumer.unsubscribe();
+            let _ = consumer.poll(Duration::from_millis(100));
+        });
+        Ok(SilentMember {
+            stop,
+            thread: Some(thread),
+            assigned,
+        })
+    }
+
+    fn assigned(&self) -> usize {
+        self.assigned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SilentMember {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Regression (bug 2): a fatal error (the records table dropped under load) ends the consumer;
+/// it used to hang joining a Kafka thread blocked on the full channel, while /healthz said
+/// "alive". Invariant: it stops within a bound, says why, and /healthz answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_error_under_load_stops_the_consumer_and_healthz_says_so() -> Result<()> {
+    let s = stack(1).await?;
+    produce(&s.broker.bootstrap(), 0..20_000, 10, &[]).await?;
+    let mut consumer = start(settings(&s.broker.bootstrap(), &s.pg.url())).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric_of(&consumer, "spillway_consumer_rows_written_total")? < 1.0 {
+        ensure!(Instant::now() < deadline, "nothing was written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    connect(&s.pg.url())
+        .await?
+        .batch_execute("DROP TABLE records")
+        .await?;
+    let ended = tokio::time::timeout(Duration::from_secs(30), consumer.finished())
+        .await
+        .context("the consumer did not stop within 30 s of a fatal error")?;
+    let err = ended.expect_err("a dropped table is fatal");
+    ensure!(err.to_string().contains("42P01"), "says why: {err}");
+    let (status, body) = get(consumer.addr(), "/healthz").await?;
+    ensure!(
+        status == 503 && body.contains("42P01"),
+        "/healthz: {status} {body}"
+    );
+    let (status, _) = get(consumer.addr(), "/readyz").await?;
+    ensure!(status == 503, "/readyz: {status}");
+    Ok(())
+}
+
+/// Regression (bug 4): Postgres refuses the dead-letter insert (a check constraint someone
+/// added). The rows are not at fault: the batch waits and retries, and no good record is ever
+/// dead-lettered in place of the bad one. Invariant: after the constraint goes, every good
+/// record is in the table exactly once and only the bad one is a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dead_letter_insert_never_dead_letters_a_good_record() -> Result<()> {
+    let s = stack(1).await?;
+    let consumer = start(settings(&s.broker.bootstrap(), &s.pg.url())).await?;
+    produce(&s.broker.bootstrap(), 0..10, 10, &[]).await?;
+    wait_rows(&s.pg.url(), 10, Duration::from_secs(60)).await?;
+    let c = connect(&s.pg.url()).await?;
+    c.batch_execute(
+        "ALTER TABLE records_dead_letters ADD CONSTRAINT refuse_all CHECK (false) NOT VALID",
+    )
+    .await?;
+    produce(&s.broker.bootstrap(), 10..110, 10, &[55]).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric_of(&consumer, "spillway_consumer_flush_retries_total")? < 3.0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the refused insert was never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.batch_execute("ALTER TABLE records_dead_letters DROP CONSTRAINT refuse_all")
+        .await?;
+    wait_rows(&s.pg.url(), 109, Duration::from_secs(60)).await?;
+    assert_exactly_once(&s.pg.url(), (0..110).filter(|i| *i != 55)).await?;
+    let dead: Vec<String> = c
+        .query("SELECT raw FROM records_dead_letters", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ensure!(
+        dead.len() == 1 && dead[0].contains("\"id\": 55"),
+        "only the bad record is a dead letter: {dead:?}"
+    );
+    stop(consumer).await
+}
+
+/// Regression (bug 5): the first two flush tasks panic (failpoint). Their batches used to stay
+/// in flight forever. Invariant: they are retried and every record lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_task_that_panics_is_retried() -> Result<()> {
+    let s = stack(1).await?;
+    produce(&s.broker.bootstrap(), 0..2000, 10, &[]).await?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spillway-consumer"))
+        .args(["--brokers", &s.broker.bootstrap(), "--topic", TOPIC])
+        .args(["--database-url", &s.pg.url(), "--listen", "127.0.0.1:0"])
+        .env(spillway_consumer::FAILPOINT_PANIC_FLUSHES, "2")
+        .env("SPILLWAY_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let written = wait_rows(&s.pg.url(), 2000, Duration::from_secs(60)).await;
+    child.kill().await?;
+    written?;
+    assert_exactly_once(&s.pg.url(), 0..2000).await
+}
+
+/// Regression (bug 6): one pooled connection for four partitions, on a link slow enough that a
+/// flush waits longer for the connection than the flush deadline. Waiting for a connection is
+/// not an outage. Invariant: no flush times out or is retried; everything lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_pooled_connection_is_not_a_postgres_outage() -> Result<()> {
+    let s = stack(4).await?;
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], s.pg.port())), 6).await?;
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    produce(&s.broker.bootstrap(), 0..8000, 10, &[]).await?;
+    let mut cfg = settings(&s.broker.bootstrap(), &url);
+    cfg.pool_size = 1;
+    cfg.statement_timeout = Duration::from_millis(1500);
+    cfg.connect_timeout = Duration::from_millis(500);
+    cfg.batcher.size.min_records = 1000;
+    cfg.batcher.size.initial_records = 1000;
+    // ~200 KB per flush at 200 KB/s: each flush takes about 1 s of the 2 s deadline, and each
+    // partition waits about 3 s for the connection.
+    proxy.set(Faults {
+        bandwidth: Some(200 << 10),
+        ..Faults::default()
+    });
+    let consumer = start(cfg).await?;
+    wait_rows(&s.pg.url(), 8000, Duration::from_secs(120)).await?;
+    assert_exactly_once(&s.pg.url(), 0..8000).await?;
+    let page = consumer.metrics().registry.render();
+    ensure!(
+        metric(&page, "spillway_consumer_flush_retries_total")? == 0.0,
+        "a flush waiting for the pool was taken for an outage:\n{page}"
+    );
+    stop(consumer).await
+}
+
+/// Regression (bug 7): Postgres is down while a rebalance asks for stored positions. The
+/// position reads used to block the event loop, so a shutdown was never handled.
+/// Invariant: the shutdown completes within a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_handled_while_postgres_is_down_during_a_rebalance() -> Result<()> {
+    let mut s = stack(2).await?;
+    let consumer = start(settings(&s.broker.bootstrap(), &s.pg.url())).await?;
+    produce(&s.broker.bootstrap(), 0..100, 10, &[]).await?;
+    wait_rows(&s.pg.url(), 100, Duration::from_secs(60)).await?;
+    s.pg = blocking(move || s.pg.kill().map(|_| s.pg)).await?;
+    let other = SilentMember::join(&s.broker.bootstrap())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while other.assigned() == 0 {
+        ensure!(Instant::now() < deadline, "the rebalance never happened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(20), consumer.shutdown())
+        .await
+        .context("the shutdown hung while Postgres was down during a rebalance")??;
+    drop(other);
+    Ok(())
+}
+
+/// Regression (bug 9): another member of the group holds the only partition and writes
+/// nothing, so this consumer owns nothing while records wait. Invariant: it notices (metric,
+/// /readyz 503, a rejoin) within a bound, and once the other member leaves, it writes
+/// everything exactly once and is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_owning_nothing_while_records_wait_rejoins_and_is_not_ready() -> Result<()> {
+    let s = stack(1).await?;
+    let other = SilentMember::join(&s.broker.bootstrap())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while other.assigned() == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the silent member never got the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut cfg = settings(&s.broker.bootstrap(), &s.pg.url());
+    cfg.orphan_timeout = Duration::from_secs(3);
+    cfg.rdkafka
+        .push(("client.id".into(), "zzz-spillway".into()));
+    let consumer = start(cfg).await?;
+    produce(&s.broker.bootstrap(), 0..100, 10, &[]).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(consumer.addr(), "/readyz").await?;
+        if status == 503 && body.contains("owns no partition") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "never reported owning nothing: /readyz {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(metric_of(&consumer, "spillway_consumer_rejoins_total")? >= 1.0);
+    drop(other);
+    wait_rows(&s.pg.url(), 100, Duration::from_secs(60)).await?;
+    assert_exactly_once(&s.pg.url(), 0..100).await?;
+    ensure!(metric_of(&consumer, "spillway_consumer_assigned_partitions")? == 1.0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(consumer.addr(), "/readyz").await?.0 != 200 {
+        ensure!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(consumer).await
+}

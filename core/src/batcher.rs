@@ -246,7 +246,7 @@ impl BatcherConfig {
         }
         if self.max_age.is_zero() {
             return Err(ConfigError::new(
-                "batch-max-age",
+                "batch-max-age-ms",
                 "must be greater than zero",
             ));
         }

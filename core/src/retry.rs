@@ -47,13 +47,13 @@ impl RetryConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.initial.is_zero() {
             return Err(ConfigError::new(
-                "retry-initial",
+                "retry-initial-ms",
                 "must be greater than zero",
             ));
         }
         if self.max < self.initial {
             return Err(ConfigError::new(
-                "retry-max",
+                "retry-max-ms",
                 format!(
                     "must be at least retry-initial ({:?}), got {:?}",
                     self.initial, self.max
@@ -177,7 +177,7 @@ mod tests {
             max: Duration::from_millis(1),
             ..RetryConfig::default()
         };
-        assert_eq!(c.validate().unwrap_err().setting, "retry-max");
+        assert_eq!(c.validate().unwrap_err().setting, "retry-max-ms");
         c = RetryConfig {
             multiplier: 0.5,
             ..RetryConfig::default()
