@@ -328,21 +328,19 @@ impl Settings {
     /// The settings of the core's state machine. With the `mutations` feature (tests only),
     /// `SPILLWAY_MUTATE=<name>` runs it with one known bug.
     pub fn machine_config(&self) -> Result<ConsumerConfig, ConfigError> {
-        let config = ConsumerConfig {
+        #[allow(unused_mut)]
+        let mut config = ConsumerConfig {
             batcher: self.batcher.clone(),
             shutdown_timeout: self.shutdown_timeout,
             orphan_timeout: self.orphan_timeout,
-            #[cfg(feature = "mutations")]
-            mutation: match std::env::var("SPILLWAY_MUTATE") {
-                Ok(name) => Some(spillway_core::Mutation::parse(&name).ok_or_else(|| {
-                    bad(
-                        "SPILLWAY_MUTATE",
-                        format!("{name:?} is not a known mutation"),
-                    )
-                })?),
-                Err(_) => None,
-            },
+            ..ConsumerConfig::default()
         };
+        #[cfg(feature = "mutations")]
+        if let Ok(name) = std::env::var("SPILLWAY_MUTATE") {
+            config.mutation = Some(spillway_core::Mutation::parse(&name).ok_or_else(|| {
+                bad("SPILLWAY_MUTATE", format!("{name:?} is not a known mutation"))
+            })?);
+        }
         config.validate()?;
         Ok(config)
     }

@@ -536,8 +536,16 @@ impl Driver {
     }
 }
 
+/// 1,000 cases per property; `PROPTEST_CASES` lowers it (cargo-mutants runs, ci/soak.sh).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1000))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn every_record_comes_out_exactly_once_in_order_within_capacity(
