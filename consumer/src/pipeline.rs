@@ -277,6 +277,7 @@ impl Pipeline {
         }
         let (source, events) =
             Source::start(&cfg, &settings.topic, 256, tags).map_err(ConsumerError::Kafka)?;
+        health.ready.store(machine.is_ready(), Ordering::Relaxed);
         Ok(Pipeline {
             settings,
             machine,
