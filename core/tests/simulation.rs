@@ -262,6 +262,8 @@ struct Sim {
     to_produce: usize,
     trace: VecDeque<String>,
     counts: BTreeMap<&'static str, u64>,
+    /// A broken invariant found while performing a command.
+    violation: Option<String>,
 }
 
 const TRACE_LINES: usize = 150;
@@ -276,12 +278,20 @@ impl Sim {
         let partitions = 1 + rng.below(3) as i32;
         let max_batch = 2 + rng.below(8) as usize;
         let capacity = max_batch * (2 + rng.below(4) as usize);
+        // Half the seeds bound the buffer by bytes (records are about 60-80 bytes with their
+        // overhead), the other half by records.
+        let (max_batch_bytes, capacity_bytes) = if rng.chance(0.5) {
+            let batch = 200 + rng.below(400) as usize;
+            (batch, batch * (2 + rng.below(3) as usize))
+        } else {
+            (16 << 10, 64 << 10)
+        };
         let config = ConsumerConfig {
             batcher: BatcherConfig {
-                max_batch_bytes: 16 << 10,
+                max_batch_bytes,
                 max_age: Duration::from_millis(50 + rng.below(200)),
                 capacity_records: capacity,
-                capacity_bytes: 64 << 10,
+                capacity_bytes,
                 size: AdaptiveConfig {
                     min_records: 1,
                     max_records: max_batch,
@@ -321,6 +331,7 @@ impl Sim {
             produced: 0,
             trace: VecDeque::new(),
             counts: BTreeMap::new(),
+            violation: None,
         };
         let members = 1 + sim.rng.below(2);
         for _ in 0..members {
@@ -981,7 +992,10 @@ impl Sim {
         for c in commands {
             self.perform(m, c);
         }
-        Ok(())
+        match self.violation.take() {
+            Some(what) => Err(Failure { what }),
+            None => Ok(()),
+        }
     }
 
     fn perform(&mut self, m: usize, command: Command) {
@@ -1042,6 +1056,19 @@ impl Sim {
                 member.to_kafka.push_back((now, KafkaCommand::Resume(p)));
             }
             Command::Flush(batch) => {
+                let bytes: usize = batch.entries.iter().map(|e| e.record.size()).sum();
+                let limits = &self.config.batcher;
+                if batch.entries.len() > 1
+                    && (bytes > limits.max_batch_bytes
+                        || batch.entries.len() > limits.size.max_records)
+                {
+                    self.violation.get_or_insert(format!(
+                        "m{m} emitted a batch of {} records / {bytes} bytes, over the batch limits of {} / {}",
+                        batch.entries.len(),
+                        limits.size.max_records,
+                        limits.max_batch_bytes
+                    ));
+                }
                 self.log(format!(
                     "m{m} -> flush {:?}: partition {} {}..{} ({} entries, try {})",
                     batch.id,
@@ -1231,6 +1258,15 @@ impl Sim {
                 if let Command::Exit(e) = c {
                     member.exited = Some(e);
                 }
+            }
+            let stats = member.machine.stats();
+            if stats.buffered_records != 0 || stats.buffered_bytes != 0 {
+                return Err(Failure {
+                    what: format!(
+                        "m{m} drained but still counts {} records / {} bytes buffered",
+                        stats.buffered_records, stats.buffered_bytes
+                    ),
+                });
             }
             match &member.exited {
                 Some(Exit::Drained) => {}
