@@ -483,6 +483,7 @@ impl Sim {
                 kinds,
             }
         };
+        *self.counts.entry("records produced").or_default() += message.kinds.len() as u64;
         self.logs
             .get_mut(&p)
             .expect("partition")
@@ -1315,6 +1316,8 @@ fn run_seeds(
         outcome.seeds += 1;
         let mut sim = Sim::new(seed, mutation);
         let result = sim.run();
+        *outcome.counts.entry("simulated seconds").or_default() +=
+            sim.now.duration_since(sim.start).as_secs();
         for (k, v) in &sim.counts {
             *outcome.counts.entry(k).or_default() += v;
         }
