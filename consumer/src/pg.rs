@@ -447,9 +447,10 @@ async fn move_position(
          WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
            AND next_offset = $6 AND next_index = $7"
     } else {
-        "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
-         WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
-           AND $6::bigint IS NOT NULL AND $7::int IS NOT NULL"
+        "INSERT INTO spillway_offsets (table_name, topic, kafka_partition, next_offset, next_index)
+         SELECT $1, $2, $3, $4, $5 WHERE $6::bigint IS NOT NULL AND $7::int IS NOT NULL
+         ON CONFLICT (table_name, topic, kafka_partition)
+         DO UPDATE SET next_offset = $4, next_index = $5, updated_at = now()"
     };
     let moved = tx
         .execute(

@@ -685,6 +685,9 @@ impl Pipeline {
     }
 
     fn read_positions(&mut self, partitions: Vec<Partition>) {
+        if self.machine.config().mutated(spillway_core::Mutation::CommitKafkaFirst) {
+            return self.read_kafka_positions(partitions);
+        }
         let pool = self.pool.clone();
         let (table, topic) = (self.settings.table.clone(), self.settings.topic.clone());
         let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
@@ -708,6 +711,47 @@ impl Pipeline {
                         row: None,
                     })
                 })
+        });
+    }
+
+    /// The `commit-kafka-first` mutation (tests only): positions from Kafka's committed
+    /// offsets, as a consumer that trusts Kafka would.
+    fn read_kafka_positions(&mut self, partitions: Vec<Partition>) {
+        let consumer = self.source.consumer().clone();
+        let topic = self.settings.topic.clone();
+        self.reads.spawn(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for p in &partitions {
+                    tpl.add_partition(&topic, *p);
+                }
+                let committed = consumer
+                    .committed_offsets(tpl, Duration::from_secs(10))
+                    .map_err(|e| PgFailure {
+                        class: ErrorClass::Retriable,
+                        message: e.to_string(),
+                        row: None,
+                    })?;
+                Ok(partitions
+                    .iter()
+                    .map(|p| {
+                        let offset = committed
+                            .find_partition(&topic, *p)
+                            .and_then(|e| e.offset().to_raw())
+                            .filter(|o| *o >= 0)
+                            .unwrap_or(0);
+                        (*p, Position::new(offset, 0))
+                    })
+                    .collect())
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(PgFailure {
+                    class: ErrorClass::Retriable,
+                    message: e.to_string(),
+                    row: None,
+                })
+            })
         });
     }
 

@@ -59,19 +59,25 @@ pub enum Mutation {
     NoCompareAndSet,
     /// The position is stored in its own transaction, before the rows.
     PositionBeforeRows,
-    /// A batch whose flush failed is dropped as if written.
+    /// A batch whose flush failed is dropped, and the position moves past it anyway, as the
+    /// original Python consumer did.
     DropFailedBatch,
+    /// Kafka's committed offsets are trusted as positions (the shell reads them instead of
+    /// Postgres's), committed when a batch is sent to Postgres, before it is written, and
+    /// batches are written without the compare-and-set.
+    CommitKafkaFirst,
 }
 
 impl Mutation {
     /// Every mutation, with the name `SPILLWAY_SIM_MUTATE` / `SPILLWAY_MUTATE` selects it by.
-    pub const ALL: [(&'static str, Mutation); 6] = [
+    pub const ALL: [(&'static str, Mutation); 7] = [
         ("epoch-before-seek", Mutation::EpochBeforeSeek),
         ("accept-gaps", Mutation::AcceptGaps),
         ("global-pause", Mutation::GlobalPause),
         ("no-compare-and-set", Mutation::NoCompareAndSet),
         ("position-before-rows", Mutation::PositionBeforeRows),
         ("drop-failed-batch", Mutation::DropFailedBatch),
+        ("commit-kafka-first", Mutation::CommitKafkaFirst),
     ];
 
     /// The mutation called `name`.
@@ -734,6 +740,10 @@ impl ConsumerMachine {
             FlushResult::Fenced => FlushOutcome::Fenced,
             FlushResult::Retriable { reason } => {
                 if self.config.mutated(Mutation::DropFailedBatch) {
+                    // The rows are dropped; a write of the position alone moves past them.
+                    let mut dropped = batch.clone();
+                    dropped.entries.clear();
+                    self.commands.push_back(Command::Flush(Arc::new(dropped)));
                     FlushOutcome::Written
                 } else {
                     FlushOutcome::Retriable { reason }
@@ -1017,7 +1027,14 @@ impl ConsumerMachine {
             let batch = self.mutate_batch(batch);
             let batch = Arc::new(batch);
             self.in_flight.insert(batch.id, batch.clone());
+            let (partition, end) = (batch.partition, batch.end);
             self.commands.push_back(Command::Flush(batch));
+            if self.config.mutated(Mutation::CommitKafkaFirst) {
+                self.commands.push_back(Command::CommitKafka {
+                    partition,
+                    offset: end.kafka_offset(),
+                });
+            }
         }
         if let Some(until) = self.draining_until {
             if self.batcher.is_empty() && self.in_flight.is_empty() {
@@ -1030,7 +1047,9 @@ impl ConsumerMachine {
     }
 
     fn mutate_batch(&self, mut batch: Batch) -> Batch {
-        if self.config.mutated(Mutation::NoCompareAndSet) {
+        if self.config.mutated(Mutation::NoCompareAndSet)
+            || self.config.mutated(Mutation::CommitKafkaFirst)
+        {
             batch.check_start = false;
         }
         if self.config.mutated(Mutation::PositionBeforeRows) {
