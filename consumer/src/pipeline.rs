@@ -13,15 +13,15 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use spillway_core::metrics::{Counter, Gauge, Histogram, Registry};
 use spillway_core::{
-    BatchId, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult, Notice, Partition,
-    PartitionLag, Position,
+    BatchId, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult, KafkaCommand,
+    Notice, Partition, PartitionLag, Position,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::config::Settings;
 use crate::pg::{self, PgFailure, Pool};
-use crate::source::{self, Source, SourceCommand, SourceEvent, StartAt};
+use crate::source::{self, Source, SourceEvent, StartAt};
 use crate::ConsumerError;
 
 /// Environment variable naming a test failpoint (`failpoints` feature only): after this many
@@ -492,30 +492,26 @@ impl Pipeline {
         while let Some(c) = self.machine.poll_command() {
             match c {
                 Command::ReadPositions(partitions) => self.read_positions(partitions),
-                Command::Seek {
+                Command::Kafka(KafkaCommand::Seek {
                     partition,
                     offset,
                     epoch,
-                } => {
-                    if let Some(pending) = self.pending.as_mut() {
-                        if pending.waiting.remove(&partition) {
-                            pending.starts.push((partition, offset, epoch));
-                            if pending.waiting.is_empty() {
-                                if let Some(done) = self.pending.take() {
-                                    let _ = done.reply.send(done.starts);
-                                }
-                            }
-                            continue;
+                }) if self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.waiting.contains(&partition)) =>
+                {
+                    if let Some(mut pending) = self.pending.take() {
+                        pending.waiting.remove(&partition);
+                        pending.starts.push((partition, offset, epoch));
+                        if pending.waiting.is_empty() {
+                            let _ = pending.reply.send(pending.starts);
+                        } else {
+                            self.pending = Some(pending);
                         }
                     }
-                    self.source.command(SourceCommand::Seek {
-                        partition,
-                        offset,
-                        epoch,
-                    });
                 }
-                Command::Pause(p) => self.source.command(SourceCommand::Pause(p)),
-                Command::Resume(p) => self.source.command(SourceCommand::Resume(p)),
+                Command::Kafka(k) => self.source.command(k),
                 Command::Flush(batch) => {
                     let id = batch.id;
                     let pool = self.pool.clone();
@@ -558,10 +554,6 @@ impl Pipeline {
                     });
                     self.flush_tasks.insert(task.id(), id);
                 }
-                Command::CommitKafka { partition, offset } => self
-                    .source
-                    .command(SourceCommand::Commit(partition, offset)),
-                Command::Rejoin => self.source.command(SourceCommand::Rejoin),
                 Command::Notice(n) => self.on_notice(n),
                 Command::Exit(exit) => {
                     return Some(match exit {
@@ -685,7 +677,11 @@ impl Pipeline {
     }
 
     fn read_positions(&mut self, partitions: Vec<Partition>) {
-        if self.machine.config().mutated(spillway_core::Mutation::CommitKafkaFirst) {
+        if self
+            .machine
+            .config()
+            .mutated(spillway_core::Mutation::CommitKafkaFirst)
+        {
             return self.read_kafka_positions(partitions);
         }
         let pool = self.pool.clone();

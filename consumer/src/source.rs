@@ -1,5 +1,5 @@
-//! The Kafka side: a dedicated thread polls the group consumer, carries out the core's Kafka
-//! commands (seek, pause, resume, commit, rejoin) between two polls, and hands events to the
+//! The Kafka side: a dedicated thread polls the group consumer, carries out the core's
+//! [`KafkaCommand`]s (seek, pause, resume, commit, rejoin) between two polls, and hands events to the
 //! async pipeline over a bounded channel. It decides nothing: the core
 //! ([`spillway_core::ConsumerMachine`]) does.
 //!
@@ -22,7 +22,7 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use spillway_core::{Epoch, EpochTags, Partition};
+use spillway_core::{Epoch, EpochTags, KafkaCommand, Partition};
 use tokio::sync::mpsc;
 
 /// The start of one assigned partition: its offset and the epoch its messages will carry.
@@ -53,28 +53,6 @@ pub enum SourceEvent {
     SeekFailed(Partition, Epoch, String),
     /// A client-level error.
     Error(KafkaError),
-}
-
-/// What the pipeline asks of the Kafka thread.
-#[derive(Debug)]
-pub enum SourceCommand {
-    /// Re-read `partition` from `offset`; messages polled afterwards carry `epoch`.
-    Seek {
-        /// Partition.
-        partition: Partition,
-        /// Offset.
-        offset: i64,
-        /// The new epoch.
-        epoch: Epoch,
-    },
-    /// Stop fetching this partition.
-    Pause(Partition),
-    /// Fetch it again.
-    Resume(Partition),
-    /// Commit this next-offset to the group (asynchronously), for lag tools.
-    Commit(Partition, i64),
-    /// Leave and join the group again.
-    Rejoin,
 }
 
 /// The rebalance handling of the group consumer (see the module documentation).
@@ -197,7 +175,7 @@ impl Context {
 /// The running Kafka thread.
 pub struct Source {
     consumer: Arc<BaseConsumer<Context>>,
-    commands: std_mpsc::Sender<SourceCommand>,
+    commands: std_mpsc::Sender<KafkaCommand>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     topic: String,
@@ -257,7 +235,7 @@ impl Source {
     }
 
     /// Queues a command for the Kafka thread.
-    pub fn command(&self, c: SourceCommand) {
+    pub fn command(&self, c: KafkaCommand) {
         let _ = self.commands.send(c);
     }
 
@@ -291,7 +269,7 @@ struct Poller {
     consumer: Arc<BaseConsumer<Context>>,
     topic: String,
     events: mpsc::Sender<SourceEvent>,
-    commands: std_mpsc::Receiver<SourceCommand>,
+    commands: std_mpsc::Receiver<KafkaCommand>,
     tags: Arc<Mutex<EpochTags>>,
     stop: Arc<AtomicBool>,
 }
@@ -308,9 +286,9 @@ impl Poller {
     }
 
     /// Carries out one command; returns an event to report, if any.
-    fn perform(&self, c: SourceCommand) -> Option<SourceEvent> {
+    fn perform(&self, c: KafkaCommand) -> Option<SourceEvent> {
         match c {
-            SourceCommand::Seek {
+            KafkaCommand::Seek {
                 partition,
                 offset,
                 epoch,
@@ -330,19 +308,22 @@ impl Poller {
                     Err(e) => SourceEvent::SeekFailed(partition, epoch, e.to_string()),
                 })
             }
-            SourceCommand::Pause(p) => {
+            KafkaCommand::Pause(p) => {
                 if let Err(e) = self.consumer.pause(&self.one(p)) {
                     tracing::debug!(partition = p, error = %e, "pause (partition not assigned yet?)");
                 }
                 None
             }
-            SourceCommand::Resume(p) => {
+            KafkaCommand::Resume(p) => {
                 if let Err(e) = self.consumer.resume(&self.one(p)) {
                     tracing::debug!(partition = p, error = %e, "resume (partition not assigned?)");
                 }
                 None
             }
-            SourceCommand::Commit(p, offset) => {
+            KafkaCommand::Commit {
+                partition: p,
+                offset,
+            } => {
                 let mut tpl = TopicPartitionList::new();
                 let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(offset));
                 if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
@@ -350,7 +331,7 @@ impl Poller {
                 }
                 None
             }
-            SourceCommand::Rejoin => {
+            KafkaCommand::Rejoin => {
                 self.consumer.unsubscribe();
                 if let Err(e) = self.consumer.subscribe(&[&self.topic]) {
                     Some(SourceEvent::Error(e))

@@ -6,13 +6,13 @@
 //!
 //! | event (shell → machine)                         | typical commands (machine → shell)            |
 //! |-------------------------------------------------|-----------------------------------------------|
-//! | [`on_assigned`](ConsumerMachine::on_assigned)   | [`Command::ReadPositions`], [`Command::Pause`] |
-//! | [`on_positions`](ConsumerMachine::on_positions) | [`Command::Seek`], [`Command::Resume`]         |
+//! | [`on_assigned`](ConsumerMachine::on_assigned)   | [`Command::ReadPositions`], [`KafkaCommand::Pause`] |
+//! | [`on_positions`](ConsumerMachine::on_positions) | [`KafkaCommand::Seek`], [`KafkaCommand::Resume`] |
 //! | [`on_seek_done`](ConsumerMachine::on_seek_done) / `_failed` | (reading starts) / re-seek later  |
-//! | [`on_message`](ConsumerMachine::on_message)     | [`Command::Flush`], [`Command::Pause`] when full, a gap report |
-//! | [`on_flush_result`](ConsumerMachine::on_flush_result) | [`Command::CommitKafka`], retries, a fence re-read |
+//! | [`on_message`](ConsumerMachine::on_message)     | [`Command::Flush`], [`KafkaCommand::Pause`] when full, a gap report |
+//! | [`on_flush_result`](ConsumerMachine::on_flush_result) | [`KafkaCommand::Commit`], retries, a fence re-read |
 //! | [`on_revoked`](ConsumerMachine::on_revoked)     | (buffer dropped)                              |
-//! | [`on_group_view`](ConsumerMachine::on_group_view) | [`Command::Rejoin`] when orphaned            |
+//! | [`on_group_view`](ConsumerMachine::on_group_view) | [`KafkaCommand::Rejoin`] when orphaned       |
 //! | [`on_shutdown`](ConsumerMachine::on_shutdown)   | pauses, final flushes, [`Command::Exit`]      |
 //! | [`handle_timeout`](ConsumerMachine::handle_timeout) at [`poll_timeout`](ConsumerMachine::poll_timeout) | due batches, retries |
 //!
@@ -339,12 +339,9 @@ pub enum Notice {
     },
 }
 
-/// What the shell must do, in order.
-#[derive(Debug)]
-pub enum Command {
-    /// Read the stored positions of these partitions and report them with
-    /// [`ConsumerMachine::on_positions`] (or `on_positions_failed`).
-    ReadPositions(Vec<Partition>),
+/// What the Kafka side (the thread that polls the group consumer) must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KafkaCommand {
     /// Make the partition's next message the one at `offset`, tagged `epoch`; report with
     /// `on_seek_done` or `on_seek_failed`. For a partition whose assignment is pending, this is
     /// its start offset.
@@ -360,10 +357,8 @@ pub enum Command {
     Pause(Partition),
     /// Fetch the partition again.
     Resume(Partition),
-    /// Write the batch in one transaction; report with `on_flush_result`.
-    Flush(Arc<Batch>),
     /// Commit this next-offset to the group (for lag tools; Postgres holds the truth).
-    CommitKafka {
+    Commit {
         /// Partition.
         partition: Partition,
         /// Offset.
@@ -371,6 +366,18 @@ pub enum Command {
     },
     /// Leave and join the group again.
     Rejoin,
+}
+
+/// What the shell must do, in order.
+#[derive(Debug)]
+pub enum Command {
+    /// Read the stored positions of these partitions and report them with
+    /// [`ConsumerMachine::on_positions`] (or `on_positions_failed`).
+    ReadPositions(Vec<Partition>),
+    /// Tell the Kafka side.
+    Kafka(KafkaCommand),
+    /// Write the batch in one transaction; report with `on_flush_result`.
+    Flush(Arc<Batch>),
     /// Log or count this.
     Notice(Notice),
     /// Stop; nothing more will be asked.
@@ -558,7 +565,7 @@ impl ConsumerMachine {
             let epoch = self.new_epoch();
             // Kafka needs a start offset now (the assignment may be waiting for it); a
             // partition with no room waits, and is sought again with a new epoch later.
-            self.commands.push_back(Command::Seek {
+            self.kafka(KafkaCommand::Seek {
                 partition: p,
                 offset: at.kafka_offset(),
                 epoch,
@@ -780,7 +787,7 @@ impl ConsumerMachine {
                     rows,
                     dead_letters,
                 });
-                self.commands.push_back(Command::CommitKafka {
+                self.kafka(KafkaCommand::Commit {
                     partition,
                     offset: position.kafka_offset(),
                 });
@@ -839,7 +846,7 @@ impl ConsumerMachine {
             self.notice(Notice::Orphaned {
                 partitions: self.orphaned.clone(),
             });
-            self.commands.push_back(Command::Rejoin);
+            self.kafka(KafkaCommand::Rejoin);
         }
     }
 
@@ -909,6 +916,10 @@ impl ConsumerMachine {
         e
     }
 
+    fn kafka(&mut self, k: KafkaCommand) {
+        self.commands.push_back(Command::Kafka(k));
+    }
+
     fn notice(&mut self, n: Notice) {
         self.commands.push_back(Command::Notice(n));
     }
@@ -953,7 +964,7 @@ impl ConsumerMachine {
             self.global_paused = true;
             let all: Vec<Partition> = self.partitions.keys().copied().collect();
             for p in all {
-                self.commands.push_back(Command::Pause(p));
+                self.kafka(KafkaCommand::Pause(p));
             }
         }
         let reading: Vec<Partition> = self
@@ -987,10 +998,10 @@ impl ConsumerMachine {
         let paused = !s.phase.wants_fetching();
         if s.kafka_paused != Some(paused) {
             s.kafka_paused = Some(paused);
-            self.commands.push_back(if paused {
-                Command::Pause(p)
+            self.kafka(if paused {
+                KafkaCommand::Pause(p)
             } else {
-                Command::Resume(p)
+                KafkaCommand::Resume(p)
             });
         }
     }
@@ -1001,7 +1012,7 @@ impl ConsumerMachine {
             return;
         };
         let epoch = self.new_epoch();
-        self.commands.push_back(Command::Seek {
+        self.kafka(KafkaCommand::Seek {
             partition: p,
             offset: next.kafka_offset(),
             epoch,
@@ -1030,7 +1041,7 @@ impl ConsumerMachine {
             let (partition, end) = (batch.partition, batch.end);
             self.commands.push_back(Command::Flush(batch));
             if self.config.mutated(Mutation::CommitKafkaFirst) {
-                self.commands.push_back(Command::CommitKafka {
+                self.kafka(KafkaCommand::Commit {
                     partition,
                     offset: end.kafka_offset(),
                 });
@@ -1087,7 +1098,7 @@ impl ConsumerMachine {
             self.global_paused = false;
             let all: Vec<Partition> = self.partitions.keys().copied().collect();
             for p in all {
-                self.commands.push_back(Command::Resume(p));
+                self.kafka(KafkaCommand::Resume(p));
             }
         }
     }

@@ -29,7 +29,7 @@ pub use batcher::{
 };
 pub use consumer::{
     Command, ConsumerConfig, ConsumerMachine, ConsumerStats, Epoch, EpochTags, Exit, FlushResult,
-    Message, Mutation, Notice, PartitionLag, Phase,
+    KafkaCommand, Message, Mutation, Notice, PartitionLag, Phase,
 };
 pub use envelope::{DecodeError, Envelope, RequestId};
 pub use error::{ConfigError, ErrorClass};

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use spillway_core::{
     AdaptiveConfig, Batch, BatcherConfig, Command, ConsumerConfig, ConsumerMachine, Envelope,
-    EpochTags, Exit, FlushResult, Jitter, Message, Mutation, Notice, PartitionLag, Position,
-    RequestId, RetryConfig,
+    EpochTags, Exit, FlushResult, Jitter, KafkaCommand, Message, Mutation, Notice, PartitionLag,
+    Position, RequestId, RetryConfig,
 };
 
 type Partition = i32;
@@ -197,17 +197,6 @@ struct Postgres {
     transactions: Vec<Transaction>,
     /// Per partition: every record below this position was checked present.
     checked_to: BTreeMap<Partition, Position>,
-}
-
-#[derive(Debug)]
-enum KafkaCommand {
-    Seek {
-        partition: Partition,
-        offset: i64,
-        epoch: u64,
-    },
-    Pause(Partition),
-    Resume(Partition),
 }
 
 #[derive(Debug)]
@@ -498,12 +487,7 @@ impl Sim {
             return;
         }
         let p = self.rng.below(self.logs.len() as u64) as i32;
-        let stored = self
-            .pg
-            .positions
-            .get(&p)
-            .copied()
-            .unwrap_or(Position::BEGINNING);
+        let stored = self.stored(p);
         let log = self.logs.get_mut(&p).expect("partition");
         let lag = log.end() - stored.offset.max(log.start);
         if lag <= 1 {
@@ -562,12 +546,7 @@ impl Sim {
     /// What the transaction does to the tables, as the real flush's SQL would.
     fn apply(&mut self, batch: &Batch) -> Result<FlushResult, Failure> {
         let p = batch.partition;
-        let stored = self
-            .pg
-            .positions
-            .get(&p)
-            .copied()
-            .unwrap_or(Position::BEGINNING);
+        let stored = self.stored(p);
         let cas_ok = !batch.check_start || stored == batch.start;
         if !batch.position_with_rows {
             // The position commits on its own first.
@@ -635,6 +614,14 @@ impl Sim {
             self.set_position(p, batch.end)?;
         }
         Ok(FlushResult::Written)
+    }
+
+    fn stored(&self, p: Partition) -> Position {
+        self.pg
+            .positions
+            .get(&p)
+            .copied()
+            .unwrap_or(Position::BEGINNING)
     }
 
     fn kind(&self, (p, offset, index): Key) -> Option<Kind> {
@@ -729,6 +716,16 @@ impl Sim {
         }
     }
 
+    /// The flush's answer: a retriable failure.
+    fn retriable(&mut self, member: usize, inc: u64, id: spillway_core::BatchId, reason: &str) {
+        let reason = reason.to_string();
+        self.deliver(
+            member,
+            inc,
+            Event::Flushed(id, FlushResult::Retriable { reason }),
+        );
+    }
+
     fn step_postgres(&mut self) -> Result<(), Failure> {
         if self.pg.down_until.is_some_and(|t| t <= self.now) {
             self.pg.down_until = None;
@@ -758,31 +755,15 @@ impl Sim {
                     };
                     self.deliver(member, inc, Event::Flushed(id, result));
                 }
-                Fate::LostBefore => self.deliver(
-                    member,
-                    inc,
-                    Event::Flushed(
-                        id,
-                        FlushResult::Retriable {
-                            reason: "connection lost before commit".into(),
-                        },
-                    ),
-                ),
+                Fate::LostBefore => {
+                    self.retriable(member, inc, id, "connection lost before commit")
+                }
                 Fate::LostAfter => {
                     let applied = self.apply(&t.batch)?;
                     self.log(format!(
                         "m{member}'s batch {id:?} commits ({applied:?}) but the answer is lost"
                     ));
-                    self.deliver(
-                        member,
-                        inc,
-                        Event::Flushed(
-                            id,
-                            FlushResult::Retriable {
-                                reason: "connection lost after commit".into(),
-                            },
-                        ),
-                    );
+                    self.retriable(member, inc, id, "connection lost after commit");
                 }
                 Fate::Hang { apply_at } => {
                     let deadline_passed = t.at <= self.now;
@@ -793,16 +774,7 @@ impl Sim {
                         ));
                     }
                     if deadline_passed {
-                        self.deliver(
-                            member,
-                            inc,
-                            Event::Flushed(
-                                id,
-                                FlushResult::Retriable {
-                                    reason: "no answer within the flush deadline".into(),
-                                },
-                            ),
-                        );
+                        self.retriable(member, inc, id, "no answer within the flush deadline");
                         if let Some(a) = apply_at.filter(|a| *a > self.now) {
                             // Still running on the server: it may commit after the deadline.
                             self.pg.transactions.push(Transaction {
@@ -875,6 +847,7 @@ impl Sim {
                 KafkaCommand::Resume(p) => {
                     member.paused.remove(&p);
                 }
+                KafkaCommand::Commit { .. } | KafkaCommand::Rejoin => {}
             }
         }
         for &p in &member.assigned {
@@ -1027,34 +1000,29 @@ impl Sim {
                 };
                 member.inbox.push_back((at, event));
             }
-            Command::Seek {
-                partition,
-                offset,
-                epoch,
-            } => {
-                self.log(format!(
-                    "m{m} -> seek {partition} to {offset} (epoch {epoch})"
-                ));
-                let member = self.members[m].as_mut().expect("performing");
-                member.tags.seeking(partition, epoch);
-                member.to_kafka.push_back((
-                    now,
-                    KafkaCommand::Seek {
-                        partition,
-                        offset,
-                        epoch,
-                    },
-                ));
-            }
-            Command::Pause(p) => {
-                self.log(format!("m{m} -> pause {p}"));
-                let member = self.members[m].as_mut().expect("performing");
-                member.to_kafka.push_back((now, KafkaCommand::Pause(p)));
-            }
-            Command::Resume(p) => {
-                self.log(format!("m{m} -> resume {p}"));
-                let member = self.members[m].as_mut().expect("performing");
-                member.to_kafka.push_back((now, KafkaCommand::Resume(p)));
+            Command::Kafka(k) => {
+                self.log(format!("m{m} -> {k:?}"));
+                match k {
+                    KafkaCommand::Commit { partition, offset } => {
+                        self.committed.insert(partition, offset);
+                    }
+                    KafkaCommand::Rejoin => {
+                        self.count("rejoins");
+                        if self.rebalance_at.is_none() {
+                            self.rebalance_at = Some(now + self.rng.millis(10, 500));
+                        }
+                    }
+                    k => {
+                        let member = self.members[m].as_mut().expect("performing");
+                        if let KafkaCommand::Seek {
+                            partition, epoch, ..
+                        } = k
+                        {
+                            member.tags.seeking(partition, epoch);
+                        }
+                        member.to_kafka.push_back((now, k));
+                    }
+                }
             }
             Command::Flush(batch) => {
                 let bytes: usize = batch.entries.iter().map(|e| e.record.size()).sum();
@@ -1080,16 +1048,6 @@ impl Sim {
                     batch.attempt
                 ));
                 self.start_transaction(m, batch);
-            }
-            Command::CommitKafka { partition, offset } => {
-                self.committed.insert(partition, offset);
-            }
-            Command::Rejoin => {
-                self.log(format!("m{m} -> rejoin the group"));
-                self.count("rejoins");
-                if self.rebalance_at.is_none() {
-                    self.rebalance_at = Some(now + self.rng.millis(10, 500));
-                }
             }
             Command::Notice(n) => {
                 if let Notice::Gap { .. } = n {
