@@ -328,6 +328,8 @@ impl Pipeline {
         let mut stopping = false;
         let result = loop {
             let timer = self.machine.poll_timeout();
+            // Results, the stop signal and timers first: a flood of Kafka messages must not
+            // starve them.
             let now = tokio::select! {
                 biased;
                 Some(joined) = self.flushes.join_next_with_id() => {
@@ -343,20 +345,6 @@ impl Pipeline {
                     self.on_positions_read(read);
                     Instant::now()
                 }
-                event = self.events.recv() => match event {
-                    Some(e) => self.on_event(e),
-                    None => break Err(ConsumerError::Stopped("the Kafka thread stopped".into())),
-                },
-                Some(view) = views.recv() => {
-                    let now = Instant::now();
-                    self.machine.on_group_view(&view, now);
-                    now
-                }
-                _ = sleep_until(timer) => {
-                    let now = Instant::now();
-                    self.machine.handle_timeout(now);
-                    now
-                }
                 _ = &mut stop, if !stopping => {
                     stopping = true;
                     tracing::info!("stopping: no new messages; flushing what is buffered");
@@ -367,6 +355,20 @@ impl Pipeline {
                     self.machine.on_shutdown(now);
                     now
                 }
+                Some(view) = views.recv() => {
+                    let now = Instant::now();
+                    self.machine.on_group_view(&view, now);
+                    now
+                }
+                _ = sleep_until(timer) => {
+                    let now = Instant::now();
+                    self.machine.handle_timeout(now);
+                    now
+                }
+                event = self.events.recv() => match event {
+                    Some(e) => self.on_event(e),
+                    None => break Err(ConsumerError::Stopped("the Kafka thread stopped".into())),
+                },
             };
             let _ = now;
             if let Some(exit) = self.perform_commands() {
