@@ -618,7 +618,7 @@ impl Pipeline {
                 self.metrics.fenced.inc();
                 tracing::warn!(
                     partition,
-                    "another consumer moved this partition's position: re-reading it from the stored one"
+                    "another consumer moved this partition's position: this flush wrote nothing; if the partition is still ours it is re-read from the stored position"
                 );
             }
             Notice::Gap {

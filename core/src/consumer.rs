@@ -282,7 +282,8 @@ pub enum Notice {
         /// Why.
         reason: String,
     },
-    /// Another consumer moved the position: the partition is re-read from the stored one.
+    /// Another consumer moved the position: the flush wrote nothing, and the partition (if
+    /// still owned) is re-read from the stored position.
     Fenced {
         /// Partition.
         partition: Partition,
@@ -742,6 +743,12 @@ impl ConsumerMachine {
         };
         let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
         let partition = batch.partition;
+        if result == FlushResult::Fenced {
+            // Counted here, not after the batcher: a flush the database refused is fenced even
+            // when its partition was revoked meanwhile (a zombie's late flush).
+            self.stats.fenced += 1;
+            self.notice(Notice::Fenced { partition });
+        }
         let outcome = match result {
             FlushResult::Written => FlushOutcome::Written,
             FlushResult::Fenced => FlushOutcome::Fenced,
@@ -802,8 +809,6 @@ impl ConsumerMachine {
             }
             AfterFlush::Isolating | AfterFlush::Stale => {}
             AfterFlush::Fenced { partition } => {
-                self.stats.fenced += 1;
-                self.notice(Notice::Fenced { partition });
                 if let Some(s) = self.partitions.get_mut(&partition) {
                     s.phase = Phase::Positioning;
                 }
