@@ -407,11 +407,6 @@ impl Batcher {
         }
     }
 
-    /// The assigned partitions.
-    pub fn partitions(&self) -> impl Iterator<Item = Partition> + '_ {
-        self.lanes.keys().copied()
-    }
-
     /// The position of the next record `partition` expects from the source (where to seek
     /// after dropping records the buffer had no room for).
     pub fn next_position(&self, partition: Partition) -> Option<Position> {

@@ -1025,7 +1025,12 @@ impl Sim {
                 }
             }
             Command::Flush(batch) => {
-                let bytes: usize = batch.entries.iter().map(|e| e.record.size()).sum();
+                // Counted here as the batcher documents it, not with its own arithmetic.
+                let bytes: usize = batch
+                    .entries
+                    .iter()
+                    .map(|e| e.record.payload.len() + spillway_core::batcher::RECORD_OVERHEAD)
+                    .sum();
                 let limits = &self.config.batcher;
                 if batch.entries.len() > 1
                     && (bytes > limits.max_batch_bytes

@@ -536,6 +536,55 @@ impl Driver {
     }
 }
 
+#[test]
+fn settings_that_cannot_work_are_refused_with_the_flag_to_fix() {
+    let ok = BatcherConfig::default();
+    assert_eq!(ok.validate(), Ok(()));
+    let check = |change: &dyn Fn(&mut BatcherConfig)| {
+        let mut c = BatcherConfig::default();
+        change(&mut c);
+        c.validate().err().map(|e| e.setting)
+    };
+    assert_eq!(check(&|c| c.max_batch_bytes = 0), Some("batch-max-bytes"));
+    assert_eq!(
+        check(&|c| c.max_age = Duration::ZERO),
+        Some("batch-max-age-ms")
+    );
+    assert_eq!(
+        check(&|c| c.capacity_records = c.size.max_records - 1),
+        Some("buffer-max-records")
+    );
+    assert_eq!(
+        check(&|c| c.capacity_bytes = c.max_batch_bytes - 1),
+        Some("buffer-max-bytes")
+    );
+    // Exactly one full batch of room is enough.
+    assert_eq!(check(&|c| c.capacity_records = c.size.max_records), None);
+    assert_eq!(check(&|c| c.capacity_bytes = c.max_batch_bytes), None);
+    assert_eq!(
+        check(&|c| c.size.min_records = 0),
+        Some("batch-min-records")
+    );
+    assert_eq!(
+        check(&|c| c.retry.max = Duration::ZERO),
+        Some("retry-max-ms")
+    );
+}
+
+/// A record counts its payload plus a fixed overhead against the buffer.
+#[test]
+fn a_record_counts_its_payload_and_overhead() {
+    let r = Record {
+        partition: 0,
+        offset: 0,
+        index: 0,
+        last_in_message: true,
+        received_at_micros: 0,
+        payload: vec![b'x'; 100],
+    };
+    assert_eq!(r.size(), 100 + RECORD_OVERHEAD);
+}
+
 /// 1,000 cases per property; `PROPTEST_CASES` lowers it (cargo-mutants runs, ci/soak.sh).
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
