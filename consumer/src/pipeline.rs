@@ -565,6 +565,11 @@ impl Pipeline {
                 }
             },
         };
+        if outcome == FlushOutcome::Fenced {
+            // Counted here, not after the batcher: a flush the database refused is fenced even
+            // when its partition was revoked meanwhile (a zombie's late flush).
+            self.metrics.fenced.inc();
+        }
         match self.batcher.on_flush_result(batch, outcome, Instant::now()) {
             AfterFlush::Committed {
                 partition,
@@ -594,7 +599,6 @@ impl Pipeline {
                 tracing::debug!("a batch was rejected for a record; isolating it")
             }
             AfterFlush::Fenced { partition } => {
-                self.metrics.fenced.inc();
                 tracing::warn!(
                     partition,
                     "another consumer moved this partition's position: re-reading it"
