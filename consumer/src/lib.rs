@@ -9,7 +9,14 @@
 //! the core's [`spillway_core::Batcher`]; this crate only does the IO.
 #![warn(missing_docs)]
 
+#[cfg(all(feature = "mutations", not(debug_assertions)))]
+compile_error!(
+    "the `mutations` feature switches on known bugs for the chaos suite's mutation runs: \
+     never build it in release mode"
+);
+
 pub mod config;
+pub mod mutation;
 pub mod pg;
 pub mod pgcopy;
 mod pipeline;
@@ -155,6 +162,7 @@ pub async fn serve(settings: Settings) -> Result<(), ConsumerError> {
 /// Validates the database URL, creates the schema (retrying while Postgres is unavailable),
 /// joins the group and starts the pipeline and the HTTP endpoints.
 pub async fn start(settings: Settings) -> Result<RunningConsumer, ConsumerError> {
+    mutation::init()?;
     let pool = pg::Pool::new(
         &settings.database_url,
         settings.pool_size,

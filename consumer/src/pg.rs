@@ -12,6 +12,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 
+use crate::mutation::{self, Mutation};
 use crate::pgcopy;
 
 /// Schema version this build writes.
@@ -369,6 +370,19 @@ pub enum Flushed {
     Fatal(String),
 }
 
+/// Moves a partition's position from the batch's start ($6, $7) to its end ($4, $5), only if it
+/// still holds the start.
+const MOVE_POSITION: &str =
+    "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
+     WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
+       AND next_offset = $6 AND next_index = $7";
+
+/// MUTATION no-compare-and-set: moves the position whatever it holds ($6 and $7 unused).
+const MOVE_POSITION_UNCHECKED: &str =
+    "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
+     WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
+       AND $6::bigint IS NOT NULL AND $7::int IS NOT NULL";
+
 /// Writes a batch in one transaction: the partition's position moves from `start` to `end`
 /// (only if it still holds `start`), the rows go in by COPY BINARY, the dead letters beside.
 pub async fn flush(
@@ -380,11 +394,15 @@ pub async fn flush(
     let tx = client.transaction().await.map_err(|e| classify(&e))?;
     // The row lock taken here serialises competing writers of one partition: a zombie waits,
     // then finds the position moved and rolls back.
+    // MUTATION no-compare-and-set: the same UPDATE without the start-position condition.
+    let no_cas = mutation::active(Mutation::NoCompareAndSet);
     let moved = tx
         .execute(
-            "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
-             WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
-               AND next_offset = $6 AND next_index = $7",
+            if no_cas {
+                MOVE_POSITION_UNCHECKED
+            } else {
+                MOVE_POSITION
+            },
             &[
                 &table.plain,
                 &topic,

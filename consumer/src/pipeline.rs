@@ -15,12 +15,14 @@ use spillway_core::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Settings;
+use crate::mutation::{self, DroppedBatches, Mutation};
 use crate::pg::{self, Flushed, PgFailure, Pool};
 use crate::source::{Source, SourceCommand, SourceEvent};
 use crate::ConsumerError;
 
 /// Environment variable naming a test failpoint: after this many Postgres commits, the process
 /// SIGKILLs itself, before the Kafka commit (for the "killed between the two commits" tests).
+/// Under the `commit-kafka-first` mutation the order is the other way round, and so is the kill.
 pub const FAILPOINT_EXIT_AFTER_COMMITS: &str = "SPILLWAY_FAILPOINT_EXIT_AFTER_COMMITS";
 
 /// The consumer's metrics.
@@ -210,6 +212,8 @@ pub(crate) struct Pipeline {
     positions: Arc<Mutex<BTreeMap<Partition, i64>>>,
     commits: u64,
     exit_after_commits: Option<u64>,
+    /// MUTATION drop-failed-batch.
+    dropped: DroppedBatches,
 }
 
 impl Pipeline {
@@ -260,6 +264,7 @@ impl Pipeline {
             positions: Arc::new(Mutex::new(BTreeMap::new())),
             commits: 0,
             exit_after_commits,
+            dropped: DroppedBatches::default(),
         })
     }
 
@@ -489,6 +494,7 @@ impl Pipeline {
     /// Starts (or restarts) `p` at its stored position `pos`; returns the epoch messages read
     /// from there will carry.
     fn take_partition(&mut self, p: Partition, pos: Position) -> u64 {
+        self.dropped.forget(p); // MUTATION drop-failed-batch
         self.batcher.assign(p, pos);
         self.rewinding.remove(&p);
         self.set_position(p, pos);
@@ -505,6 +511,11 @@ impl Pipeline {
     fn flush_due(&mut self) {
         let now = Instant::now();
         while let Some(batch) = self.batcher.poll_batch(now) {
+            if mutation::active(Mutation::CommitKafkaFirst) {
+                self.commit_kafka_first(&batch); // MUTATION commit-kafka-first
+            }
+            // MUTATION drop-failed-batch: the position is expected where a dropped batch started.
+            let expected_start = self.dropped.expected_start(&batch);
             self.in_flight += 1;
             let pool = self.pool.clone();
             let table = self.settings.table.clone();
@@ -515,6 +526,8 @@ impl Pipeline {
             // commit did land, the retry finds the position moved (compare-and-set) and skips.
             let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
             tokio::spawn(async move {
+                let mut batch = batch;
+                let start = std::mem::replace(&mut batch.start, expected_start); // MUTATION drop-failed-batch
                 let started = Instant::now();
                 let attempt = async {
                     let mut conn = pool.get().await?;
@@ -533,6 +546,7 @@ impl Pipeline {
                             row: None,
                         })
                     });
+                batch.start = start; // MUTATION drop-failed-batch
                 let _ = tx.send((batch, result, started.elapsed()));
             });
         }
@@ -565,6 +579,7 @@ impl Pipeline {
                 }
             },
         };
+        let outcome = self.dropped.outcome(&batch, outcome); // MUTATION drop-failed-batch
         if outcome == FlushOutcome::Fenced {
             // Counted here, not after the batcher: a flush the database refused is fenced even
             // when its partition was revoked meanwhile (a zombie's late flush).
@@ -583,16 +598,14 @@ impl Pipeline {
                 self.metrics.batch_size.observe(rows as f64);
                 self.metrics.flush_latency.observe(elapsed.as_secs_f64());
                 self.set_position(partition, position);
-                self.commits += 1;
-                if self.exit_after_commits.is_some_and(|n| self.commits >= n) {
-                    eprintln!("{FAILPOINT_EXIT_AFTER_COMMITS}: SIGKILLing this process after the Postgres commit, before the Kafka commit");
-                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-                    std::process::abort();
+                // MUTATION commit-kafka-first: Kafka was committed before the flush instead.
+                if !mutation::active(Mutation::CommitKafkaFirst) {
+                    self.between_the_two_commits("the Postgres commit, before the Kafka commit");
+                    self.source.command(SourceCommand::Commit(vec![(
+                        partition,
+                        position.kafka_offset(),
+                    )]));
                 }
-                self.source.command(SourceCommand::Commit(vec![(
-                    partition,
-                    position.kafka_offset(),
-                )]));
             }
             AfterFlush::RetryAt { .. } => self.metrics.retries.inc(),
             AfterFlush::Isolating => {
@@ -616,6 +629,29 @@ impl Pipeline {
             AfterFlush::Stale => {}
         }
         Ok(())
+    }
+
+    /// Counts a first commit of a batch; the test failpoint SIGKILLs the process here, once the
+    /// n-th is done and before the second.
+    fn between_the_two_commits(&mut self, after: &str) {
+        self.commits += 1;
+        if self.exit_after_commits.is_some_and(|n| self.commits >= n) {
+            eprintln!("{FAILPOINT_EXIT_AFTER_COMMITS}: SIGKILLing this process after {after}");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            std::process::abort();
+        }
+    }
+
+    /// MUTATION commit-kafka-first: the batch's end is committed to Kafka before its flush, and
+    /// the failpoint between the two commits fires after it.
+    fn commit_kafka_first(&mut self, batch: &Batch) {
+        mutation::commit_to_kafka_now(
+            self.source.consumer(),
+            &self.settings.topic,
+            batch.partition,
+            batch.end.kafka_offset(),
+        );
+        self.between_the_two_commits("the Kafka commit, before the Postgres commit");
     }
 
     fn set_position(&self, p: Partition, pos: Position) {

@@ -155,6 +155,9 @@ impl Context {
         let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
         for (partition, position, epoch) in positions {
             epochs.insert(partition, epoch);
+            if crate::mutation::active(crate::mutation::Mutation::CommitKafkaFirst) {
+                continue; // MUTATION commit-kafka-first: Kafka's committed offset, not Postgres's
+            }
             if let Err(e) = tpl.set_partition_offset(
                 &self.topic,
                 partition,
