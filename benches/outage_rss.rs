@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use spillway_integration::{kafka, LocalPostgres, PostgresServer};
+use spillway_harness::{kafka, LocalPostgres, PostgresServer};
 use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
 use spillway_loadgen::runner::{self, Live, RunConfig};

@@ -12,8 +12,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use spillway_consumer::{start, RunningConsumer, Settings};
 use spillway_core::{Envelope, RequestId};
-use spillway_integration::postgres::{connect, copy_backends};
-use spillway_integration::{FaultProxy, Faults, KafkaBroker, PostgresServer, Tansu};
+use spillway_harness::postgres::{connect, copy_backends};
+use spillway_harness::{FaultProxy, Faults, KafkaBroker, PostgresServer, Tansu};
 
 const TOPIC: &str = "events";
 
@@ -29,7 +29,7 @@ struct Stack {
 }
 
 async fn stack(partitions: i32) -> Result<Stack> {
-    let pg = blocking(spillway_integration::postgres::from_env).await?;
+    let pg = blocking(spillway_harness::postgres_from_env).await?;
     let broker = blocking(Tansu::start).await?;
     broker.create_topic(TOPIC, partitions).await?;
     Ok(Stack { pg, broker })

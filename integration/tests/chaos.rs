@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use spillway_integration::http::HttpClient;
-use spillway_integration::postgres::{self, connect, copy_backends};
-use spillway_integration::{
+use spillway_harness::http::HttpClient;
+use spillway_harness::postgres::{connect, copy_backends};
+use spillway_harness::{
     free_port, ChildProcess, FaultProxy, Faults, KafkaBroker, PostgresServer, Tansu,
 };
 use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
@@ -148,7 +148,9 @@ impl Service {
     /// SIGKILLs the process if it runs and starts it again (without the extra environment when
     /// `env` is false, to drop a failpoint).
     fn restart(&mut self, env: bool) -> Result<()> {
-        self.process.kill();
+        if self.process.running() {
+            self.process.kill()?;
+        }
         if !env {
             self.env.clear();
         }
@@ -357,7 +359,7 @@ fn strings(items: &[&str]) -> Vec<String> {
 
 impl Cluster {
     async fn start(ctx: &Ctx, opts: Opts) -> Result<Self> {
-        let pg = tokio::task::spawn_blocking(postgres::from_env).await??;
+        let pg = tokio::task::spawn_blocking(spillway_harness::postgres_from_env).await??;
         let (broker, broker_proxy) = if opts.broker_proxy {
             let port = free_port();
             let broker =
@@ -1028,13 +1030,13 @@ async fn a_zombie_consumer_in_the_group() -> Result<()> {
         let traffic = c.traffic(&ctx, RateProfile::Constant { rate: 100.0 }, Duration::from_secs(24), None);
         pause(Duration::from_millis(ctx.rng.u64(3000..5000))).await;
         let zombie = ctx.rng.usize(0..2);
-        c.consumers[zombie].process.pause();
+        c.consumers[zombie].process.pause()?;
         c.tl.note(format!("consumer {zombie} SIGSTOPped"));
         pause(SESSION_TIMEOUT + Duration::from_secs(2)).await;
         let before = c.rows().await?;
         pause(Duration::from_secs(3)).await;
         let after = c.rows().await?;
-        c.consumers[zombie].process.resume();
+        c.consumers[zombie].process.resume()?;
         c.tl.note(format!(
             "consumer {zombie} resumed after {:?} (rows while it was out of the group: {before} -> {after})",
             SESSION_TIMEOUT + Duration::from_secs(5)
@@ -1095,7 +1097,7 @@ async fn producer_killed_under_load() -> Result<()> {
             let mut c = Cluster::start(&ctx, Opts::default()).await?;
             let traffic = c.traffic(&ctx, spiky(&ctx, 40.0), Duration::from_secs(12), None);
             pause(Duration::from_millis(ctx.rng.u64(3000..5000))).await;
-            c.producer.process.kill();
+            c.producer.process.kill()?;
             c.tl.note("producer SIGKILLed");
             pause(Duration::from_secs(1)).await;
             c.producer.restart(true)?;

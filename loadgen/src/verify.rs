@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use spillway_integration::postgres::connect;
-use spillway_integration::HarnessError;
+use spillway_harness::postgres::connect;
+use spillway_harness::HarnessError;
 
 use crate::runner::AckSet;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use spillway_integration::postgres::connect;
+use spillway_harness::postgres::connect;
 use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
 use spillway_loadgen::runner::{self, Live, RunConfig};

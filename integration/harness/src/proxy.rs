@@ -1,6 +1,7 @@
 //! A TCP proxy with faults that switch at run time, after Toxiproxy's toxics: latency with
-//! jitter, a bandwidth limit, a blackhole, resetting every open connection, refusing new ones,
-//! and cutting a connection after N bytes towards the server (a COPY cut in the middle).
+//! jitter, a bandwidth limit, a blackhole, holding every byte until released (a COPY frozen
+//! in the middle, nothing lost), resetting every open connection, refusing new ones, and
+//! cutting a connection after N bytes towards the server (a COPY cut in the middle).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -24,6 +25,9 @@ pub struct Faults {
     pub bandwidth: Option<u64>,
     /// Accept and read, but forward nothing either way: the peer hangs.
     pub blackhole: bool,
+    /// Forward nothing either way, but keep what was read and forward it, in order, once this
+    /// is lifted: a stream stalls mid-message (a COPY that cannot finish) and loses nothing.
+    pub hold: bool,
     /// Close new connections at once with a reset.
     pub refuse: bool,
     /// Forward this many client-to-server bytes per connection, then reset both sides.
@@ -32,6 +36,8 @@ pub struct Faults {
 
 struct Shared {
     faults: Mutex<Faults>,
+    /// Woken at every change of `faults`, for connections waiting on a `hold`.
+    changed: tokio::sync::Notify,
     rng: Mutex<fastrand::Rng>,
     connections: Mutex<HashMap<u64, JoinHandle<()>>>,
     next_id: AtomicU64,
@@ -72,6 +78,7 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             faults: Mutex::new(Faults::default()),
+            changed: tokio::sync::Notify::new(),
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
@@ -104,6 +111,7 @@ impl FaultProxy {
     /// Replaces the faults; open connections see the change on their next chunk.
     pub fn set(&self, faults: Faults) {
         *locked(&self.shared.faults) = faults;
+        self.shared.changed.notify_waiters();
     }
 
     /// Removes every fault.
@@ -219,6 +227,7 @@ async fn pump(
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        released(&shared).await;
         if to.write_all(chunk).await.is_err() {
             return;
         }
@@ -226,5 +235,19 @@ async fn pump(
         if cut {
             return;
         }
+    }
+}
+
+/// Returns once no `hold` is in force (at once if none is).
+async fn released(shared: &Shared) {
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        // Registered before the check, so a change between the check and the wait wakes us.
+        changed.as_mut().enable();
+        if !locked(&shared.faults).hold {
+            return;
+        }
+        changed.await;
     }
 }

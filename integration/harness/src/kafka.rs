@@ -16,7 +16,9 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 use tempfile::TempDir;
 
-use crate::process::{accepts, free_port, kill_and_reap, log_files, log_tail, wait_until};
+use crate::process::{
+    accepts, free_port, kill_and_reap, kill_for_fault, log_files, log_tail, wait_until,
+};
 use crate::{io_err, HarnessError, Result};
 
 /// The Tansu version the README's test command installs.
@@ -157,7 +159,7 @@ impl Tansu {
             .map_err(io_err(format!("starting {}", self.bin.display())))?;
         let port = self.port;
         if !wait_until(&mut child, Duration::from_secs(30), || accepts(port)) {
-            kill_and_reap(&mut child);
+            let _ = kill_and_reap(&mut child);
             return Err(HarnessError::NotReady {
                 what: "tansu",
                 secs: 30,
@@ -199,17 +201,14 @@ impl KafkaBroker for Tansu {
 
     fn kill(&mut self) -> Result<()> {
         match self.child.take() {
-            Some(mut child) => {
-                kill_and_reap(&mut child);
-                Ok(())
-            }
+            Some(mut child) => kill_for_fault(&mut child, "tansu").map(|_| ()),
             None => Err(HarnessError::Unsupported("tansu is not running".into())),
         }
     }
 
     fn restart(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
-            kill_and_reap(&mut child);
+            kill_and_reap(&mut child)?;
         }
         self.spawn()
     }
@@ -218,7 +217,7 @@ impl KafkaBroker for Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            kill_and_reap(&mut child);
+            let _ = kill_and_reap(&mut child);
         }
     }
 }
