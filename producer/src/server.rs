@@ -643,7 +643,7 @@ fn authorized(state: &State, headers: &HeaderMap) -> bool {
 }
 
 async fn store<S, B>(
-    state: &State,
+    state: &Arc<State>,
     headers: &HeaderMap,
     body: S,
 ) -> Result<serde_json::Value, Refusal>
@@ -729,7 +729,14 @@ where
         })?;
     drop(producer);
     if mutation::active(Mutation::AckBeforeKafka) {
-        // MUTATION ack-before-kafka: answer now; the delivery report is never awaited.
+        // MUTATION ack-before-kafka: answer now. The delivery report is only watched in the
+        // background, so a client the broker no longer accepts is still replaced as usual.
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            if let Ok(Err((e, _))) = delivery.await {
+                state.replace_client_after(generation, &e);
+            }
+        });
         return Ok(serde_json::json!({"request_id": request_id.to_string(), "records": count}));
     }
     // librdkafka fails the message itself at message.timeout.ms; the margin only guards a bug.
