@@ -266,7 +266,8 @@ pub(crate) struct Ctx {
     pub(crate) tl: Timeline,
     logs: PathBuf,
     run: Run,
-    verdict: Arc<Mutex<Option<Verdict>>>,
+    /// The verdict, with the child logs' tails as they were then (for a mutant run's report).
+    verdict: Arc<Mutex<Option<(Verdict, String)>>>,
 }
 
 impl Ctx {
@@ -366,8 +367,8 @@ where
 }
 
 /// Whether the verdict reported what `m` does.
-fn caught(m: Mutant, v: Option<&Verdict>) -> Result<()> {
-    let v = v.context("the scenario reached no verdict")?;
+fn caught(m: Mutant, verdict: Option<&(Verdict, String)>) -> Result<()> {
+    let (v, tails) = verdict.context("the scenario reached no verdict")?;
     let caught = match m.harm {
         // A record still on its way is not lost: only a quiet pipeline's verdict counts.
         Harm::Loss => v.quiet && v.lost > 0,
@@ -375,12 +376,13 @@ fn caught(m: Mutant, v: Option<&Verdict>) -> Result<()> {
     };
     ensure!(
         caught,
-        "the {} mutation was NOT caught: the verdict should report {:?}, and found lost {}, duplicated {}, quiet {}",
+        "the {} mutation was NOT caught: the verdict should report {:?}, and found lost {}, duplicated {}, quiet {} ({})\n{tails}",
         m.name,
         m.harm,
         v.lost,
         v.duplicated,
-        v.quiet
+        v.quiet,
+        v.not_quiet.as_deref().unwrap_or("quiet")
     );
     println!(
         "mutation {} caught: lost {}, duplicated {} of {} acknowledged",
@@ -398,8 +400,14 @@ pub(crate) struct Opts {
     pub(crate) consumers: usize,
     /// A FaultProxy between the consumers and Postgres, with these faults from the start.
     pub(crate) pg_proxy: Option<Faults>,
+    /// Each consumer to Postgres through a proxy of its own (no faults until a scenario sets
+    /// some), to act on one consumer's link.
+    pub(crate) link_per_consumer: bool,
     /// The consumers' `--batch-max-age-ms`.
     pub(crate) batch_max_age: Duration,
+    /// The consumers' `--statement-timeout-ms` (their flush deadline is this plus the 2 s
+    /// connect timeout).
+    pub(crate) statement_timeout: Duration,
     /// Extra consumer arguments.
     pub(crate) consumer_args: Vec<String>,
     /// Consumer failpoints (dropped when a consumer restarts without them).
@@ -432,7 +440,9 @@ impl Default for Opts {
             partitions: 3,
             consumers: 1,
             pg_proxy: None,
+            link_per_consumer: false,
             batch_max_age: Duration::from_millis(100),
+            statement_timeout: STATEMENT_TIMEOUT,
             consumer_args: vec![],
             consumer_failpoints: vec![],
             broker_proxy: false,
@@ -445,10 +455,27 @@ pub(crate) struct Cluster {
     pub(crate) pg: Box<dyn PostgresServer>,
     pub(crate) broker: Tansu,
     pub(crate) pg_proxy: Option<FaultProxy>,
+    /// Consumer n's own link to Postgres, with [`Opts::link_per_consumer`].
+    pub(crate) consumer_links: Vec<FaultProxy>,
     pub(crate) broker_proxy: Option<FaultProxy>,
     pub(crate) producer: Service,
     pub(crate) consumers: Vec<Service>,
+    recipe: ConsumerRecipe,
     pub(crate) tl: Timeline,
+}
+
+/// How the scenario's consumers are started, kept to start one more later.
+struct ConsumerRecipe {
+    /// Every argument but `--database-url` and `--listen`.
+    args: Vec<String>,
+    /// Postgres, directly or through the scenario's proxy.
+    db_url: String,
+    /// With a link of its own to Postgres (a proxy to this port) instead of `db_url`.
+    own_link: Option<u16>,
+    env: Vec<(String, String)>,
+    failpoints: Vec<(String, String)>,
+    seed: u64,
+    logs: PathBuf,
 }
 
 impl Cluster {
@@ -498,48 +525,63 @@ impl Cluster {
         producer.ready("/readyz").await?;
         ctx.tl.note("producer ready");
 
-        let mut consumers = Vec::new();
-        for n in 0..opts.consumers {
-            let mut args = strings(&[
-                "--brokers",
-                &bootstrap,
-                "--topic",
-                TOPIC,
-                "--group",
-                "chaos",
-                "--database-url",
-                &db_url,
-                "--batch-max-age-ms",
-                &opts.batch_max_age.as_millis().to_string(),
-                "--statement-timeout-ms",
-                &STATEMENT_TIMEOUT.as_millis().to_string(),
-                "--connect-timeout-ms",
-                "2000",
-                "--retry-initial-ms",
-                "50",
-                "--retry-max-ms",
-                "1000",
-                "--retry-seed",
-                &ctx.seed.to_string(),
-                "-X",
-                &format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis()),
-                "-X",
-                "heartbeat.interval.ms=500",
-                "-X",
-                "reconnect.backoff.max.ms=500",
-            ]);
-            args.extend(opts.consumer_args.iter().cloned());
-            let log = ctx.logs.join(format!("consumer-{n}.log"));
-            let mut c = Service::spawn(
-                "consumer",
-                args,
-                mutate(Role::Consumer),
-                opts.consumer_failpoints.clone(),
-                log,
-            )?;
-            c.ready("/healthz").await?;
-            consumers.push(c);
+        let mut args = strings(&[
+            "--brokers",
+            &bootstrap,
+            "--topic",
+            TOPIC,
+            "--group",
+            "chaos",
+            "--batch-max-age-ms",
+            &opts.batch_max_age.as_millis().to_string(),
+            "--statement-timeout-ms",
+            &opts.statement_timeout.as_millis().to_string(),
+            "--connect-timeout-ms",
+            "2000",
+            "--retry-initial-ms",
+            "50",
+            "--retry-max-ms",
+            "1000",
+            "--retry-seed",
+            &ctx.seed.to_string(),
+            "-X",
+            &format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis()),
+            "-X",
+            "heartbeat.interval.ms=500",
+            "-X",
+            "reconnect.backoff.max.ms=500",
+        ]);
+        args.extend(opts.consumer_args.iter().cloned());
+        let recipe = ConsumerRecipe {
+            args,
+            db_url,
+            own_link: opts.link_per_consumer.then_some(pg.port()),
+            env: mutate(Role::Consumer),
+            failpoints: opts.consumer_failpoints.clone(),
+            seed: ctx.seed,
+            logs: ctx.logs.clone(),
+        };
+        let mut cluster = Cluster {
+            pg,
+            broker,
+            pg_proxy,
+            consumer_links: vec![],
+            broker_proxy,
+            producer,
+            consumers: vec![],
+            recipe,
+            tl: ctx.tl.clone(),
+        };
+        for _ in 0..opts.consumers {
+            cluster.add_consumer().await?;
         }
+        let (pg, broker, producer, consumers, pg_proxy) = (
+            &cluster.pg,
+            &cluster.broker,
+            &cluster.producer,
+            &cluster.consumers,
+            &cluster.pg_proxy,
+        );
         ctx.tl.note(format!(
             "cluster up: postgres :{} ({}), tansu :{}, producer :{}, {} consumer(s){}{}",
             pg.port(),
@@ -561,15 +603,30 @@ impl Cluster {
                 None => String::new(),
             }
         ));
-        Ok(Cluster {
-            pg,
-            broker,
-            pg_proxy,
-            broker_proxy,
-            producer,
-            consumers,
-            tl: ctx.tl.clone(),
-        })
+        Ok(cluster)
+    }
+
+    /// Starts one more consumer in the group, as the others were started, and waits until it
+    /// is up. Returns its index.
+    pub(crate) async fn add_consumer(&mut self) -> Result<usize> {
+        let n = self.consumers.len();
+        let r = &self.recipe;
+        let db_url = match r.own_link {
+            Some(pg_port) => {
+                let link = FaultProxy::start(([127, 0, 0, 1], pg_port).into(), r.seed).await?;
+                let url = format!("postgres://postgres@127.0.0.1:{}/postgres", link.port());
+                self.consumer_links.push(link);
+                url
+            }
+            None => r.db_url.clone(),
+        };
+        let mut args = r.args.clone();
+        args.extend(strings(&["--database-url", &db_url]));
+        let log = r.logs.join(format!("consumer-{n}.log"));
+        let mut c = Service::spawn("consumer", args, r.env.clone(), r.failpoints.clone(), log)?;
+        c.ready("/healthz").await?;
+        self.consumers.push(c);
+        Ok(n)
     }
 
     /// Starts traffic in the background: `profile` for `duration`, 1 to 5 records of 100 to
@@ -641,7 +698,7 @@ impl Cluster {
             v.acknowledged, v.found, v.dead_lettered, v.lost, v.duplicated, v.unexpected,
             if v.quiet { "yes" } else { "NO" }, v.waited_seconds
         ));
-        *locked(&ctx.verdict) = Some(v.clone());
+        *locked(&ctx.verdict) = Some((v.clone(), self.log_tails()));
         if !v.passed() {
             let detail = format!(
                 "lost {} acknowledged records (first: {:?}) and duplicated {} (first: {:?}); {}",
@@ -717,6 +774,51 @@ impl Cluster {
         }
     }
 
+    /// Holds consumer `n`'s own link to Postgres until a flush of it is held there before it
+    /// opened a transaction: its BEGIN (or its first statement) has not reached Postgres, and
+    /// none of its transactions is open, so no row lock is held. The flush's compare-and-set
+    /// will run when the link is released and the consumer answers. Returns the number of
+    /// messages held. Lift with `consumer_links[n].heal()`.
+    pub(crate) async fn hold_a_flush(&self, n: usize) -> Result<usize> {
+        let link = self
+            .consumer_links
+            .get(n)
+            .with_context(|| format!("consumer {n} has no link of its own"))?;
+        let db = connect(&self.pg.url()).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            ensure!(
+                Instant::now() < deadline,
+                "no flush of consumer {n} could be held before its transaction within 30 s"
+            );
+            link.set(Faults {
+                hold: true,
+                ..Faults::default()
+            });
+            let waiting = Instant::now() + Duration::from_secs(2);
+            while link.held() == 0 && Instant::now() < waiting {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let ports: Vec<i32> = link.upstream_ports().into_iter().map(i32::from).collect();
+            let open: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE client_port = ANY($1) AND xact_start IS NOT NULL",
+                    &[&ports],
+                )
+                .await?
+                .get(0);
+            let held = link.held();
+            if held > 0 && open == 0 {
+                return Ok(held);
+            }
+            // A transaction of it was open when the hold began (it would keep its row lock
+            // while frozen): let it finish and try again.
+            link.heal();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Lifts a hold on the link to Postgres (the slow link stays).
     pub(crate) fn release_link(&self) {
         if let Some(proxy) = &self.pg_proxy {
@@ -731,6 +833,19 @@ impl Cluster {
         self.pg_proxy
             .as_ref()
             .context("this scenario has no proxy in front of Postgres")
+    }
+
+    /// The next offset stored for each partition.
+    pub(crate) async fn positions(&self) -> Result<std::collections::BTreeMap<i32, i64>> {
+        let c = connect(&self.pg.url()).await?;
+        Ok(c.query(
+            "SELECT kafka_partition, next_offset FROM spillway_offsets WHERE table_name = $1",
+            &[&TABLE],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
     }
 
     pub(crate) async fn rows(&self) -> Result<i64> {
