@@ -17,7 +17,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use tempfile::TempDir;
 
 use crate::process::{
-    accepts, free_port, kill_and_reap, kill_for_fault, log_files, log_tail, wait_until,
+    accepts, continue_process, free_port, kill_and_reap, kill_for_fault, log_files, log_tail,
+    stop_process, wait_until, ProcessState,
 };
 use crate::{io_err, HarnessError, Result};
 
@@ -183,6 +184,23 @@ impl Tansu {
     /// The broker's pid, if running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    fn running_pid(&self) -> Result<i32> {
+        self.pid()
+            .map(|p| p as i32)
+            .ok_or_else(|| HarnessError::Unsupported("tansu is not running".into()))
+    }
+
+    /// SIGSTOP: the broker freezes with its connections open (requests wait, unanswered, and
+    /// nothing is reset). Returns once the kernel shows it stopped (state `T`).
+    pub fn pause(&self) -> Result<ProcessState> {
+        stop_process(self.running_pid()?)
+    }
+
+    /// SIGCONT after [`Tansu::pause`]; returns once it is no longer stopped.
+    pub fn resume(&self) -> Result<ProcessState> {
+        continue_process(self.running_pid()?)
     }
 }
 
