@@ -636,11 +636,13 @@ pub async fn records_postgres_rejects_go_to_the_dead_letter_table(run: Run) -> R
     .await
 }
 
-/// 11. Fault: the producer SIGKILLed under load, restarted 1 s later on the same port.
-///     Evidence: the producer died of the SIGKILL.
-///     Checks: every 2xx'd record is in Postgres exactly once; the clients saw the kill as
-///     failed requests, never as a 2xx. No record can be acknowledged while the producer is
-///     down, so none is required to be.
+/// 11. Fault: the producer SIGKILLed under load while its produce requests wait for the broker
+///     (the broker is frozen for a second before the kill, so none of them is answered),
+///     restarted 1 s later on the same port.
+///     Evidence: the broker in state `T` at the kill; the producer died of the SIGKILL.
+///     Checks: requests were waiting for the producer's answer at the kill; every 2xx'd record
+///     is in Postgres exactly once; the clients saw the kill as failed requests, never as a
+///     2xx. No record can be acknowledged while the producer is down, so none is required to be.
 pub async fn producer_killed_under_load(run: Run) -> Result<()> {
     chaos(
         "producer_killed_under_load",
@@ -650,14 +652,23 @@ pub async fn producer_killed_under_load(run: Run) -> Result<()> {
             let mut c = Cluster::start(&ctx, Opts::default()).await?;
             let traffic = c.traffic(&ctx, spiky(&ctx, 40.0), Duration::from_secs(12), None);
             pause(Duration::from_millis(ctx.rng.u64(3000..5000))).await;
+            let state = c.broker.pause()?;
+            pause(Duration::from_secs(1)).await;
+            let waiting = traffic.live.in_flight.load(std::sync::atomic::Ordering::Relaxed);
             let status = c.producer.process.kill()?;
-            c.tl.note(format!("producer SIGKILLed ({status})"));
+            c.tl.note(format!(
+                "producer SIGKILLed ({status}) with {waiting} requests unanswered, the broker frozen for 1 s (state {state})"
+            ));
+            c.broker.resume()?;
             pause(Duration::from_secs(1)).await;
             c.producer.start_again()?;
             c.producer.ready("/readyz").await?;
             c.tl.note("producer restarted");
             let done = traffic.done().await?;
             c.verdict(&ctx, &done).await?;
+            ctx.check(waiting > 0, || {
+                "no request was waiting for the producer's answer when it was killed".into()
+            })?;
             let result = &done.result;
             let failed = result.transport_errors
                 + result

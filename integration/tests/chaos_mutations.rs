@@ -32,11 +32,12 @@ async fn commit_kafka_first_loses_the_batch_in_flight_when_the_consumer_dies() -
     scenarios::consumer_killed_between_its_two_commits(run).await
 }
 
-/// Answering before Kafka acknowledged: what the broker never stored was answered 200.
+/// Answering before Kafka acknowledged: what the killed producer had not yet handed to the
+/// (frozen) broker was answered 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ack_before_kafka_loses_what_the_broker_never_stored() -> Result<()> {
+async fn ack_before_kafka_loses_what_the_killed_producer_never_delivered() -> Result<()> {
     let run = Run::mutant("ack-before-kafka", Role::Producer, Harm::Loss);
-    scenarios::broker_killed_under_load(run).await
+    scenarios::producer_killed_under_load(run).await
 }
 
 /// Dropping a batch whose flush failed, as the original did: the batch killed mid-COPY is gone.
