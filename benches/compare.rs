@@ -20,8 +20,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use spillway_benches::{create_table, drain_time, produce_backlog, raw_copy, record, rows};
 use spillway_core::{Envelope, RequestId};
-use spillway_integration::postgres::connect;
-use spillway_integration::{free_port, KafkaBroker, LocalPostgres, PostgresServer, Tansu};
+use spillway_harness::postgres::connect;
+use spillway_harness::{free_port, KafkaBroker, LocalPostgres, PostgresServer, Tansu};
 
 const WRK_SECONDS: u64 = 10;
 const BACKLOG: u64 = 200_000;

@@ -21,7 +21,7 @@ use spillway_loadgen::runner::{self, Live, RunConfig, RunResult};
 /// Starts this program again as the test server (`--serve PORT DELAY_MS`) and waits until it
 /// listens.
 async fn spawn_server(delay: Duration) -> (std::process::Child, SocketAddr) {
-    let port = spillway_integration::free_port();
+    let port = spillway_harness::free_port();
     let child = Command::new(std::env::current_exe().expect("own path"))
         .args(["--serve", &port.to_string(), &delay.as_millis().to_string()])
         .spawn()

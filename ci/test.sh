@@ -8,8 +8,10 @@
 #   SPILLWAY_DOCKER=0 ci/test.sh         # skip the second pass on the docker backend
 #
 # After the whole workspace on the native backend (Postgres from the machine's server binaries),
-# the harness and the chaos suite run again on the docker backend (Postgres in a container,
-# through testcontainers; SPILLWAY_DOCKER_PG_IMAGE picks the image).
+# the chaos suite's mutation runs show that it can fail (each known bug switched on in a debug
+# build of the services, and caught), then the harness and the chaos suite run again on the
+# docker backend (Postgres in a container, through testcontainers; SPILLWAY_DOCKER_PG_IMAGE
+# picks the image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/lib.sh
@@ -29,10 +31,15 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo clippy --features mutations (the services' known bugs, for the mutation runs)"
+cargo clippy --locked -p spillway-integration --all-targets --features mutations -- -D warnings
 step "cargo test (Tansu: $SPILLWAY_TANSU_BIN)"
 cargo test --workspace --locked -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
+step "cargo test --features mutations --test chaos_mutations (every known bug is caught)"
+cargo test --locked -p spillway-integration --features mutations --test chaos_mutations \
+  -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
 if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then
   step "cargo test --test harness --test chaos on the docker backend ($SPILLWAY_PG_IMAGE)"
-  SPILLWAY_TEST_BACKEND=docker cargo test --locked -p spillway-integration --test harness \
-    --test chaos -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
+  SPILLWAY_TEST_BACKEND=docker cargo test --locked -p spillway-harness --test harness \
+    -p spillway-integration --test chaos -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
 fi

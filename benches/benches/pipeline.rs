@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use spillway_benches::{create_table, drain_time, print_ratios, produce_backlog, raw_copy, rows};
-use spillway_integration::postgres::connect;
-use spillway_integration::{kafka, LocalPostgres, PostgresServer};
+use spillway_harness::postgres::connect;
+use spillway_harness::{kafka, LocalPostgres, PostgresServer};
 
 const RECORDS: u64 = 200_000;
 const GROUP: &str = "pipeline";

@@ -11,8 +11,8 @@ use futures::SinkExt;
 use spillway_benches::{create_table, print_ratios, raw_copy, rows};
 use spillway_consumer::pgcopy;
 use spillway_core::Record;
-use spillway_integration::postgres::connect;
-use spillway_integration::{LocalPostgres, PostgresServer};
+use spillway_harness::postgres::connect;
+use spillway_harness::{LocalPostgres, PostgresServer};
 use tokio_postgres::Client;
 
 const ROWS: u64 = 10_000;

@@ -10,8 +10,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use spillway_benches::{print_ratios, record};
 use spillway_core::{Envelope, RequestId};
-use spillway_integration::http::HttpClient;
-use spillway_integration::{kafka, KafkaBroker, Mock, Tansu};
+use spillway_harness::http::HttpClient;
+use spillway_harness::{kafka, KafkaBroker, Mock, Tansu};
 
 const REQUESTS: u64 = 2_000;
 const CONCURRENCY: usize = 64;

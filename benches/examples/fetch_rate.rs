@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use spillway_benches::produce_backlog;
-use spillway_integration::kafka;
-use spillway_integration::kafka::read_all;
+use spillway_harness::kafka;
+use spillway_harness::kafka::read_all;
 
 #[tokio::main]
 async fn main() {

@@ -10,6 +10,12 @@
 //! [`spillway_core::ConsumerMachine`]; this crate only does the IO.
 #![warn(missing_docs)]
 
+#[cfg(all(feature = "mutations", not(debug_assertions)))]
+compile_error!(
+    "the `mutations` feature switches on known bugs for the chaos suite's mutation runs: \
+     never build it in release mode"
+);
+
 pub mod config;
 pub mod pg;
 pub mod pgcopy;
@@ -28,9 +34,7 @@ use warp::hyper::Body;
 use warp::Filter;
 
 pub use config::{Args, Settings};
-pub use pipeline::{Health, Metrics};
-#[cfg(feature = "failpoints")]
-pub use pipeline::{FAILPOINT_EXIT_AFTER_COMMITS, FAILPOINT_PANIC_FLUSHES};
+pub use pipeline::{Health, Metrics, FAILPOINT_EXIT_AFTER_COMMITS, FAILPOINT_PANIC_FLUSHES};
 
 /// Why the consumer stopped or could not start.
 #[derive(Debug, thiserror::Error)]

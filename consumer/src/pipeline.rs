@@ -24,14 +24,12 @@ use crate::pg::{self, PgFailure, Pool};
 use crate::source::{self, Source, SourceEvent, StartAt};
 use crate::ConsumerError;
 
-/// Environment variable naming a test failpoint (`failpoints` feature only): after this many
-/// Postgres commits, the process SIGKILLs itself, before the Kafka commit.
-#[cfg(feature = "failpoints")]
+/// Environment variable naming a test failpoint (read only with the `failpoints` feature): after
+/// this many Postgres commits, the process SIGKILLs itself, before the Kafka commit.
 pub const FAILPOINT_EXIT_AFTER_COMMITS: &str = "SPILLWAY_FAILPOINT_EXIT_AFTER_COMMITS";
 
-/// Environment variable naming a test failpoint (`failpoints` feature only): the first this
-/// many flush tasks panic.
-#[cfg(feature = "failpoints")]
+/// Environment variable naming a test failpoint (read only with the `failpoints` feature): the
+/// first this many flush tasks panic.
 pub const FAILPOINT_PANIC_FLUSHES: &str = "SPILLWAY_FAILPOINT_PANIC_FLUSHES";
 
 /// The consumer's metrics.

@@ -1,85 +1,27 @@
-//! Spillway's test harness: real servers that tests can start, kill, pause and restart.
+//! Spillway's chaos suite: real processes, real faults, and one invariant checked after every
+//! one of them: no acknowledged record is lost and none is duplicated.
 //!
-//! - [`postgres::LocalPostgres`]: a private PostgreSQL cluster from the machine's server
-//!   binaries, with fsync and synchronous commit on, so a kill tests real durability.
-//! - [`docker::ContainerPostgres`]: the same in a Docker container, through testcontainers;
-//!   [`postgres::from_env`] picks one by `SPILLWAY_TEST_BACKEND` (`native`, the default, or
-//!   `docker`).
-//! - [`kafka`]: a Kafka broker behind one trait: [`kafka::Tansu`] (a real broker process),
-//!   [`kafka::Mock`] (librdkafka's in-process mock cluster with fault injection) or
-//!   [`kafka::External`] (a cluster you already run), picked by `SPILLWAY_TEST_KAFKA`.
-//! - [`proxy::FaultProxy`]: a TCP proxy whose faults (latency, bandwidth, blackhole, reset,
-//!   refuse, cut after N bytes) switch at run time.
+//! Each scenario ([`scenarios`]) starts a private Postgres, a Tansu broker, and the producer and
+//! consumers as child processes (the test binary re-executed in a service role through
+//! [`child_process`], so a SIGKILL or SIGSTOP is real), drives traffic with unique ids through
+//! loadgen's open-model runner, injects its fault at a precise moment, and records evidence
+//! that the fault happened as described (a COPY stalled in `pg_stat_activity` at the kill, a
+//! process in state `T`, a counter that moved). It heals, waits until the pipeline is quiet and
+//! asks loadgen's verdict.
 //!
-//! Every server listens on 127.0.0.1 on a free port and is torn down when its handle drops,
-//! also when a test panics. Tests, benches and loadgen's local mode all use these pieces.
+//! A scenario runs in one of two ways ([`Run`]): as the suite's proof (`cargo test --test
+//! chaos`: the verdict must pass and every check hold), or with a known bug switched on in one
+//! service (`cargo test -p spillway-integration --features mutations --test chaos_mutations`:
+//! the fault's evidence must still hold and the verdict must report the loss or duplicate the
+//! bug causes).
+//!
+//! This crate starts servers and child processes and sends traffic on 127.0.0.1 only; it never
+//! touches anything it did not start.
 #![warn(missing_docs)]
 
-pub mod docker;
-pub mod http;
-pub mod kafka;
-pub mod postgres;
-mod process;
-pub mod proxy;
+mod child;
+mod cluster;
+pub mod scenarios;
 
-pub use docker::ContainerPostgres;
-pub use kafka::{KafkaBroker, Mock, Tansu};
-pub use postgres::{LocalPostgres, PostgresServer};
-pub use process::{free_port, ChildProcess};
-pub use proxy::{FaultProxy, Faults};
-
-/// Why a harness operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HarnessError {
-    /// A server binary is not installed.
-    #[error("{what} not found: {hint}")]
-    NotInstalled {
-        /// What was looked for.
-        what: &'static str,
-        /// How to install it.
-        hint: String,
-    },
-    /// A server did not become ready in time.
-    #[error("{what} did not become ready within {secs} s; last log lines:\n{log}")]
-    NotReady {
-        /// Which server.
-        what: &'static str,
-        /// How long we waited.
-        secs: u64,
-        /// The tail of its log.
-        log: String,
-    },
-    /// A command the harness runs failed.
-    #[error("`{command}` failed: {detail}")]
-    Command {
-        /// The command line.
-        command: String,
-        /// Its exit status and output.
-        detail: String,
-    },
-    /// An OS call failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// A Kafka client call failed.
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    /// A Postgres client call failed.
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-    /// The operation does not apply to this backend or state.
-    #[error("{0}")]
-    Unsupported(String),
-}
-
-/// Harness result.
-pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
-
-pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
-    let context = context.into();
-    move |source| HarnessError::Io { context, source }
-}
+pub use child::child_process;
+pub use cluster::{Harm, Mutant, Role, Run};

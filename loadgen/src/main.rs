@@ -11,8 +11,8 @@ use spillway_loadgen::payload::{read_records_file, PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::{parse_duration, RateProfile};
 use spillway_loadgen::report::Report;
 use spillway_loadgen::runner::{self, Live, RunConfig};
-use spillway_loadgen::stack::{LocalStack, TABLE};
-use spillway_loadgen::verify;
+use spillway_loadgen::stack::{LocalStack, TABLE, TOPIC};
+use spillway_loadgen::verify::{self, VerifyConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Profile {
@@ -99,9 +99,18 @@ struct Args {
     /// An existing ingest endpoint (http://host:port/store). Unset: a local stack.
     #[arg(long)]
     target: Option<String>,
-    /// Postgres URL to check what reached the table (implied with the local stack).
-    #[arg(long)]
+    /// Postgres URL to check what reached the table (implied with the local stack). With
+    /// --target it needs --brokers and --topic: the verdict waits until every partition's lag
+    /// is 0.
+    #[arg(long, requires_all = ["brokers", "topic"])]
     verify: Option<String>,
+    /// The deployment's Kafka bootstrap servers, to read the topic's high watermarks for the
+    /// verdict (implied with the local stack).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// The topic the deployment's consumer reads (implied with the local stack).
+    #[arg(long)]
+    topic: Option<String>,
     /// Table to check.
     #[arg(long, default_value = TABLE)]
     table: String,
@@ -118,9 +127,14 @@ struct Args {
     /// A send later than this after its planned time is counted late.
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     late_threshold: Duration,
-    /// Longest wait for the pipeline to drain before the verdict.
+    /// Longest wait for the pipeline to go quiet before the verdict (past it, the verdict fails
+    /// and says which partitions still lag).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Quiet: every partition's lag 0 and no new row for this long, before the comparison (a
+    /// duplicate that lands late is still counted).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    settle: Duration,
     /// Kafka partitions of the local stack's topic.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
@@ -292,6 +306,13 @@ async fn run(a: Args) -> Result<bool> {
         .verify
         .clone()
         .or_else(|| stack.as_ref().map(LocalStack::database_url));
+    let (brokers, topic) = match &stack {
+        Some(s) => (s.broker.bootstrap(), TOPIC.to_string()),
+        None => (
+            a.brokers.clone().unwrap_or_default(),
+            a.topic.clone().unwrap_or_default(),
+        ),
+    };
 
     let live = Arc::new(Live::default());
     live.rows.store(-1, Ordering::Relaxed);
@@ -357,18 +378,17 @@ async fn run(a: Args) -> Result<bool> {
     }
     let verdict = match &verify_url {
         Some(url) => {
-            eprintln!("loadgen: traffic done; waiting (at most {:?}) for every acknowledged record to reach Postgres", a.drain_timeout);
+            eprintln!("loadgen: traffic done; waiting (at most {:?}) until the pipeline is quiet (every partition's lag 0, no new row for {:?})", a.drain_timeout, a.settle);
             let live2 = live.clone();
+            let cfg = VerifyConfig {
+                id_field: a.id_field.clone(),
+                settle: a.settle,
+                ..VerifyConfig::new(url, &a.table, &run_id, &brokers, &topic, a.drain_timeout)
+            };
             Some(
-                verify::verify(
-                    url,
-                    &a.table,
-                    &a.id_field,
-                    &run_id,
-                    &result.acked,
-                    a.drain_timeout,
-                    move |n| live2.rows.store(n, Ordering::Relaxed),
-                )
+                verify::verify(&cfg, &result.acked, move |n| {
+                    live2.rows.store(n, Ordering::Relaxed)
+                })
                 .await?,
             )
         }

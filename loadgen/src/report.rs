@@ -108,7 +108,7 @@ impl Report<'_> {
             Some(v) => {
                 let _ = writeln!(
                     s,
-                    "\nverdict: {} — acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, unexpected {} (allowed), drained {} in {:.1} s",
+                    "\nverdict: {} — acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, unexpected {} (allowed), quiet {} after {:.1} s",
                     if v.passed() { "PASS" } else { "FAIL" },
                     v.acknowledged,
                     v.found,
@@ -116,9 +116,12 @@ impl Report<'_> {
                     v.lost,
                     v.duplicated,
                     v.unexpected,
-                    if v.drained { "yes" } else { "NO" },
-                    v.drain_seconds
+                    if v.quiet { "yes" } else { "NO" },
+                    v.waited_seconds
                 );
+                if let Some(why) = &v.not_quiet {
+                    let _ = writeln!(s, "not quiet: {why}");
+                }
                 for (what, sample) in [
                     ("lost", &v.lost_sample),
                     ("duplicated", &v.duplicated_sample),

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use spillway_consumer::RunningConsumer;
-use spillway_integration::{kafka, postgres, KafkaBroker, PostgresServer};
+use spillway_harness::{kafka, postgres_from_env, KafkaBroker, PostgresServer};
 use spillway_producer::RunningProducer;
 
 /// The running stack.
@@ -36,7 +36,7 @@ pub const TABLE: &str = "records";
 impl LocalStack {
     /// Starts everything; `partitions` for the topic.
     pub async fn start(partitions: i32) -> anyhow::Result<Self> {
-        let pg = tokio::task::spawn_blocking(postgres::from_env).await??;
+        let pg = tokio::task::spawn_blocking(postgres_from_env).await??;
         let broker = tokio::task::block_in_place(kafka::from_env)?;
         broker.create_topic(TOPIC, partitions).await?;
         let mut ps = spillway_producer::Settings::new(broker.bootstrap(), TOPIC);

@@ -1,5 +1,11 @@
-//! The verdict, as Jepsen's set checker gives it: after the traffic, wait (bounded) for the
-//! pipeline to drain, then compare the ids the endpoint acknowledged with the ids in Postgres.
+//! The verdict, as Jepsen's set checker gives it: after the traffic, wait (bounded) until the
+//! pipeline is quiet, then compare the ids the endpoint acknowledged with the ids in Postgres.
+//!
+//! Quiet means every partition's consumer lag is 0 (the positions stored in
+//! `spillway_offsets` reach Kafka's high watermarks) and the row count (table and dead letters)
+//! has not changed for a settle period. Comparing any earlier would miss a duplicate that lands
+//! a moment later: a zombie's late write, a replay after a rebalance.
+//!
 //! Lost: acknowledged, missing. Duplicated: present more than once. Unexpected: present but
 //! never acknowledged (a 503 whose write landed after all): allowed, shown. Dead-lettered:
 //! acknowledged and in the table's dead-letter table (the consumer's `<table>_dead_letters`)
@@ -7,12 +13,62 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
-use spillway_integration::postgres::connect;
-use spillway_integration::HarnessError;
+use spillway_harness::postgres::connect;
+use spillway_harness::HarnessError;
 
 use crate::runner::AckSet;
+
+/// The settle period unless told otherwise (`loadgen --settle`).
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(3);
+
+/// What to check, where, and how long to wait.
+#[derive(Clone, Debug)]
+pub struct VerifyConfig {
+    /// Postgres.
+    pub database_url: String,
+    /// The consumer's table (its `--table`).
+    pub table: String,
+    /// The JSON field carrying each record's id.
+    pub id_field: String,
+    /// The run's id: this run's records have ids `<run_id>-<sequence>`.
+    pub run_id: String,
+    /// Kafka's bootstrap servers, to read the topic's high watermarks.
+    pub brokers: String,
+    /// The topic the consumer reads.
+    pub topic: String,
+    /// How long the row count must stay the same, with no lag, before comparing.
+    pub settle: Duration,
+    /// The longest wait for quiet; past it the comparison is made anyway and the verdict says
+    /// why the pipeline was not quiet.
+    pub timeout: Duration,
+}
+
+impl VerifyConfig {
+    /// The default settle period and a `timeout` bound.
+    pub fn new(
+        database_url: impl Into<String>,
+        table: impl Into<String>,
+        run_id: impl Into<String>,
+        brokers: impl Into<String>,
+        topic: impl Into<String>,
+        timeout: Duration,
+    ) -> Self {
+        VerifyConfig {
+            database_url: database_url.into(),
+            table: table.into(),
+            id_field: "id".into(),
+            run_id: run_id.into(),
+            brokers: brokers.into(),
+            topic: topic.into(),
+            settle: DEFAULT_SETTLE,
+            timeout,
+        }
+    }
+}
 
 /// What the comparison found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -36,16 +92,83 @@ pub struct Verdict {
     /// Their sequence numbers, ascending.
     #[serde(skip)]
     pub dead_lettered_seqs: Vec<u64>,
-    /// Whether every acknowledged record arrived before the drain timeout.
-    pub drained: bool,
-    /// How long the drain took.
-    pub drain_seconds: f64,
+    /// Whether the pipeline went quiet (no lag, rows settled) before the timeout. When it did
+    /// not, the comparison is of a pipeline still moving (or stuck) and cannot pass.
+    pub quiet: bool,
+    /// Why it was not quiet at the timeout (the lagging partitions, or rows still changing).
+    pub not_quiet: Option<String>,
+    /// How long the wait for quiet took (settle period included).
+    pub waited_seconds: f64,
 }
 
 impl Verdict {
-    /// No loss and no duplicate.
+    /// Quiet, no loss and no duplicate.
     pub fn passed(&self) -> bool {
-        self.lost == 0 && self.duplicated == 0
+        self.quiet && self.lost == 0 && self.duplicated == 0
+    }
+}
+
+/// One partition's position in Postgres beside its end in Kafka.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: i32,
+    /// The next offset stored in `spillway_offsets` (`None`: nothing stored yet).
+    pub stored: Option<i64>,
+    /// Kafka's high watermark.
+    pub high: i64,
+}
+
+impl PartitionLag {
+    /// Messages in Kafka after the stored position.
+    pub fn lag(&self) -> i64 {
+        (self.high - self.stored.unwrap_or(0)).max(0)
+    }
+}
+
+/// One look at the pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// Every partition of the topic.
+    pub partitions: Vec<PartitionLag>,
+    /// Rows in the table plus rows in its dead-letter table.
+    pub rows: i64,
+}
+
+impl Observation {
+    fn lagging(&self) -> Vec<&PartitionLag> {
+        self.partitions.iter().filter(|p| p.lag() > 0).collect()
+    }
+}
+
+/// Decides, from successive observations, when the pipeline is quiet: every partition's lag is
+/// 0 and the row count has stayed the same for the settle period. Time is an argument.
+#[derive(Clone, Debug)]
+pub struct Settle {
+    period: Duration,
+    /// Since when, and at what row count, the pipeline has looked quiet.
+    since: Option<(Instant, i64)>,
+}
+
+impl Settle {
+    /// Quiet after `period` of no lag and no new row.
+    pub fn new(period: Duration) -> Self {
+        Settle {
+            period,
+            since: None,
+        }
+    }
+
+    /// Takes one observation (`None`: the pipeline could not be observed); whether it is quiet.
+    pub fn observe(&mut self, seen: Option<&Observation>, now: Instant) -> bool {
+        let calm = seen.filter(|o| o.lagging().is_empty()).map(|o| o.rows);
+        self.since = match (calm, self.since) {
+            (Some(rows), Some((at, same))) if rows == same => Some((at, same)),
+            (Some(rows), _) => Some((now, rows)),
+            (None, _) => None,
+        };
+        self.since
+            .is_some_and(|(at, _)| now.saturating_duration_since(at) >= self.period)
     }
 }
 
@@ -111,53 +234,188 @@ fn regex_escape(s: &str) -> String {
         .collect()
 }
 
-/// Waits until the acknowledged records are all in (or `timeout`), then compares.
+/// Waits (at most `cfg.timeout`) until the pipeline is quiet, then compares. `on_poll` sees the
+/// row count at each look.
 pub async fn verify(
-    url: &str,
-    table: &str,
-    id_field: &str,
-    run_id: &str,
+    cfg: &VerifyConfig,
     acked: &AckSet,
-    timeout: Duration,
     mut on_poll: impl FnMut(i64),
 ) -> Result<Verdict, HarnessError> {
     let started = Instant::now();
-    let want = acked.len() as i64;
-    loop {
-        let landed = async {
-            let rows = count_rows(url, table, id_field, run_id).await?;
-            let dead = dead_lettered(url, table, id_field, run_id).await?.len() as i64;
-            Ok::<_, HarnessError>((rows, dead))
+    let mut looker = Looker::new(cfg)?;
+    let mut settle = Settle::new(cfg.settle);
+    let mut last: Result<Observation, String>;
+    let quiet = loop {
+        let seen = match tokio::time::timeout(Duration::from_secs(10), looker.look()).await {
+            Ok(r) => r,
+            Err(_) => Err(HarnessError::Unsupported(
+                "no answer from Postgres or Kafka within 10 s".into(),
+            )),
         };
-        match landed.await {
-            // Enough rows: compare in full, since some may be unexpected ones (a 503 whose
-            // write landed) standing in for acknowledged records still on their way.
-            Ok((n, dead)) => {
-                on_poll(n);
-                if n + dead >= want {
-                    match compare(url, table, id_field, run_id, acked).await {
-                        Ok(v) if v.lost == 0 => return Ok(finish(v, true, started)),
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!(error = %e, "comparing"),
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "counting rows"),
+        last = seen.map_err(|e| e.to_string());
+        if let Ok(o) = &last {
+            on_poll(o.rows);
         }
-        if started.elapsed() >= timeout {
-            break;
+        if settle.observe(last.as_ref().ok(), Instant::now()) {
+            break true;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if started.elapsed() >= cfg.timeout {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut v = compare(
+        &cfg.database_url,
+        &cfg.table,
+        &cfg.id_field,
+        &cfg.run_id,
+        acked,
+    )
+    .await?;
+    v.quiet = quiet;
+    v.waited_seconds = started.elapsed().as_secs_f64();
+    if !quiet {
+        v.not_quiet = Some(not_quiet_reason(&last, cfg));
     }
-    let v = compare(url, table, id_field, run_id, acked).await?;
-    let drained = v.lost == 0;
-    Ok(finish(v, drained, started))
+    Ok(v)
 }
 
-fn finish(mut v: Verdict, drained: bool, started: Instant) -> Verdict {
-    v.drained = drained;
-    v.drain_seconds = started.elapsed().as_secs_f64();
-    v
+fn not_quiet_reason(last: &Result<Observation, String>, cfg: &VerifyConfig) -> String {
+    let bound = format!(
+        "the pipeline was not quiet within {:?} (quiet: every partition's lag 0 and no new row for {:?})",
+        cfg.timeout, cfg.settle
+    );
+    match last {
+        Err(e) => format!("{bound}; the last look failed: {e}"),
+        Ok(o) => {
+            let lagging: Vec<String> = o
+                .lagging()
+                .iter()
+                .map(|p| match p.stored {
+                    Some(at) => format!(
+                        "partition {}: position {at} in Postgres, high watermark {} (lag {})",
+                        p.partition,
+                        p.high,
+                        p.lag()
+                    ),
+                    None => format!(
+                        "partition {}: no position in Postgres, high watermark {}",
+                        p.partition, p.high
+                    ),
+                })
+                .collect();
+            if lagging.is_empty() {
+                format!(
+                    "{bound}; no lag at the end, but rows were still being written ({} now)",
+                    o.rows
+                )
+            } else {
+                format!("{bound}; still behind: {}", lagging.join("; "))
+            }
+        }
+    }
+}
+
+/// Looks at the pipeline: positions and row counts in Postgres, high watermarks in Kafka.
+struct Looker<'a> {
+    cfg: &'a VerifyConfig,
+    kafka: std::sync::Arc<BaseConsumer>,
+    partitions: Vec<i32>,
+    db: Option<tokio_postgres::Client>,
+}
+
+impl<'a> Looker<'a> {
+    fn new(cfg: &'a VerifyConfig) -> Result<Self, HarnessError> {
+        let kafka: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", format!("spillway-verify-{}", cfg.run_id))
+            .create()?;
+        Ok(Looker {
+            cfg,
+            kafka: std::sync::Arc::new(kafka),
+            partitions: vec![],
+            db: None,
+        })
+    }
+
+    async fn look(&mut self) -> Result<Observation, HarnessError> {
+        let highs = self.high_watermarks().await?;
+        if self.db.as_ref().is_none_or(|c| c.is_closed()) {
+            self.db = Some(connect(&self.cfg.database_url).await?);
+        }
+        let db = self
+            .db
+            .as_ref()
+            .ok_or_else(|| HarnessError::Unsupported("no connection to Postgres".into()))?;
+        let stored: std::collections::HashMap<i32, i64> = db
+            .query(
+                "SELECT kafka_partition, next_offset FROM spillway_offsets \
+                 WHERE table_name = $1 AND topic = $2",
+                &[&self.cfg.table, &self.cfg.topic],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let dead = dead_letter_table(&self.cfg.table);
+        let rows: i64 = db
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM {}) + \
+                     CASE WHEN to_regclass($1) IS NULL THEN 0 ELSE (SELECT count(*) FROM {dead}) END",
+                    self.cfg.table
+                ),
+                &[&dead],
+            )
+            .await?
+            .get(0);
+        Ok(Observation {
+            partitions: highs
+                .into_iter()
+                .map(|(partition, high)| PartitionLag {
+                    partition,
+                    stored: stored.get(&partition).copied(),
+                    high,
+                })
+                .collect(),
+            rows,
+        })
+    }
+
+    async fn high_watermarks(&mut self) -> Result<Vec<(i32, i64)>, HarnessError> {
+        let kafka = self.kafka.clone();
+        let topic = self.cfg.topic.clone();
+        let known = self.partitions.clone();
+        let (partitions, highs) = tokio::task::spawn_blocking(move || {
+            let partitions = if known.is_empty() {
+                let md = kafka.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+                md.topics()
+                    .iter()
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect()
+            } else {
+                known
+            };
+            let highs = partitions
+                .iter()
+                .map(|p| {
+                    let (_, high) = kafka.fetch_watermarks(&topic, *p, Duration::from_secs(5))?;
+                    Ok((*p, high))
+                })
+                .collect::<Result<Vec<_>, rdkafka::error::KafkaError>>()?;
+            Ok::<_, HarnessError>((partitions, highs))
+        })
+        .await
+        .map_err(|e| HarnessError::Unsupported(format!("reading watermarks: {e}")))??;
+        if partitions.is_empty() {
+            return Err(HarnessError::Unsupported(format!(
+                "topic {} has no partitions on {}",
+                self.cfg.topic, self.cfg.brokers
+            )));
+        }
+        self.partitions = partitions;
+        Ok(highs)
+    }
 }
 
 /// One comparison of the acknowledged ids with the tables, as they are now.
@@ -226,5 +484,51 @@ mod tests {
     fn regex_escape_keeps_ids_literal() {
         assert_eq!(regex_escape("r1a-b_c"), "r1a-b_c");
         assert_eq!(regex_escape("a.b*c"), "a\\.b\\*c");
+    }
+
+    fn seen(lags: &[(i64, i64)], rows: i64) -> Observation {
+        Observation {
+            partitions: lags
+                .iter()
+                .enumerate()
+                .map(|(p, (stored, high))| PartitionLag {
+                    partition: p as i32,
+                    stored: Some(*stored),
+                    high: *high,
+                })
+                .collect(),
+            rows,
+        }
+    }
+
+    #[test]
+    fn quiet_needs_no_lag_and_the_same_row_count_for_the_whole_settle_period() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let mut settle = Settle::new(Duration::from_secs(3));
+        // Lag on one partition: never quiet, however long.
+        assert!(!settle.observe(Some(&seen(&[(5, 5), (3, 4)], 10)), s(0)));
+        assert!(!settle.observe(Some(&seen(&[(5, 5), (3, 4)], 10)), s(5000)));
+        // No lag from 5 s on; quiet 3 s later only if no row arrives meanwhile.
+        assert!(!settle.observe(Some(&seen(&[(5, 5), (4, 4)], 10)), s(5000)));
+        assert!(!settle.observe(Some(&seen(&[(5, 5), (4, 4)], 11)), s(7000)));
+        assert!(!settle.observe(Some(&seen(&[(5, 5), (4, 4)], 11)), s(9999)));
+        assert!(settle.observe(Some(&seen(&[(5, 5), (4, 4)], 11)), s(10_000)));
+        // A look that failed starts the period again.
+        assert!(!settle.observe(None, s(10_250)));
+        assert!(!settle.observe(Some(&seen(&[(5, 5), (4, 4)], 11)), s(10_500)));
+        assert!(settle.observe(Some(&seen(&[(5, 5), (4, 4)], 11)), s(13_500)));
+    }
+
+    #[test]
+    fn a_partition_with_no_stored_position_lags_by_its_whole_length() {
+        let p = PartitionLag {
+            partition: 0,
+            stored: None,
+            high: 7,
+        };
+        assert_eq!(p.lag(), 7);
+        let empty = PartitionLag { high: 0, ..p };
+        assert_eq!(empty.lag(), 0);
     }
 }

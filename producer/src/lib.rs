@@ -8,8 +8,15 @@
 //! durable in Kafka.
 #![warn(missing_docs)]
 
+#[cfg(all(feature = "mutations", not(debug_assertions)))]
+compile_error!(
+    "the `mutations` feature switches on known bugs for the chaos suite's mutation runs: \
+     never build it in release mode"
+);
+
 pub mod config;
 pub mod ingest;
+pub mod mutation;
 pub mod server;
 
 pub use config::{Args, Settings};

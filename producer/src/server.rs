@@ -25,6 +25,7 @@ use warp::Filter;
 
 use crate::config::{redact_properties, Settings};
 use crate::ingest::{self, Rejection};
+use crate::mutation::{self, Mutation};
 
 /// Kafka's default maximum message size, assumed when the broker does not say.
 pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
@@ -66,6 +67,9 @@ pub enum StartError {
         /// The error.
         detail: String,
     },
+    /// `SPILLWAY_MUTATE` names no known mutation (builds with the `mutations` feature only).
+    #[error("{0}")]
+    Mutation(String),
 }
 
 /// A request that was refused, with the status, the message, and whether to retry.
@@ -323,6 +327,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
 
 /// Connects to Kafka, checks the topic and the message size limit, and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
+    mutation::init().map_err(StartError::Mutation)?;
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &settings.brokers)
         .set("enable.idempotence", "true")
@@ -638,7 +643,7 @@ fn authorized(state: &State, headers: &HeaderMap) -> bool {
 }
 
 async fn store<S, B>(
-    state: &State,
+    state: &Arc<State>,
     headers: &HeaderMap,
     body: S,
 ) -> Result<serde_json::Value, Refusal>
@@ -723,6 +728,17 @@ where
             kafka_refusal(&e, state)
         })?;
     drop(producer);
+    if mutation::active(Mutation::AckBeforeKafka) {
+        // MUTATION ack-before-kafka: answer now. The delivery report is only watched in the
+        // background, so a client the broker no longer accepts is still replaced as usual.
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            if let Ok(Err((e, _))) = delivery.await {
+                state.replace_client_after(generation, &e);
+            }
+        });
+        return Ok(serde_json::json!({"request_id": request_id.to_string(), "records": count}));
+    }
     // librdkafka fails the message itself at message.timeout.ms; the margin only guards a bug.
     let waited = tokio::time::timeout(
         state.settings.produce_timeout + Duration::from_secs(2),

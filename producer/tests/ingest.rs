@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use spillway_core::Envelope;
-use spillway_integration::http::{Answer, HttpClient};
-use spillway_integration::kafka::{message_count, read_all};
-use spillway_integration::{KafkaBroker, Mock, Tansu};
+use spillway_harness::http::{Answer, HttpClient};
+use spillway_harness::kafka::{message_count, read_all};
+use spillway_harness::{KafkaBroker, Mock, Tansu};
 use spillway_producer::{start, RunningProducer, Settings, StartError};
 
 const TOPIC: &str = "ingest";

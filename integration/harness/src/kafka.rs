@@ -16,7 +16,10 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 use tempfile::TempDir;
 
-use crate::process::{accepts, free_port, kill_and_reap, log_files, log_tail, wait_until};
+use crate::process::{
+    accepts, continue_process, free_port, kill_and_reap, kill_for_fault, log_files, log_tail,
+    stop_process, wait_until, ProcessState,
+};
 use crate::{io_err, HarnessError, Result};
 
 /// The Tansu version the README's test command installs.
@@ -157,7 +160,7 @@ impl Tansu {
             .map_err(io_err(format!("starting {}", self.bin.display())))?;
         let port = self.port;
         if !wait_until(&mut child, Duration::from_secs(30), || accepts(port)) {
-            kill_and_reap(&mut child);
+            let _ = kill_and_reap(&mut child);
             return Err(HarnessError::NotReady {
                 what: "tansu",
                 secs: 30,
@@ -182,6 +185,23 @@ impl Tansu {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
+
+    fn running_pid(&self) -> Result<i32> {
+        self.pid()
+            .map(|p| p as i32)
+            .ok_or_else(|| HarnessError::Unsupported("tansu is not running".into()))
+    }
+
+    /// SIGSTOP: the broker freezes with its connections open (requests wait, unanswered, and
+    /// nothing is reset). Returns once the kernel shows it stopped (state `T`).
+    pub fn pause(&self) -> Result<ProcessState> {
+        stop_process(self.running_pid()?)
+    }
+
+    /// SIGCONT after [`Tansu::pause`]; returns once it is no longer stopped.
+    pub fn resume(&self) -> Result<ProcessState> {
+        continue_process(self.running_pid()?)
+    }
 }
 
 impl KafkaBroker for Tansu {
@@ -199,17 +219,14 @@ impl KafkaBroker for Tansu {
 
     fn kill(&mut self) -> Result<()> {
         match self.child.take() {
-            Some(mut child) => {
-                kill_and_reap(&mut child);
-                Ok(())
-            }
+            Some(mut child) => kill_for_fault(&mut child, "tansu").map(|_| ()),
             None => Err(HarnessError::Unsupported("tansu is not running".into())),
         }
     }
 
     fn restart(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
-            kill_and_reap(&mut child);
+            kill_and_reap(&mut child)?;
         }
         self.spawn()
     }
@@ -218,7 +235,7 @@ impl KafkaBroker for Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            kill_and_reap(&mut child);
+            let _ = kill_and_reap(&mut child);
         }
     }
 }

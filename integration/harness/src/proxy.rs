@@ -1,10 +1,11 @@
 //! A TCP proxy with faults that switch at run time, after Toxiproxy's toxics: latency with
-//! jitter, a bandwidth limit, a blackhole, resetting every open connection, refusing new ones,
-//! and cutting a connection after N bytes towards the server (a COPY cut in the middle).
+//! jitter, a bandwidth limit, a blackhole, holding every byte until released (a COPY frozen
+//! in the middle, nothing lost), resetting every open connection, refusing new ones, and
+//! cutting a connection after N bytes towards the server (a COPY cut in the middle).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ pub struct Faults {
     pub bandwidth: Option<u64>,
     /// Accept and read, but forward nothing either way: the peer hangs.
     pub blackhole: bool,
+    /// Forward nothing either way, but keep what was read and forward it, in order, once this
+    /// is lifted: a stream stalls mid-message (a COPY that cannot finish) and loses nothing.
+    pub hold: bool,
     /// Close new connections at once with a reset.
     pub refuse: bool,
     /// Forward this many client-to-server bytes per connection, then reset both sides.
@@ -32,8 +36,15 @@ pub struct Faults {
 
 struct Shared {
     faults: Mutex<Faults>,
+    /// Woken at every change of `faults`, for connections waiting on a `hold`.
+    changed: tokio::sync::Notify,
     rng: Mutex<fastrand::Rng>,
     connections: Mutex<HashMap<u64, JoinHandle<()>>>,
+    /// Each open connection's local port towards the server (what the server sees as the
+    /// client's port).
+    upstream_ports: Mutex<HashMap<u64, u16>>,
+    /// Chunks read and waiting for a `hold` to be lifted.
+    held: AtomicUsize,
     next_id: AtomicU64,
     accepted: AtomicU64,
 }
@@ -72,8 +83,11 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             faults: Mutex::new(Faults::default()),
+            changed: tokio::sync::Notify::new(),
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
             connections: Mutex::new(HashMap::new()),
+            upstream_ports: Mutex::new(HashMap::new()),
+            held: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
         });
@@ -104,6 +118,7 @@ impl FaultProxy {
     /// Replaces the faults; open connections see the change on their next chunk.
     pub fn set(&self, faults: Faults) {
         *locked(&self.shared.faults) = faults;
+        self.shared.changed.notify_waiters();
     }
 
     /// Removes every fault.
@@ -113,8 +128,9 @@ impl FaultProxy {
 
     /// Resets every open connection now (both sides see a connection reset).
     pub fn reset_all(&self) {
-        for (_, task) in locked(&self.shared.connections).drain() {
+        for (id, task) in locked(&self.shared.connections).drain() {
             task.abort();
+            locked(&self.shared.upstream_ports).remove(&id);
         }
     }
 
@@ -123,6 +139,21 @@ impl FaultProxy {
         let mut conns = locked(&self.shared.connections);
         conns.retain(|_, t| !t.is_finished());
         conns.len()
+    }
+
+    /// Chunks the proxy has read and is holding now (see [`Faults::hold`]): a message a peer
+    /// sent that has not reached the other side.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+
+    /// The local ports of the open connections towards the server: the client ports the
+    /// server sees (`pg_stat_activity.client_port`), to tell this proxy's clients apart.
+    pub fn upstream_ports(&self) -> Vec<u16> {
+        locked(&self.shared.upstream_ports)
+            .values()
+            .copied()
+            .collect()
     }
 
     /// Connections accepted since start (refused ones included).
@@ -154,6 +185,9 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
         let conn_shared = shared.clone();
         let task = tokio::spawn(async move {
             if let Ok(server) = TcpStream::connect(upstream).await {
+                if let Ok(local) = server.local_addr() {
+                    locked(&conn_shared.upstream_ports).insert(id, local.port());
+                }
                 let _ = server.set_zero_linger();
                 let _ = server.set_nodelay(true);
                 let _ = client.set_nodelay(true);
@@ -167,6 +201,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
                     _ = down => {}
                 }
             }
+            locked(&conn_shared.upstream_ports).remove(&id);
             locked(&conn_shared.connections).remove(&id);
         });
         locked(&shared.connections).insert(id, task);
@@ -219,6 +254,7 @@ async fn pump(
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        released(&shared).await;
         if to.write_all(chunk).await.is_err() {
             return;
         }
@@ -226,5 +262,34 @@ async fn pump(
         if cut {
             return;
         }
+    }
+}
+
+/// Returns once no `hold` is in force (at once if none is), counting the chunk as held
+/// meanwhile.
+async fn released(shared: &Shared) {
+    if !locked(&shared.faults).hold {
+        return;
+    }
+    shared.held.fetch_add(1, Ordering::Relaxed);
+    let _counted = HeldChunk(shared);
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        // Registered before the check, so a change between the check and the wait wakes us.
+        changed.as_mut().enable();
+        if !locked(&shared.faults).hold {
+            return;
+        }
+        changed.await;
+    }
+}
+
+/// Uncounts a held chunk when its wait ends, also when the connection is reset meanwhile.
+struct HeldChunk<'a>(&'a Shared);
+
+impl Drop for HeldChunk<'_> {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::Relaxed);
     }
 }

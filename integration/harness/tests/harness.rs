@@ -12,8 +12,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
-use spillway_integration::postgres::{connect, copy_backends};
-use spillway_integration::{FaultProxy, Faults, KafkaBroker, Mock, PostgresServer, Tansu};
+use spillway_harness::postgres::{connect, copies_in_progress, copy_backends};
+use spillway_harness::{FaultProxy, Faults, KafkaBroker, Mock, PostgresServer, Tansu};
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
@@ -29,7 +29,7 @@ async fn count(url: &str) -> Result<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_postgres_refuses_connections_and_restarts_with_its_committed_data() -> Result<()>
 {
-    let mut pg = blocking(spillway_integration::postgres::from_env).await?;
+    let mut pg = blocking(spillway_harness::postgres_from_env).await?;
     let url = pg.url();
     let c = connect(&url).await?;
     c.batch_execute("CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000)")
@@ -55,7 +55,7 @@ async fn a_killed_postgres_refuses_connections_and_restarts_with_its_committed_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_postgres_times_out_a_query_and_answers_after_resume() -> Result<()> {
-    let mut pg = blocking(spillway_integration::postgres::from_env).await?;
+    let mut pg = blocking(spillway_harness::postgres_from_env).await?;
     let c = connect(&pg.url()).await?;
     c.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
         .await?;
@@ -78,7 +78,7 @@ async fn a_paused_postgres_times_out_a_query_and_answers_after_resume() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_backend_mid_copy_drops_every_connection_and_postgres_recovers() -> Result<()> {
-    let mut pg = blocking(spillway_integration::postgres::from_env).await?;
+    let mut pg = blocking(spillway_harness::postgres_from_env).await?;
     let url = pg.url();
     let copier = connect(&url).await?;
     let bystander = connect(&url).await?;
@@ -238,7 +238,7 @@ async fn the_mock_cluster_injects_request_errors_and_broker_outages() -> Result<
 }
 
 async fn proxied_postgres() -> Result<(Box<dyn PostgresServer>, FaultProxy, String)> {
-    let pg = blocking(spillway_integration::postgres::from_env).await?;
+    let pg = blocking(spillway_harness::postgres_from_env).await?;
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port())), 7).await?;
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
     connect(&url)
@@ -317,6 +317,53 @@ async fn proxy_reset_refuse_and_blackhole_are_seen_by_a_real_client() -> Result<
     Ok(())
 }
 
+/// Hold: a COPY stalls where it is (the server shows it in progress, its byte count still)
+/// and, once released, finishes with every row: nothing was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_hold_stalls_a_copy_mid_stream_and_loses_nothing() -> Result<()> {
+    let (pg, proxy, url) = proxied_postgres().await?;
+    let c = connect(&url).await?;
+    let observer = connect(&pg.url()).await?;
+    let rows = |from: i32| -> bytes::Bytes {
+        (from..from + 1000)
+            .map(|i| format!("{i}\n"))
+            .collect::<String>()
+            .into()
+    };
+    let first = rows(0);
+    let sink = c.copy_in::<_, bytes::Bytes>("COPY t FROM STDIN").await?;
+    let mut sink = Box::pin(sink);
+    sink.send(first.clone()).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !copies_in_progress(&observer)
+        .await?
+        .iter()
+        .any(|c| c.bytes >= first.len() as i64)
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the server never received the first rows"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.set(Faults {
+        hold: true,
+        ..Faults::default()
+    });
+    sink.send(rows(1000)).await?;
+    let before = copies_in_progress(&observer).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = copies_in_progress(&observer).await?;
+    ensure!(
+        before.len() == 1 && before == after && before[0].bytes == first.len() as i64,
+        "a held COPY stays in progress where it was: {before:?} then {after:?}"
+    );
+    proxy.heal();
+    sink.as_mut().finish().await?;
+    assert_eq!(count(&url).await?, 2000, "every held byte arrived");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_cut_after_n_bytes_aborts_a_copy_in_the_middle() -> Result<()> {
     let (_pg, proxy, url) = proxied_postgres().await?;
@@ -346,7 +393,7 @@ async fn proxy_cut_after_n_bytes_aborts_a_copy_in_the_middle() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_broker_acknowledges_nothing_until_healed() -> Result<()> {
-    let proxy_port = spillway_integration::free_port();
+    let proxy_port = spillway_harness::free_port();
     let broker = blocking(move || Tansu::start_advertising(Some(proxy_port))).await?;
     let upstream = SocketAddr::from(([127, 0, 0, 1], broker.port()));
     let proxy = FaultProxy::start_on(proxy_port, upstream, 3).await?;

@@ -18,7 +18,7 @@ use testcontainers::core::{CmdWaitFor, ExecCommand, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
-use crate::postgres::PostgresServer;
+use crate::postgres::{connect, PostgresServer};
 use crate::process::free_port;
 use crate::{HarnessError, Result};
 
@@ -146,7 +146,7 @@ impl ContainerPostgres {
         let ready = run(async move {
             let deadline = Instant::now() + READY_TIMEOUT;
             while Instant::now() < deadline {
-                if let Ok(c) = crate::postgres::connect(&url).await {
+                if let Ok(c) = connect(&url).await {
                     if c.simple_query("SELECT 1").await.is_ok() {
                         return true;
                     }

@@ -9,81 +9,15 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Uid, User};
 use tempfile::TempDir;
 
+use crate::postgres::PostgresServer;
 use crate::process::{
-    accepts, children_of, free_port, kill_and_reap, log_files, log_tail, signal, wait_exit,
-    wait_until,
+    accepts, children_of, free_port, kill_and_reap, kill_for_fault, log_files, log_tail, signal,
+    signal_if_alive, stop_process, wait_exit, wait_until,
 };
 use crate::{io_err, HarnessError, Result};
 
 /// How long a start (including crash recovery) may take.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A Postgres server a test controls. Implemented by [`LocalPostgres`]; a container backend
-/// can implement it too without touching the tests.
-///
-/// The control methods block for at most a few seconds (a start waits for recovery); call them
-/// from `tokio::task::spawn_blocking` or a multi-threaded runtime when a pipeline runs beside.
-pub trait PostgresServer: Send {
-    /// Which backend: `native` or `docker`.
-    fn kind(&self) -> &'static str;
-    /// A `postgres://` URL for the `postgres` database as superuser `postgres` (trust
-    /// authentication, on 127.0.0.1).
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port())
-    }
-    /// The TCP port on 127.0.0.1.
-    fn port(&self) -> u16;
-    /// SIGKILLs the postmaster and every backend, like a machine losing power for Postgres
-    /// (the data directory stays; [`PostgresServer::restart`] runs crash recovery).
-    fn kill(&mut self) -> Result<()>;
-    /// SIGKILLs one backend: Postgres then drops every connection and recovers by itself.
-    fn crash_backend(&mut self, pid: i32) -> Result<()>;
-    /// SIGSTOPs the server and every backend: connections hang, nothing answers.
-    fn pause(&mut self) -> Result<()>;
-    /// SIGCONTs everything [`PostgresServer::pause`] stopped.
-    fn resume(&mut self) -> Result<()>;
-    /// Fast shutdown (SIGINT), waiting for it to finish.
-    fn stop(&mut self) -> Result<()>;
-    /// Starts again on the same data and port (stopping first if it runs), and waits until
-    /// it accepts connections.
-    fn restart(&mut self) -> Result<()>;
-}
-
-/// Starts the Postgres backend `SPILLWAY_TEST_BACKEND` names: `native` (default: a
-/// [`LocalPostgres`] from the machine's server binaries) or `docker` (a
-/// [`ContainerPostgres`](crate::docker::ContainerPostgres) through testcontainers).
-pub fn from_env() -> Result<Box<dyn PostgresServer>> {
-    match std::env::var("SPILLWAY_TEST_BACKEND").as_deref() {
-        Ok("native") | Ok("") | Err(_) => Ok(Box::new(LocalPostgres::start()?)),
-        Ok("docker") => Ok(Box::new(crate::docker::ContainerPostgres::start()?)),
-        Ok(other) => Err(HarnessError::Unsupported(format!(
-            "SPILLWAY_TEST_BACKEND={other}: use `native` or `docker`"
-        ))),
-    }
-}
-
-/// Pids of the backends that are running a COPY right now (to kill one mid-flush).
-pub async fn copy_backends(url: &str) -> Result<Vec<i32>> {
-    let client = connect(url).await?;
-    let rows = client
-        .query(
-            "SELECT pid FROM pg_stat_progress_copy \
-             UNION SELECT pid FROM pg_stat_activity \
-               WHERE state = 'active' AND query ILIKE 'copy %' AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get::<_, i32>(0)).collect())
-}
-
-/// Connects with tokio-postgres, driving the connection on a spawned task.
-pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
 
 /// The directory holding `initdb` and `postgres`: `SPILLWAY_PG_BIN`, else `pg_config
 /// --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
@@ -263,7 +197,7 @@ impl LocalPostgres {
             status.lines().nth(7).map(str::trim) == Some("ready") && accepts(port)
         });
         if !ready {
-            kill_and_reap(&mut child);
+            let _ = kill_and_reap(&mut child);
             return Err(HarnessError::NotReady {
                 what: "postgres",
                 secs: READY_TIMEOUT.as_secs(),
@@ -286,29 +220,34 @@ impl LocalPostgres {
         self.postmaster_pid().ok()
     }
 
-    fn kill_all(&mut self) {
-        self.resume_stopped();
-        if let Some(mut child) = self.child.take() {
-            let pid = child.id() as i32;
-            let backends = children_of(pid);
-            kill_and_reap(&mut child);
-            for b in backends {
-                signal(b, Signal::SIGKILL);
-            }
-            // Backends exit at once on SIGKILL; wait until none holds the data directory.
-            for _ in 0..250 {
-                if children_of(pid).is_empty() && !backends_alive(&self.data_dir()) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+    /// SIGKILLs the postmaster and every backend and waits until none is left. Fails if the
+    /// postmaster was not running to be killed or a signal could not be sent.
+    fn kill_all(&mut self) -> Result<()> {
+        self.resume_stopped()?;
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = child.id() as i32;
+        let backends = children_of(pid);
+        let killed = kill_for_fault(&mut child, "the postmaster");
+        for b in backends {
+            signal_if_alive(b, Signal::SIGKILL)?;
         }
+        // Backends exit at once on SIGKILL; wait until none holds the data directory.
+        for _ in 0..250 {
+            if children_of(pid).is_empty() && !backends_alive(&self.data_dir()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        killed.map(|_| ())
     }
 
-    fn resume_stopped(&mut self) {
+    fn resume_stopped(&mut self) -> Result<()> {
         for pid in self.paused.drain(..).rev() {
-            signal(pid, Signal::SIGCONT);
+            signal_if_alive(pid, Signal::SIGCONT)?;
         }
+        Ok(())
     }
 }
 
@@ -338,8 +277,7 @@ impl PostgresServer for LocalPostgres {
 
     fn kill(&mut self) -> Result<()> {
         self.postmaster_pid()?;
-        self.kill_all();
-        Ok(())
+        self.kill_all()
     }
 
     fn crash_backend(&mut self, pid: i32) -> Result<()> {
@@ -349,35 +287,34 @@ impl PostgresServer for LocalPostgres {
                 "pid {pid} is not a backend of this server (postmaster {postmaster})"
             )));
         }
-        signal(pid, Signal::SIGKILL);
-        Ok(())
+        signal(pid, Signal::SIGKILL)
     }
 
     fn pause(&mut self) -> Result<()> {
         let postmaster = self.postmaster_pid()?;
-        // The postmaster first, so it forks no new backend we would miss.
-        signal(postmaster, Signal::SIGSTOP);
+        // The postmaster first, so it forks no new backend we would miss; it must show `T`.
+        stop_process(postmaster)?;
         self.paused.push(postmaster);
         for pid in children_of(postmaster) {
-            signal(pid, Signal::SIGSTOP);
-            self.paused.push(pid);
+            if signal_if_alive(pid, Signal::SIGSTOP)? {
+                self.paused.push(pid);
+            }
         }
         Ok(())
     }
 
     fn resume(&mut self) -> Result<()> {
-        self.resume_stopped();
-        Ok(())
+        self.resume_stopped()
     }
 
     fn stop(&mut self) -> Result<()> {
-        self.resume_stopped();
+        self.resume_stopped()?;
         if let Some(mut child) = self.child.take() {
-            signal(child.id() as i32, Signal::SIGINT);
+            signal(child.id() as i32, Signal::SIGINT)?;
             let stopped = wait_exit(&mut child, Duration::from_secs(30));
             if !stopped {
                 self.child = Some(child);
-                self.kill_all();
+                self.kill_all()?;
             }
         }
         Ok(())
@@ -391,6 +328,7 @@ impl PostgresServer for LocalPostgres {
 
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
-        self.kill_all();
+        // Cleanup: a server that already died is fine here.
+        let _ = self.kill_all();
     }
 }

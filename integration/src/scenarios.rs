@@ -1,0 +1,689 @@
+//! The eleven scenarios. Each one states its fault, the evidence it records that the fault
+//! happened as described (the scenario fails without it, in every [`Run`]), and what it checks
+//! of the pipeline's behaviour; then loadgen's verdict judges the records.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use spillway_harness::postgres::connect;
+use spillway_harness::{Faults, KafkaBroker, PostgresServer, ProcessState};
+use spillway_loadgen::payload::PayloadSpec;
+use spillway_loadgen::profile::RateProfile;
+
+use crate::cluster::{
+    blocking, chaos, pause, slow_link, spiky, strings, Cluster, Opts, Traffic, SESSION_TIMEOUT,
+    STATEMENT_TIMEOUT,
+};
+use crate::Run;
+
+/// 1. Fault: the Postgres postmaster SIGKILLed while a flush's COPY is in progress (a 512 KB/s
+///    link makes each COPY last), restarted 2 s later.
+///    Evidence: the COPY is seen in `pg_stat_activity`, stalled (the link is held) when the
+///    kill lands; records are acknowledged while Postgres is down.
+///    Checks: the consumer rode it out (same process) and retried.
+pub async fn postgres_killed_mid_copy(run: Run) -> Result<()> {
+    chaos(
+        "postgres_killed_mid_copy",
+        run,
+        Duration::from_secs(150),
+        |ctx| async move {
+            let mut c = Cluster::start(&ctx, Opts::slow_link()).await?;
+            let pid = c.consumers[0].process.pid();
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(12), None);
+            pause(Duration::from_secs(2)).await;
+            let copy = c.stall_a_copy().await?;
+            let at_the_kill = copy.at_the_fault();
+            blocking(|| c.pg.kill())?;
+            let window = traffic.window();
+            c.tl.note(format!("postmaster SIGKILLed: {at_the_kill}"));
+            c.release_link();
+            pause(Duration::from_secs(2)).await;
+            blocking(|| c.pg.restart())?;
+            window.end(&traffic, &c.tl, "Postgres was down")?;
+            c.tl.note("postgres restarted");
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            c.consumer_rode_it_out(&ctx, pid).await
+        },
+    )
+    .await
+}
+
+/// 2. Fault: the backend running a flush's COPY SIGKILLed (Postgres then drops every connection
+///    and recovers).
+///    Evidence: that backend is seen in `pg_stat_activity` in a COPY, stalled (the link is
+///    held) when the kill lands.
+///    Checks: the consumer rode it out and retried.
+pub async fn backend_killed_mid_flush(run: Run) -> Result<()> {
+    chaos(
+        "backend_killed_mid_flush",
+        run,
+        Duration::from_secs(120),
+        |ctx| async move {
+            let mut c = Cluster::start(&ctx, Opts::slow_link()).await?;
+            let pid = c.consumers[0].process.pid();
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(10), None);
+            pause(Duration::from_secs(2)).await;
+            let copy = c.stall_a_copy().await?;
+            let at_the_kill = copy.at_the_fault();
+            blocking(|| c.pg.crash_backend(copy.copy.pid))?;
+            c.tl.note(format!("SIGKILLed the {at_the_kill}"));
+            c.release_link();
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            c.consumer_rode_it_out(&ctx, pid).await
+        },
+    )
+    .await
+}
+
+/// 3. Fault: Postgres (postmaster and backends) SIGSTOPped during a COPY for 2.5x the
+///    consumer's statement timeout, then resumed.
+///    Evidence: the COPY is stalled in `pg_stat_activity` when the server stops (its
+///    postmaster shows state `T`, natively); records are acknowledged while it is frozen.
+///    Checks: the consumer gave up on the frozen flush (its own deadline) and retried while
+///    the server was frozen, without crashing.
+pub async fn postgres_frozen_past_the_statement_timeout(run: Run) -> Result<()> {
+    chaos(
+        "postgres_frozen_past_the_statement_timeout",
+        run,
+        Duration::from_secs(150),
+        |ctx| async move {
+            let mut c = Cluster::start(&ctx, Opts::slow_link()).await?;
+            let pid = c.consumers[0].process.pid();
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(14), None);
+            pause(Duration::from_secs(2)).await;
+            let copy = c.stall_a_copy().await?;
+            let at_the_stop = copy.at_the_fault();
+            blocking(|| c.pg.pause())?;
+            let window = traffic.window();
+            c.tl.note(format!("postgres SIGSTOPped: {at_the_stop}"));
+            c.release_link();
+            pause(STATEMENT_TIMEOUT * 5 / 2).await;
+            let retries_frozen = c
+                .consumer_metric(0, "spillway_consumer_flush_retries_total")
+                .await?;
+            blocking(|| c.pg.resume())?;
+            window.end(&traffic, &c.tl, "Postgres was frozen")?;
+            c.tl.note(format!(
+                "postgres resumed (the consumer had counted {retries_frozen} retries while it was frozen)"
+            ));
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            c.consumer_survived(0, pid)?;
+            ctx.check(retries_frozen >= 1.0, || {
+                "the consumer did not give up on the frozen flush within 2.5x its statement timeout"
+                    .into()
+            })
+        },
+    )
+    .await
+}
+
+/// 4. Faults: the consumer's connection cut in the middle of a COPY (the proxy resets it after
+///    a seeded number of bytes, for 1 s), then 200 ms of latency with 100 ms of jitter on the
+///    link for the rest of a spiky load.
+///    Evidence: the COPY is stalled in `pg_stat_activity` when the cut is switched on; records
+///    are acknowledged during the cut.
+///    Checks: the consumer reconnected.
+pub async fn connection_cut_mid_copy_then_a_slow_link(run: Run) -> Result<()> {
+    chaos(
+        "connection_cut_mid_copy_then_a_slow_link",
+        run,
+        Duration::from_secs(180),
+        |mut ctx| async move {
+            let c = Cluster::start(&ctx, Opts::slow_link()).await?;
+            let proxy = c.pg_proxy()?;
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(15), None);
+            pause(Duration::from_secs(2)).await;
+            let copy = c.stall_a_copy().await?;
+            let at_the_cut = copy.at_the_fault();
+            let accepted = proxy.accepted();
+            let cut = ctx.rng.u64(0..4096);
+            // Releases the held bytes, then cuts every connection after `cut` more.
+            proxy.set(Faults {
+                cut_after_upstream_bytes: Some(cut),
+                ..slow_link()
+            });
+            let window = traffic.window();
+            c.tl.note(format!(
+                "every connection to Postgres cut after {cut} bytes: {at_the_cut}"
+            ));
+            pause(Duration::from_secs(1)).await;
+            proxy.set(Faults {
+                latency: Duration::from_millis(200),
+                jitter: Duration::from_millis(100),
+                ..Faults::default()
+            });
+            window.end(&traffic, &c.tl, "connections were cut")?;
+            c.tl.note("cuts healed; 200 ms latency + 100 ms jitter on the link to Postgres");
+            let done = traffic.done().await?;
+            proxy.heal();
+            c.tl.note("link healed");
+            c.verdict(&ctx, &done).await?;
+            ctx.check(proxy.accepted() > accepted, || {
+                "the consumer never reconnected after the cut".into()
+            })
+        },
+    )
+    .await
+}
+
+/// 5. Fault: Postgres down (SIGKILL) for 60 s under traffic with 20x bursts, then restarted.
+///    Evidence: Postgres refuses connections during the outage; records are acknowledged during
+///    it; the consumer's RSS and buffer are measured every 200 ms (a measurement that cannot be
+///    taken fails the scenario).
+///    Checks: Kafka was paused; the buffer stayed within its bound and the RSS within baseline +
+///    buffer + fetch queue + 64 MiB; everything drained after the restart.
+pub async fn postgres_down_for_a_minute_under_a_spike(run: Run) -> Result<()> {
+    const BUFFER: u64 = 3 << 20;
+    const OUTAGE: Duration = Duration::from_secs(60);
+    chaos(
+        "postgres_down_for_a_minute_under_a_spike",
+        run,
+        Duration::from_secs(300),
+        |ctx| async move {
+            let opts = Opts {
+                consumer_args: strings(&[
+                    "--batch-max-bytes",
+                    &(BUFFER / 4).to_string(),
+                    "--buffer-max-bytes",
+                    &BUFFER.to_string(),
+                ]),
+                ..Opts::default()
+            };
+            let mut c = Cluster::start(&ctx, opts).await?;
+            let profile = RateProfile::Spiky {
+                base: 15.0,
+                multiplier: 20.0,
+                burst: Duration::from_secs(2),
+                gap: Duration::from_secs(6),
+                seed: ctx.seed,
+            };
+            let traffic = c.traffic(&ctx, profile, OUTAGE + Duration::from_secs(6), None);
+            pause(Duration::from_secs(3)).await;
+            let baseline = c.consumers[0].process.rss_bytes()?;
+            // The consumer's own bound: the record buffer, librdkafka's fetch queue (16 MiB, set
+            // by the consumer), the process as it was before the outage, and 64 MiB of slack.
+            let rss_bound = baseline + BUFFER + (16 << 20) + (64 << 20);
+            blocking(|| c.pg.kill())?;
+            let window = traffic.window();
+            c.tl.note(format!(
+                "postgres SIGKILLed for {OUTAGE:?}; consumer RSS {} MiB",
+                baseline >> 20
+            ));
+            ensure!(
+                connect(&c.pg.url()).await.is_err(),
+                "Postgres still accepts connections after the kill"
+            );
+            let (mut peak_rss, mut peak_buffered, mut paused, mut samples) =
+                (0u64, 0f64, false, 0u32);
+            let until = Instant::now() + OUTAGE;
+            while Instant::now() < until {
+                peak_rss = peak_rss.max(c.consumers[0].process.rss_bytes()?);
+                peak_buffered = peak_buffered.max(
+                    c.consumer_metric(0, "spillway_consumer_buffered_bytes")
+                        .await?,
+                );
+                paused |= c
+                    .consumer_metric(0, "spillway_consumer_kafka_paused")
+                    .await?
+                    > 0.0;
+                samples += 1;
+                pause(Duration::from_millis(200)).await;
+            }
+            blocking(|| c.pg.restart())?;
+            window.end(&traffic, &c.tl, "Postgres was down")?;
+            c.tl.note(format!(
+                "postgres restarted; during the outage ({samples} samples): peak RSS {} MiB (bound {} MiB), peak buffer {peak_buffered:.0} bytes (bound {BUFFER}), Kafka paused: {paused}",
+                peak_rss >> 20,
+                rss_bound >> 20,
+            ));
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            ctx.check(paused, || {
+                "consumption never paused although Postgres was down for a minute".into()
+            })?;
+            // One Kafka message may land on top of a nearly full buffer: allow one message.
+            ctx.check(peak_buffered <= (BUFFER + (1 << 20)) as f64, || {
+                format!("the buffer grew past its bound: {peak_buffered} bytes")
+            })?;
+            ctx.check(peak_rss <= rss_bound, || {
+                format!(
+                    "the consumer's memory grew past its bound: {} MiB > {} MiB",
+                    peak_rss >> 20,
+                    rss_bound >> 20
+                )
+            })
+        },
+    )
+    .await
+}
+
+/// 6. Fault: Postgres restarted ten times, every 1.5 to 3 s (seeded), each time either a clean
+///    fast shutdown or a SIGKILL (seeded), during spiky load.
+///    Evidence: eleven distinct `pg_postmaster_start_time()`s (each restart happened); records
+///    are acknowledged across the restarts.
+///    Checks: the consumer retried.
+pub async fn postgres_restarted_ten_times(run: Run) -> Result<()> {
+    chaos(
+        "postgres_restarted_ten_times",
+        run,
+        Duration::from_secs(200),
+        |mut ctx| async move {
+            let mut c = Cluster::start(&ctx, Opts::default()).await?;
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(30), None);
+            let mut starts = BTreeSet::new();
+            starts.insert(postmaster_start(&*c.pg).await?);
+            let window = traffic.window();
+            for n in 1..=10 {
+                pause(Duration::from_millis(ctx.rng.u64(1500..=3000))).await;
+                if ctx.rng.bool() {
+                    blocking(|| -> Result<()> {
+                        c.pg.kill()?;
+                        Ok(c.pg.restart()?)
+                    })?;
+                    c.tl.note(format!("restart {n}/10: SIGKILL, then start"));
+                } else {
+                    blocking(|| c.pg.restart())?;
+                    c.tl.note(format!("restart {n}/10: fast shutdown, then start"));
+                }
+                starts.insert(postmaster_start(&*c.pg).await?);
+            }
+            window.end(&traffic, &c.tl, "Postgres restarted ten times")?;
+            ensure!(
+                starts.len() == 11,
+                "Postgres did not restart ten times: start times {starts:?}"
+            );
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            let retries = c
+                .consumer_metric(0, "spillway_consumer_flush_retries_total")
+                .await?;
+            ctx.check(retries >= 1.0, || {
+                "no flush was retried across ten restarts".into()
+            })
+        },
+    )
+    .await
+}
+
+async fn postmaster_start(pg: &dyn PostgresServer) -> Result<String> {
+    Ok(connect(&pg.url())
+        .await?
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await?
+        .get(0))
+}
+
+/// 7. Faults, under load: first the broker cut off from every client for 3 s (a proxy resets
+///    every connection and refuses new ones, with produce requests in flight), then healed; 2 s
+///    later the broker SIGKILLed and restarted 3 s later on its data.
+///    Evidence: the broker process died of the SIGKILL.
+///    Checks: no 2xx'd record lost; what the producer could not persist was answered 503 (never
+///    2xx, never a dropped connection, never another status); the producer acknowledges again
+///    once the broker is back, and its process stayed up throughout.
+///
+///    No record can be acknowledged during these faults, so none is required to be.
+///    Tansu 0.6.0 stops serving after a client's connection is reset in the middle of a produce
+///    request (its storage answers `UnableToSend` to every request) until it is restarted, so
+///    the producer's recovery is checked after the restart, not after the cut.
+pub async fn broker_killed_under_load(run: Run) -> Result<()> {
+    chaos(
+        "broker_killed_under_load",
+        run,
+        Duration::from_secs(180),
+        |mut ctx| async move {
+            let mut c = Cluster::start(
+                &ctx,
+                Opts {
+                    broker_proxy: true,
+                    ..Opts::default()
+                },
+            )
+            .await?;
+            let producer_pid = c.producer.process.pid();
+            let traffic = c.traffic(
+                &ctx,
+                RateProfile::Constant { rate: 100.0 },
+                Duration::from_secs(25),
+                None,
+            );
+            let Some(proxy) = c.broker_proxy.as_ref() else {
+                bail!("no proxy in front of the broker");
+            };
+            pause(Duration::from_millis(ctx.rng.u64(2000..3000))).await;
+            proxy.set(Faults {
+                refuse: true,
+                ..Faults::default()
+            });
+            proxy.reset_all();
+            c.tl.note("broker cut off: every connection reset, new ones refused");
+            pause(Duration::from_secs(3)).await;
+            proxy.heal();
+            c.tl.note("broker reachable again");
+            pause(Duration::from_millis(ctx.rng.u64(1500..2500))).await;
+            blocking(|| c.broker.kill())?;
+            c.tl.note("broker SIGKILLed (it died of the signal)");
+            pause(Duration::from_secs(3)).await;
+            blocking(|| c.broker.restart())?;
+            c.tl.note("broker restarted on its data");
+            acknowledging_again(&c, &traffic).await?;
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            let result = &done.result;
+            let refused = result.statuses.get(&503).copied().unwrap_or(0);
+            ctx.check(refused > 0, || {
+                format!(
+                    "no 503 while the broker was unreachable: {:?}",
+                    result.statuses
+                )
+            })?;
+            let unclear: Vec<_> = result
+                .statuses
+                .keys()
+                .filter(|s| ![200, 429, 503].contains(*s))
+                .collect();
+            ctx.check(unclear.is_empty(), || {
+                format!("answers other than 200, 429 and 503: {:?}", result.statuses)
+            })?;
+            ctx.check(result.transport_errors == 0, || {
+                format!("{} requests lost their connection", result.transport_errors)
+            })?;
+            let survived = c.producer.process.running() && c.producer.process.pid() == producer_pid;
+            ctx.check(survived, || {
+                format!(
+                    "the producer did not survive the broker's faults:\n{}",
+                    c.producer.process.log_tail(30)
+                )
+            })
+        },
+    )
+    .await
+}
+
+/// Waits (at most 20 s) until the producer acknowledges a request it had not before.
+async fn acknowledging_again(c: &Cluster, traffic: &Traffic) -> Result<()> {
+    let since = Instant::now();
+    let before = traffic.acked();
+    while traffic.acked() == before {
+        ensure!(
+            since.elapsed() < Duration::from_secs(20),
+            "the producer acknowledged nothing for 20 s after the broker was back:\n{}",
+            c.producer.process.log_tail(20)
+        );
+        pause(Duration::from_millis(20)).await;
+    }
+    c.tl.note(format!(
+        "the producer acknowledges again ({:.1} s later)",
+        since.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// 8. Fault: the consumer SIGKILLs itself between its two commits, after the n-th first
+///    commit (failpoint, n seeded in 2..=5), under load; a new consumer process takes over.
+///    The first commit is Postgres's (under the `commit-kafka-first` bug, Kafka's).
+///    Evidence: the process died of SIGKILL; records are acknowledged while no consumer runs.
+///    Checks: rows were committed before the kill; the restarted consumer adds no duplicate
+///    although Kafka's committed offsets are behind Postgres.
+pub async fn consumer_killed_between_its_two_commits(run: Run) -> Result<()> {
+    chaos(
+        "consumer_killed_between_its_two_commits",
+        run,
+        Duration::from_secs(150),
+        |mut ctx| async move {
+            let n = ctx.rng.u32(2..=5);
+            let opts = Opts {
+                consumer_failpoints: vec![(
+                    spillway_consumer::FAILPOINT_EXIT_AFTER_COMMITS.into(),
+                    n.to_string(),
+                )],
+                ..Opts::default()
+            };
+            let mut c = Cluster::start(&ctx, opts).await?;
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(12), None);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let status = loop {
+                if let Some(status) = c.consumers[0].process.exited() {
+                    break status;
+                }
+                ensure!(Instant::now() < deadline, "the failpoint never fired");
+                pause(Duration::from_millis(10)).await;
+            };
+            let window = traffic.window();
+            use std::os::unix::process::ExitStatusExt;
+            ensure!(
+                status.signal() == Some(9),
+                "the consumer ended with {status}, not SIGKILL:\n{}",
+                c.consumers[0].process.log_tail(20)
+            );
+            let written = c.rows().await?;
+            c.tl.note(format!(
+                "consumer SIGKILLed between its two commits of batch {n} (table: {written} rows)"
+            ));
+            ctx.check(written > 0, || {
+                "nothing was committed before the kill".into()
+            })?;
+            c.consumers[0].restart_without_failpoints()?;
+            c.consumers[0].ready("/healthz").await?;
+            window.end(&traffic, &c.tl, "no consumer ran")?;
+            c.tl.note("a new consumer process started");
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// 9. Fault: two consumers in one group; one (the zombie) SIGSTOPped with a flush in flight,
+///    for longer than the session timeout. The group drops it, a replacement consumer joins
+///    (as an orchestrator would start one) and the partitions are written by their new owners.
+///    Then the zombie's flush, held on its way to Postgres before its transaction began (each
+///    consumer has a link of its own; the zombie's is held until the new owners have written),
+///    reaches Postgres and the zombie resumes: its compare-and-set meets positions that moved.
+///    (Tansu 0.6.0 gives a dropped member's partitions to the others only when a member joins,
+///    hence the replacement.)
+///    Evidence: the held flush (no transaction of the zombie open when it froze); state `T`
+///    after the SIGSTOP and still `T` before the SIGCONT; every partition's position moved
+///    while it was frozen; records acknowledged meanwhile.
+///    Checks: awake, the zombie's stale flush was fenced (`spillway_consumer_fenced_total` > 0).
+pub async fn a_zombie_consumer_in_the_group(run: Run) -> Result<()> {
+    chaos(
+        "a_zombie_consumer_in_the_group",
+        run,
+        Duration::from_secs(180),
+        |mut ctx| async move {
+            // The flush deadline (statement timeout + 2 s) outlasts the freeze: the held flush
+            // still waits for its answer when the zombie wakes.
+            let opts = Opts {
+                partitions: 4,
+                consumers: 2,
+                link_per_consumer: true,
+                statement_timeout: Duration::from_secs(40),
+                ..Opts::default()
+            };
+            let mut c = Cluster::start(&ctx, opts).await?;
+            let traffic = c.traffic(
+                &ctx,
+                RateProfile::Constant { rate: 100.0 },
+                Duration::from_secs(24),
+                None,
+            );
+            pause(Duration::from_millis(ctx.rng.u64(3000..5000))).await;
+            let zombie = ctx.rng.usize(0..2);
+            let fenced_before = c
+                .consumer_metric(zombie, "spillway_consumer_fenced_total")
+                .await?;
+            let held = c.hold_a_flush(zombie).await?;
+            let state = c.consumers[zombie].process.pause()?;
+            let frozen_at = Instant::now();
+            let window = traffic.window();
+            let positions = c.positions().await?;
+            c.tl.note(format!(
+                "consumer {zombie} SIGSTOPped (state {state}) with {held} message(s) of a flush held before its transaction began; positions {positions:?}"
+            ));
+            pause(SESSION_TIMEOUT + Duration::from_secs(1)).await;
+            let replacement = c.add_consumer().await?;
+            c.tl.note(format!(
+                "consumer {replacement} started to replace it"
+            ));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let moved = loop {
+                let now = c.positions().await?;
+                if now.iter().all(|(p, at)| positions.get(p).is_none_or(|was| at > was)) {
+                    break now;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "the zombie's partitions were not taken over: positions {positions:?} then {now:?}"
+                );
+                pause(Duration::from_millis(100)).await;
+            };
+            c.tl.note(format!("every partition written by its new owner: positions {moved:?}"));
+            c.consumer_links[zombie].heal();
+            let state = c.consumers[zombie].process.state()?;
+            ensure!(
+                state == ProcessState::STOPPED,
+                "consumer {zombie} was not frozen throughout: its state is {state}"
+            );
+            c.consumers[zombie].process.resume()?;
+            window.end(&traffic, &c.tl, "a consumer was frozen")?;
+            c.tl.note(format!(
+                "consumer {zombie} resumed after {:.1} s in state {state}, its link released",
+                frozen_at.elapsed().as_secs_f64()
+            ));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let fenced = loop {
+                let fenced = c
+                    .consumer_metric(zombie, "spillway_consumer_fenced_total")
+                    .await?;
+                if fenced > fenced_before || Instant::now() >= deadline {
+                    break fenced;
+                }
+                pause(Duration::from_millis(50)).await;
+            };
+            c.tl.note(format!(
+                "consumer {zombie} counted {} fenced flushes since it woke",
+                fenced - fenced_before
+            ));
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            ctx.check(fenced > fenced_before, || {
+                format!("consumer {zombie} woke with a stale flush in flight, and it was not fenced")
+            })
+        },
+    )
+    .await
+}
+
+/// 10. Fault: 3% of the records are valid JSON that Postgres refuses (a `\u0000` in a string),
+///     mixed into spiky traffic.
+///     Evidence: poison records were acknowledged.
+///     Checks: each of them is in the dead-letter table with Postgres's reason, every other
+///     acknowledged record is in the table exactly once, nothing stalls.
+pub async fn records_postgres_rejects_go_to_the_dead_letter_table(run: Run) -> Result<()> {
+    chaos(
+        "records_postgres_rejects_go_to_the_dead_letter_table",
+        run,
+        Duration::from_secs(150),
+        |ctx| async move {
+            let c = Cluster::start(&ctx, Opts::default()).await?;
+            let mut spec = PayloadSpec::generated((1, 5), (100, 300));
+            spec.poison_rate = 0.03;
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(10), Some(spec));
+            let done = traffic.done().await?;
+            let poison: Vec<u64> = done
+                .result
+                .acked
+                .iter()
+                .filter(|s| done.spec.is_poison(*s))
+                .collect();
+            ensure!(!poison.is_empty(), "no poison record was acknowledged");
+            let v = c.verdict(&ctx, &done).await?;
+            let wrong: Vec<_> = v
+                .dead_lettered_seqs
+                .iter()
+                .filter(|s| !done.spec.is_poison(**s))
+                .collect();
+            let missing: Vec<_> = poison
+                .iter()
+                .filter(|s| !v.dead_lettered_seqs.contains(s))
+                .collect();
+            ctx.check(v.dead_lettered_seqs == poison, || {
+                format!("dead letters differ from the poison records: good records dead-lettered {wrong:?}, poison records not there {missing:?}")
+            })?;
+            let db = connect(&c.pg.url()).await?;
+            let reasons: Vec<String> = db
+                .query("SELECT DISTINCT error FROM records_dead_letters", &[])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            ctx.check(
+                !reasons.is_empty() && reasons.iter().all(|r| r.contains("\\u0000")),
+                || format!("each dead letter must carry Postgres's reason: {reasons:?}"),
+            )?;
+            c.tl.note(format!(
+                "{} poison records dead-lettered, reasons: {reasons:?}",
+                poison.len()
+            ));
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// 11. Fault: the producer SIGKILLed under load while its produce requests wait for the broker
+///     (the broker is frozen for a second before the kill, so none of them is answered),
+///     restarted 1 s later on the same port.
+///     Evidence: the broker in state `T` at the kill; the producer died of the SIGKILL.
+///     Checks: requests were waiting for the producer's answer at the kill; every 2xx'd record
+///     is in Postgres exactly once; the clients saw the kill as failed requests, never as a
+///     2xx. No record can be acknowledged while the producer is down, so none is required to be.
+pub async fn producer_killed_under_load(run: Run) -> Result<()> {
+    chaos(
+        "producer_killed_under_load",
+        run,
+        Duration::from_secs(150),
+        |mut ctx| async move {
+            let mut c = Cluster::start(&ctx, Opts::default()).await?;
+            let traffic = c.traffic(&ctx, spiky(&ctx, 40.0), Duration::from_secs(12), None);
+            pause(Duration::from_millis(ctx.rng.u64(3000..5000))).await;
+            let state = c.broker.pause()?;
+            pause(Duration::from_secs(1)).await;
+            let waiting = traffic.live.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+            let status = c.producer.process.kill()?;
+            c.tl.note(format!(
+                "producer SIGKILLed ({status}) with {waiting} requests unanswered, the broker frozen for 1 s (state {state})"
+            ));
+            c.broker.resume()?;
+            pause(Duration::from_secs(1)).await;
+            c.producer.start_again()?;
+            c.producer.ready("/readyz").await?;
+            c.tl.note("producer restarted");
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            ctx.check(waiting > 0, || {
+                "no request was waiting for the producer's answer when it was killed".into()
+            })?;
+            let result = &done.result;
+            let failed = result.transport_errors
+                + result
+                    .statuses
+                    .iter()
+                    .filter(|(s, _)| **s >= 300)
+                    .map(|(_, n)| n)
+                    .sum::<u64>();
+            ctx.check(failed > 0, || {
+                format!(
+                    "no request failed although the producer was killed: {:?}",
+                    result.statuses
+                )
+            })
+        },
+    )
+    .await
+}
