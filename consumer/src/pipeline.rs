@@ -14,7 +14,7 @@ use rdkafka::consumer::Consumer;
 use spillway_core::metrics::{Counter, Gauge, Histogram, Registry};
 use spillway_core::{
     BatchId, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult, KafkaCommand,
-    Notice, Partition, PartitionLag, Position,
+    Mutation, Notice, Partition, PartitionLag, Position,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -511,6 +511,11 @@ impl Pipeline {
                         }
                     }
                 }
+                Command::Kafka(KafkaCommand::Commit { partition, offset })
+                    if self.machine.config().mutated(Mutation::CommitKafkaFirst) =>
+                {
+                    self.commit_kafka_first(partition, offset)
+                }
                 Command::Kafka(k) => self.source.command(k),
                 Command::Flush(batch) => {
                     let id = batch.id;
@@ -591,14 +596,8 @@ impl Pipeline {
                 self.metrics.dead_letters.add(dead_letters as u64);
                 self.metrics.batches.inc();
                 self.metrics.batch_size.observe(rows as f64);
-                #[cfg(feature = "failpoints")]
-                {
-                    self.commits += 1;
-                    if self.exit_after_commits.is_some_and(|n| self.commits >= n) {
-                        eprintln!("{FAILPOINT_EXIT_AFTER_COMMITS}: SIGKILLing this process after the Postgres commit, before the Kafka commit");
-                        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-                        std::process::abort();
-                    }
+                if !self.machine.config().mutated(Mutation::CommitKafkaFirst) {
+                    self.between_the_two_commits();
                 }
             }
             Notice::Retrying { .. } => self.metrics.retries.inc(),
@@ -674,6 +673,39 @@ impl Pipeline {
                 tracing::info!(buffered, "draining: writing what is buffered")
             }
         }
+    }
+
+    /// The failpoint (`failpoints` feature): SIGKILL after the n-th first commit, before the
+    /// second (Postgres then Kafka; Kafka then Postgres under `commit-kafka-first`).
+    fn between_the_two_commits(&mut self) {
+        #[cfg(feature = "failpoints")]
+        {
+            self.commits += 1;
+            if self.exit_after_commits.is_some_and(|n| self.commits >= n) {
+                eprintln!("{FAILPOINT_EXIT_AFTER_COMMITS}: SIGKILLing this process between its two commits");
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                std::process::abort();
+            }
+        }
+    }
+
+    /// The `commit-kafka-first` mutation (tests only): the batch's end is committed to Kafka,
+    /// synchronously, as the batch is sent to Postgres.
+    fn commit_kafka_first(&mut self, partition: Partition, offset: i64) {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        let _ = tpl.add_partition_offset(
+            &self.settings.topic,
+            partition,
+            rdkafka::Offset::Offset(offset),
+        );
+        if let Err(e) = self
+            .source
+            .consumer()
+            .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        {
+            tracing::warn!(error = %e, "commit-kafka-first: the Kafka commit failed");
+        }
+        self.between_the_two_commits();
     }
 
     fn read_positions(&mut self, partitions: Vec<Partition>) {

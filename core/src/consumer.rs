@@ -59,12 +59,12 @@ pub enum Mutation {
     NoCompareAndSet,
     /// The position is stored in its own transaction, before the rows.
     PositionBeforeRows,
-    /// A batch whose flush failed is dropped, and the position moves past it anyway, as the
-    /// original Python consumer did.
+    /// A batch whose flush failed is dropped, and the partition's next flush moves the position
+    /// past it, as the original Python consumer did.
     DropFailedBatch,
     /// Kafka's committed offsets are trusted as positions (the shell reads them instead of
-    /// Postgres's), committed when a batch is sent to Postgres, before it is written, and
-    /// batches are written without the compare-and-set.
+    /// Postgres's and commits each batch's end to Kafka, synchronously, when it sends the batch
+    /// to Postgres), and batches are written without the compare-and-set.
     CommitKafkaFirst,
 }
 
@@ -433,6 +433,10 @@ pub struct ConsumerMachine {
     orphaned: Vec<Partition>,
     next_rejoin: Option<Instant>,
     stats: ConsumerStats,
+    /// With the `drop-failed-batch` mutation: where each partition's dropped rows started.
+    dropped_starts: BTreeMap<Partition, Position>,
+    /// With the `drop-failed-batch` mutation: the real start of batches sent with another.
+    mutated_starts: BTreeMap<BatchId, Position>,
 }
 
 impl ConsumerMachine {
@@ -458,6 +462,8 @@ impl ConsumerMachine {
             orphaned: Vec::new(),
             next_rejoin: None,
             stats: ConsumerStats::default(),
+            dropped_starts: BTreeMap::new(),
+            mutated_starts: BTreeMap::new(),
         })
     }
 
@@ -741,7 +747,10 @@ impl ConsumerMachine {
         let Some(batch) = self.in_flight.remove(&id) else {
             return;
         };
-        let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        let mut batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        if let Some(start) = self.mutated_starts.remove(&id) {
+            batch.start = start;
+        }
         let partition = batch.partition;
         if result == FlushResult::Fenced {
             // Counted here, not after the batcher: a flush the database refused is fenced even
@@ -754,10 +763,9 @@ impl ConsumerMachine {
             FlushResult::Fenced => FlushOutcome::Fenced,
             FlushResult::Retriable { reason } => {
                 if self.config.mutated(Mutation::DropFailedBatch) {
-                    // The rows are dropped; a write of the position alone moves past them.
-                    let mut dropped = batch.clone();
-                    dropped.entries.clear();
-                    self.commands.push_back(Command::Flush(Arc::new(dropped)));
+                    // The rows are dropped; the partition's next flush moves the position from
+                    // this batch's start, past them.
+                    self.dropped_starts.entry(partition).or_insert(batch.start);
                     FlushOutcome::Written
                 } else {
                     FlushOutcome::Retriable { reason }
@@ -794,10 +802,12 @@ impl ConsumerMachine {
                     rows,
                     dead_letters,
                 });
-                self.kafka(KafkaCommand::Commit {
-                    partition,
-                    offset: position.kafka_offset(),
-                });
+                if !self.config.mutated(Mutation::CommitKafkaFirst) {
+                    self.kafka(KafkaCommand::Commit {
+                        partition,
+                        offset: position.kafka_offset(),
+                    });
+                }
             }
             AfterFlush::RetryAt { attempt, .. } => {
                 self.stats.retries += 1;
@@ -1062,7 +1072,11 @@ impl ConsumerMachine {
         }
     }
 
-    fn mutate_batch(&self, mut batch: Batch) -> Batch {
+    fn mutate_batch(&mut self, mut batch: Batch) -> Batch {
+        if let Some(start) = self.dropped_starts.remove(&batch.partition) {
+            self.mutated_starts.insert(batch.id, batch.start);
+            batch.start = start;
+        }
         if self.config.mutated(Mutation::NoCompareAndSet)
             || self.config.mutated(Mutation::CommitKafkaFirst)
         {
