@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use spillway_core::{
     AdaptiveConfig, Batch, BatcherConfig, Command, ConsumerConfig, ConsumerMachine, Envelope,
     EpochTags, Exit, FlushResult, Jitter, KafkaCommand, Message, Mutation, Notice, PartitionLag,
-    Position, RequestId, RetryConfig,
+    Phase, Position, RequestId, RetryConfig,
 };
 
 type Partition = i32;
@@ -890,6 +890,34 @@ impl Sim {
         }
     }
 
+    /// Once the Kafka side applied every command, each owned partition is paused in Kafka
+    /// exactly when its phase does not read (per-partition flow control, bug 3).
+    fn check_pause_states(&self, m: usize) -> Result<(), Failure> {
+        let Some(member) = self.members[m].as_ref() else {
+            return Ok(());
+        };
+        if member.stalled_until.is_some() || member.exited.is_some() || !member.to_kafka.is_empty()
+        {
+            return Ok(());
+        }
+        for p in member.machine.assigned() {
+            if !member.assigned.contains(&p) {
+                continue; // revoked by the group; the machine has not heard yet
+            }
+            let phase = member.machine.phase(p);
+            let reads = matches!(phase, Some(Phase::Seeking(_) | Phase::Reading(_)));
+            if reads == member.paused.contains(&p) {
+                return Err(Failure {
+                    what: format!(
+                        "m{m}'s partition {p} is {phase:?} but Kafka has it {}",
+                        if reads { "paused" } else { "fetching" }
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Each member's pipeline: events into the machine, commands out.
     fn step_member(&mut self, m: usize) -> Result<(), Failure> {
         let now = self.now;
@@ -1119,6 +1147,7 @@ impl Sim {
         let members = self.members.len();
         for m in 0..members {
             self.step_kafka(m);
+            self.check_pause_states(m)?;
             // Events reach the pipeline in the order they were sent; a few at a time.
             if let Some(member) = self.members[m].as_mut() {
                 member.inbox.make_contiguous().sort_by_key(|(at, _)| *at);
@@ -1210,6 +1239,13 @@ impl Sim {
         for &m in &live {
             let member = self.members[m].as_mut().expect("live");
             member.machine.on_shutdown(self.now);
+            let mut commands = Vec::new();
+            while let Some(c) = member.machine.poll_command() {
+                commands.push(c);
+            }
+            for c in commands {
+                self.perform(m, c);
+            }
         }
         let shutdown = self.now;
         while !self.live().is_empty() && self.now.duration_since(shutdown) < Duration::from_secs(60)
