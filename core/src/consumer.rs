@@ -1162,3 +1162,98 @@ impl EpochTags {
         self.current.get(&partition).copied().unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::RequestId;
+
+    fn reading(m: &mut ConsumerMachine, p: Partition, now: Instant) -> Epoch {
+        m.on_assigned(&[p], now);
+        m.on_positions(&[(p, Position::BEGINNING)], now);
+        let mut epoch = 0;
+        while let Some(c) = m.poll_command() {
+            if let Command::Kafka(KafkaCommand::Seek { epoch: e, .. }) = c {
+                epoch = e;
+            }
+        }
+        m.on_seek_done(p, epoch, now);
+        epoch
+    }
+
+    fn envelope(records: &[&[u8]]) -> Vec<u8> {
+        Envelope {
+            received_at_micros: 1,
+            request_id: RequestId::from_u128(1),
+            source: None,
+            records: records.to_vec(),
+        }
+        .encode()
+    }
+
+    /// An envelope with no records is dead-lettered in its place, so the next message is not
+    /// taken for a gap.
+    #[test]
+    fn an_envelope_with_no_records_is_a_dead_letter_not_a_gap() {
+        let now = Instant::now();
+        let mut m = ConsumerMachine::new(ConsumerConfig::default()).unwrap();
+        let epoch = reading(&mut m, 0, now);
+        for (offset, records) in [(0, vec![]), (1, vec![&b"{}"[..]])] {
+            m.on_message(
+                Message {
+                    partition: 0,
+                    offset,
+                    epoch,
+                    payload: Some(envelope(&records)),
+                },
+                now,
+            );
+        }
+        m.on_shutdown(now);
+        let mut batch = None;
+        while let Some(c) = m.poll_command() {
+            match c {
+                Command::Notice(Notice::Gap { .. }) => panic!("an empty envelope is not a gap"),
+                Command::Flush(b) => batch = Some(b),
+                _ => {}
+            }
+        }
+        let batch = batch.expect("a batch at shutdown");
+        assert_eq!(batch.entries.len(), 2);
+        assert!(batch.entries[0].dead_reason.is_some());
+        assert!(batch.entries[1].dead_reason.is_none());
+        assert_eq!(batch.end, Position::new(2, 0));
+    }
+
+    /// A message whose offset jumps past the next expected one stops the partition: nothing
+    /// after the gap is buffered, Kafka is told to pause it, and the gap is reported.
+    #[test]
+    fn a_jump_in_offsets_stops_the_partition() {
+        let now = Instant::now();
+        let mut m = ConsumerMachine::new(ConsumerConfig::default()).unwrap();
+        let epoch = reading(&mut m, 0, now);
+        m.on_message(
+            Message {
+                partition: 0,
+                offset: 3,
+                epoch,
+                payload: Some(envelope(&[b"{}"])),
+            },
+            now,
+        );
+        assert_eq!(m.phase(0), Some(Phase::Stopped));
+        assert_eq!(m.stats().buffered_records, 0);
+        let commands: Vec<Command> = std::iter::from_fn(|| m.poll_command()).collect();
+        assert!(commands
+            .iter()
+            .any(|c| matches!(c, Command::Kafka(KafkaCommand::Pause(0)))));
+        assert!(commands.iter().any(|c| matches!(
+            c,
+            Command::Notice(Notice::Gap {
+                partition: 0,
+                expected: 0,
+                got: 3
+            })
+        )));
+    }
+}
