@@ -748,6 +748,8 @@ impl ConsumerMachine {
             return;
         };
         let mut batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        // What this flush's compare-and-set expected (another start only under a mutation).
+        let sent_start = batch.start;
         if let Some(start) = self.mutated_starts.remove(&id) {
             batch.start = start;
         }
@@ -765,7 +767,7 @@ impl ConsumerMachine {
                 if self.config.mutated(Mutation::DropFailedBatch) {
                     // The rows are dropped; the partition's next flush moves the position from
                     // this batch's start, past them.
-                    self.dropped_starts.entry(partition).or_insert(batch.start);
+                    self.dropped_starts.entry(partition).or_insert(sent_start);
                     FlushOutcome::Written
                 } else {
                     FlushOutcome::Retriable { reason }
