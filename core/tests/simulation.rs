@@ -1005,19 +1005,8 @@ impl Sim {
         match command {
             Command::ReadPositions(ps) => {
                 let fails = self.pg_down() || self.rng.chance(self.active.lost_before_commit);
-                let positions: Vec<(Partition, Position)> = ps
-                    .iter()
-                    .map(|p| {
-                        (
-                            *p,
-                            self.pg
-                                .positions
-                                .get(p)
-                                .copied()
-                                .unwrap_or(Position::BEGINNING),
-                        )
-                    })
-                    .collect();
+                let positions: Vec<(Partition, Position)> =
+                    ps.iter().map(|p| (*p, self.stored(*p))).collect();
                 let at = now + self.rng.millis(1, 50);
                 self.log(format!("m{m} -> read positions {ps:?}"));
                 let member = self.members[m].as_mut().expect("performing");
@@ -1103,12 +1092,7 @@ impl Sim {
             .iter()
             .map(|(p, log)| PartitionLag {
                 partition: *p,
-                stored: self
-                    .pg
-                    .positions
-                    .get(p)
-                    .copied()
-                    .unwrap_or(Position::BEGINNING),
+                stored: self.stored(*p),
                 high_watermark: log.end(),
             })
             .collect();
@@ -1167,12 +1151,7 @@ impl Sim {
     /// Every partition written to its end, or stopped exactly at a gap retention made.
     fn drained(&self) -> bool {
         self.logs.iter().all(|(p, log)| {
-            let stored = self
-                .pg
-                .positions
-                .get(p)
-                .copied()
-                .unwrap_or(Position::BEGINNING);
+            let stored = self.stored(*p);
             stored.offset == log.end() || stored.offset < log.start
         })
     }
@@ -1199,12 +1178,7 @@ impl Sim {
                     .logs
                     .iter()
                     .map(|(p, log)| {
-                        let stored = self
-                            .pg
-                            .positions
-                            .get(p)
-                            .copied()
-                            .unwrap_or(Position::BEGINNING);
+                        let stored = self.stored(*p);
                         let phases: Vec<String> = self
                             .live()
                             .into_iter()
