@@ -385,7 +385,8 @@ pub enum Command {
     Exit(Exit),
 }
 
-/// Counters and gauges of the machine.
+/// Gauges of the machine, and the one counter no notice reports (the rest the shell counts from
+/// [`Notice`]s).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConsumerStats {
     /// Records buffered (pending, queued and in flight).
@@ -402,14 +403,6 @@ pub struct ConsumerStats {
     pub stopped: usize,
     /// Messages dropped: fetched before a seek, or while the partition waited for room.
     pub dropped_messages: u64,
-    /// Gaps found since start.
-    pub gaps: u64,
-    /// Flushes fenced since start.
-    pub fenced: u64,
-    /// Flush retries since start.
-    pub retries: u64,
-    /// Rejoins asked since start.
-    pub rejoins: u64,
 }
 
 /// The consumer's state machine. See the module documentation.
@@ -675,7 +668,6 @@ impl ConsumerMachine {
             return;
         };
         if message.offset > next.offset && !self.config.mutated(Mutation::AcceptGaps) {
-            self.stats.gaps += 1;
             self.set_phase(p, Phase::Stopped);
             self.notice(Notice::Gap {
                 partition: p,
@@ -757,7 +749,6 @@ impl ConsumerMachine {
         if result == FlushResult::Fenced {
             // Counted here, not after the batcher: a flush the database refused is fenced even
             // when its partition was revoked meanwhile (a zombie's late flush).
-            self.stats.fenced += 1;
             self.notice(Notice::Fenced { partition });
         }
         let outcome = match result {
@@ -812,7 +803,6 @@ impl ConsumerMachine {
                 }
             }
             AfterFlush::RetryAt { attempt, .. } => {
-                self.stats.retries += 1;
                 self.notice(Notice::Retrying {
                     partition,
                     attempt,
@@ -858,7 +848,6 @@ impl ConsumerMachine {
             Vec::new()
         };
         if !self.orphaned.is_empty() && self.next_rejoin.is_none_or(|t| t <= now) {
-            self.stats.rejoins += 1;
             self.next_rejoin = Some(now + self.config.orphan_timeout);
             self.notice(Notice::Orphaned {
                 partitions: self.orphaned.clone(),
