@@ -328,11 +328,10 @@ impl Pipeline {
             let timer = self.machine.poll_timeout();
             // Results, the stop signal and timers first: a flood of Kafka messages must not
             // starve them.
-            let now = tokio::select! {
+            tokio::select! {
                 biased;
                 Some(joined) = self.flushes.join_next_with_id() => {
                     self.on_flush_joined(joined);
-                    Instant::now()
                 }
                 Some(read) = self.reads.join_next() => {
                     let read = read.unwrap_or_else(|e| Err(PgFailure {
@@ -341,7 +340,6 @@ impl Pipeline {
                         row: None,
                     }));
                     self.on_positions_read(read);
-                    Instant::now()
                 }
                 _ = &mut stop, if !stopping => {
                     stopping = true;
@@ -349,26 +347,15 @@ impl Pipeline {
                     // A rebalance waiting for start offsets gets none: the group gives those
                     // partitions to others.
                     self.pending = None;
-                    let now = Instant::now();
-                    self.machine.on_shutdown(now);
-                    now
+                    self.machine.on_shutdown(Instant::now());
                 }
-                Some(view) = views.recv() => {
-                    let now = Instant::now();
-                    self.machine.on_group_view(&view, now);
-                    now
-                }
-                _ = sleep_until(timer) => {
-                    let now = Instant::now();
-                    self.machine.handle_timeout(now);
-                    now
-                }
+                Some(view) = views.recv() => self.machine.on_group_view(&view, Instant::now()),
+                _ = sleep_until(timer) => self.machine.handle_timeout(Instant::now()),
                 event = self.events.recv() => match event {
                     Some(e) => self.on_event(e),
                     None => break Err(ConsumerError::Stopped("the Kafka thread stopped".into())),
                 },
-            };
-            let _ = now;
+            }
             if let Some(exit) = self.perform_commands() {
                 break exit;
             }
@@ -394,7 +381,7 @@ impl Pipeline {
         result
     }
 
-    fn on_event(&mut self, event: SourceEvent) -> Instant {
+    fn on_event(&mut self, event: SourceEvent) {
         let now = Instant::now();
         match event {
             SourceEvent::Message(m) => self.machine.on_message(m, now),
@@ -430,7 +417,6 @@ impl Pipeline {
                 }
             }
         }
-        now
     }
 
     fn on_flush_joined(
