@@ -391,7 +391,8 @@ pub async fn positions(
         .collect())
 }
 
-/// What a failure outside the statements of a flush (connecting, a deadline) means for it.
+/// What a failure that names no record (connecting, a deadline, the bookkeeping statements)
+/// means for a flush: fatal stays fatal, anything else is retried.
 pub fn flush_result(f: PgFailure) -> FlushResult {
     match f.class {
         ErrorClass::Fatal => FlushResult::Fatal { reason: f.message },
@@ -415,22 +416,20 @@ enum Stage {
 
 fn staged(stage: Stage, e: &tokio_postgres::Error, batch: &Batch) -> FlushResult {
     let f = classify(e);
-    match (f.class, stage) {
-        (ErrorClass::Fatal, _) => FlushResult::Fatal { reason: f.message },
-        (ErrorClass::Retriable, _) | (ErrorClass::Poison, Stage::Bookkeeping) => {
-            FlushResult::Retriable { reason: f.message }
-        }
-        (ErrorClass::Poison, Stage::Rows) => FlushResult::Poison {
+    if f.class != ErrorClass::Poison {
+        return flush_result(f);
+    }
+    match stage {
+        Stage::Bookkeeping => flush_result(f),
+        Stage::Rows => FlushResult::Poison {
             culprit: f.row.and_then(|row| entry_of_row(batch, row)),
             reason: f.message,
         },
-        (ErrorClass::Poison, Stage::Commit) => FlushResult::Poison {
+        Stage::Commit => FlushResult::Poison {
             culprit: None,
             reason: f.message,
         },
-        (ErrorClass::Poison, Stage::DeadLetters) => {
-            FlushResult::DeadLettersRejected { reason: f.message }
-        }
+        Stage::DeadLetters => FlushResult::DeadLettersRejected { reason: f.message },
     }
 }
 
