@@ -338,7 +338,10 @@ impl Settings {
         #[cfg(feature = "mutations")]
         if let Ok(name) = std::env::var("SPILLWAY_MUTATE") {
             config.mutation = Some(spillway_core::Mutation::parse(&name).ok_or_else(|| {
-                bad("SPILLWAY_MUTATE", format!("{name:?} is not a known mutation"))
+                bad(
+                    "SPILLWAY_MUTATE",
+                    format!("{name:?} is not a known mutation"),
+                )
             })?);
         }
         config.validate()?;

@@ -210,7 +210,7 @@ async fn every_record_lands_exactly_once_with_its_coordinates() -> Result<()> {
         (5000 + 6) / 7,
         "stored positions are right after the last message"
     );
-    let m = consumer.metrics().registry.render();
+    let m = consumer.metrics().registry.render().unwrap();
     assert!(
         m.contains("spillway_consumer_rows_written_total 5000"),
         "{m}"
@@ -235,6 +235,7 @@ async fn postgres_killed_mid_copy_and_restarted_loses_and_duplicates_nothing() -
         .metrics()
         .registry
         .render()
+        .unwrap()
         .contains("spillway_consumer_database_up 1"));
     stop(consumer).await
 }
@@ -269,7 +270,7 @@ async fn postgres_paused_past_the_statement_timeout_loses_and_duplicates_nothing
     s.pg.resume()?;
     wait_rows(&s.pg.url(), 6000, Duration::from_secs(60)).await?;
     assert_exactly_once(&s.pg.url(), 0..6000).await?;
-    let m = consumer.metrics().registry.render();
+    let m = consumer.metrics().registry.render().unwrap();
     ensure!(
         !m.contains("spillway_consumer_flush_retries_total 0\n"),
         "the hung flush should have been retried:\n{m}"
@@ -438,6 +439,7 @@ async fn while_postgres_is_down_the_buffer_stays_bounded_and_everything_drains_a
         .metrics()
         .registry
         .render()
+        .unwrap()
         .contains("spillway_consumer_kafka_paused 1")
     {
         ensure!(
@@ -471,7 +473,7 @@ fn metric(page: &str, name: &str) -> Result<f64> {
 }
 
 fn metric_of(c: &RunningConsumer, name: &str) -> Result<f64> {
-    metric(&c.metrics().registry.render(), name)
+    metric(&c.metrics().registry.render().unwrap(), name)
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
@@ -653,7 +655,7 @@ async fn waiting_for_a_pooled_connection_is_not_a_postgres_outage() -> Result<()
     let consumer = start(cfg).await?;
     wait_rows(&s.pg.url(), 8000, Duration::from_secs(120)).await?;
     assert_exactly_once(&s.pg.url(), 0..8000).await?;
-    let page = consumer.metrics().registry.render();
+    let page = consumer.metrics().registry.render().unwrap();
     ensure!(
         metric(&page, "spillway_consumer_flush_retries_total")? == 0.0,
         "a flush waiting for the pool was taken for an outage:\n{page}"
