@@ -18,6 +18,7 @@ if [[ "${SPILLWAY_SKIP_INSTALL:-0}" != 1 ]]; then
   ensure_build_tools
   ensure_postgres
   ensure_tansu
+  ensure_prometheus
   if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then
     ensure_docker
     ensure_pg_image
@@ -29,6 +30,9 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+step "promtool: the alert rules and their unit tests"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts.test.yml
 step "cargo test (Tansu: $SPILLWAY_TANSU_BIN)"
 cargo test --workspace --locked -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
 if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then

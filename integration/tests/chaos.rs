@@ -1120,3 +1120,225 @@ async fn producer_killed_under_load() -> Result<()> {
     )
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// The alert rules, live.
+
+/// Debian's `prometheus` (or `SPILLWAY_PROMETHEUS_BIN`) scraping the scenario's producer and
+/// consumers every second and evaluating `deploy/prometheus/alerts.yml`, with every `for:`
+/// shortened to 5 s so that an alert fires within seconds (promtool's unit tests check the
+/// real durations). Killed when dropped.
+struct Prometheus {
+    port: u16,
+    process: ChildProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    async fn start(ctx: &Ctx, producer: &Service, consumers: &[Service]) -> Result<Self> {
+        let bin = std::env::var("SPILLWAY_PROMETHEUS_BIN").unwrap_or("prometheus".into());
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-prometheus-")
+            .tempdir()?;
+        let rules_path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yml");
+        let rules: String = std::fs::read_to_string(&rules_path)
+            .with_context(|| rules_path.display().to_string())?
+            .lines()
+            .map(|l| match l.trim_start().strip_prefix("for: ") {
+                Some(_) => format!("{}for: 5s\n", &l[..l.len() - l.trim_start().len()]),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(dir.path().join("alerts.yml"), rules)?;
+        let target = |s: &Service| format!("'127.0.0.1:{}'", s.port);
+        let consumers: Vec<String> = consumers.iter().map(target).collect();
+        std::fs::write(
+            dir.path().join("prometheus.yml"),
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+                 rule_files: [alerts.yml]\n\
+                 scrape_configs:\n\
+                 - job_name: spillway-producer\n  static_configs: [{{targets: [{}]}}]\n\
+                 - job_name: spillway-consumer\n  static_configs: [{{targets: [{}]}}]\n",
+                target(producer),
+                consumers.join(", ")
+            ),
+        )?;
+        let port = free_port();
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+        let mut process = ChildProcess::spawn("prometheus", cmd, &ctx.logs.join("prometheus.log"))
+            .with_context(|| {
+                format!("starting {bin} (Debian's prometheus package; ci/test.sh installs it)")
+            })?;
+        let client = HttpClient::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = process.exited() {
+                bail!("prometheus exited ({status}):\n{}", process.log_tail(20));
+            }
+            if let Ok(a) = client
+                .get(&format!("http://127.0.0.1:{port}/-/ready"))
+                .await
+            {
+                if a.status == 200 {
+                    break;
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "prometheus was not ready within 60 s:\n{}",
+                process.log_tail(20)
+            );
+            pause(Duration::from_millis(100)).await;
+        }
+        Ok(Prometheus {
+            port,
+            process,
+            _dir: dir,
+        })
+    }
+
+    async fn api(&self, path: &str) -> Result<serde_json::Value> {
+        let a = HttpClient::new()
+            .get(&format!("http://127.0.0.1:{}/api/v1/{path}", self.port))
+            .await?;
+        ensure!(
+            a.status == 200,
+            "prometheus {path}: {} {}",
+            a.status,
+            a.body
+        );
+        Ok(a.json()["data"].clone())
+    }
+
+    /// The state of `alert` per the API (`pending`, `firing`), or None when it is inactive.
+    async fn alert_state(&self, alert: &str) -> Result<Option<String>> {
+        let data = self.api("alerts").await?;
+        Ok(data["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["labels"]["alertname"] == alert)
+            .and_then(|a| a["state"].as_str().map(str::to_string)))
+    }
+
+    /// Polls until `check` holds (at most `within`), noting each change of what it saw.
+    async fn await_until<F, Fut>(
+        &self,
+        tl: &Timeline,
+        what: &str,
+        within: Duration,
+        check: F,
+    ) -> Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(bool, String)>>,
+    {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        loop {
+            let (done, seen) = check().await?;
+            if seen != last {
+                tl.note(format!("prometheus: {seen}"));
+                last = seen;
+            }
+            if done {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{what} not seen within {within:?}; last: {last}\n{}",
+                self.process.log_tail(10)
+            );
+            pause(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// 12. Fault: Postgres SIGKILLed under traffic until Prometheus fires SpillwayPostgresUnreachable,
+///     then restarted. Observed only through Prometheus's API, as an operator would: both
+///     services scraped, the alert inactive, then pending and firing while Postgres is down,
+///     and inactive again after the restart. Invariant: no loss, no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_alert_fires_and_resolves() -> Result<()> {
+    const ALERT: &str = "SpillwayPostgresUnreachable";
+    chaos(
+        "postgres_unreachable_alert_fires_and_resolves",
+        Duration::from_secs(180),
+        |ctx| async move {
+            let mut c = Cluster::start(&ctx, Opts::default()).await?;
+            let prom = Prometheus::start(&ctx, &c.producer, &c.consumers).await?;
+            let traffic = c.traffic(
+                &ctx,
+                RateProfile::Constant { rate: 40.0 },
+                Duration::from_secs(30),
+                None,
+            );
+            prom.await_until(
+                &c.tl,
+                "both targets up and Postgres up",
+                Duration::from_secs(30),
+                || async {
+                    let up = prom.api("query?query=sum(up)").await?;
+                    let db = prom
+                        .api("query?query=spillway_consumer_database_up")
+                        .await?;
+                    let value = |d: &serde_json::Value| {
+                        d["result"][0]["value"][1]
+                            .as_str()
+                            .unwrap_or("none")
+                            .to_string()
+                    };
+                    let state = prom.alert_state(ALERT).await?;
+                    let (up, db) = (value(&up), value(&db));
+                    Ok((
+                        up == "2" && db == "1" && state.is_none(),
+                        format!("targets up {up}, database_up {db}, {ALERT} {state:?}"),
+                    ))
+                },
+            )
+            .await?;
+            blocking(|| c.pg.kill())?;
+            c.tl.note("postgres SIGKILLed");
+            prom.await_until(
+                &c.tl,
+                "the alert firing",
+                Duration::from_secs(60),
+                || async {
+                    let state = prom.alert_state(ALERT).await?;
+                    Ok((
+                        state.as_deref() == Some("firing"),
+                        format!("{ALERT} {state:?}"),
+                    ))
+                },
+            )
+            .await?;
+            blocking(|| c.pg.restart())?;
+            c.tl.note("postgres restarted");
+            prom.await_until(
+                &c.tl,
+                "the alert resolved",
+                Duration::from_secs(60),
+                || async {
+                    let state = prom.alert_state(ALERT).await?;
+                    Ok((state.is_none(), format!("{ALERT} {state:?}")))
+                },
+            )
+            .await?;
+            let (run, _, result) = traffic.done().await?;
+            c.verdict(&run, &result).await?;
+            Ok(())
+        },
+    )
+    .await
+}
