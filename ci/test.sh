@@ -5,11 +5,13 @@
 #
 #   ci/test.sh            # everything
 #   SPILLWAY_SKIP_INSTALL=1 ci/test.sh   # assume the tools are there
-#   SPILLWAY_DOCKER=0 ci/test.sh         # skip the second pass on the docker backend
+#   SPILLWAY_DOCKER=0 ci/test.sh         # skip the docker backend pass and the container deployment
 #
 # After the whole workspace on the native backend (Postgres from the machine's server binaries),
 # the harness and the chaos suite run again on the docker backend (Postgres in a container,
-# through testcontainers; SPILLWAY_DOCKER_PG_IMAGE picks the image).
+# through testcontainers; SPILLWAY_DOCKER_PG_IMAGE picks the image). Last, ci/deploy.sh builds the
+# images from the debug binaries and runs loadgen's main scenario against the services in
+# containers (deploy/compose.local.yaml), with the verdict.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/lib.sh
@@ -22,6 +24,8 @@ if [[ "${SPILLWAY_SKIP_INSTALL:-0}" != 1 ]]; then
   if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then
     ensure_docker
     ensure_pg_image
+    ensure_compose
+    ensure_debian_image
   fi
 fi
 export SPILLWAY_TANSU_BIN="${SPILLWAY_TANSU_BIN:-$(tansu_bin)}"
@@ -39,4 +43,7 @@ if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then
   step "cargo test --test harness --test chaos on the docker backend ($SPILLWAY_PG_IMAGE)"
   SPILLWAY_TEST_BACKEND=docker cargo test --locked -p spillway-integration --test harness \
     --test chaos -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
+  step "deploy: compose files, images, the main scenario with both services in containers"
+  ci/deploy.sh validate
+  SPILLWAY_IMAGE_PROFILE=debug ci/deploy.sh test
 fi
