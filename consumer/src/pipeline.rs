@@ -697,6 +697,13 @@ impl Pipeline {
             Notice::PositionsUnavailable { reason } => {
                 tracing::debug!(error = %reason, "stored positions unavailable; retrying")
             }
+            Notice::Unowned { partitions } => {
+                self.metrics.rejoins.inc();
+                tracing::warn!(
+                    ?partitions,
+                    "these partitions have lag nobody writes while this consumer writes its own (their owner is gone): rejoining the group"
+                );
+            }
             Notice::Orphaned { partitions } => {
                 self.metrics.rejoins.inc();
                 tracing::warn!(

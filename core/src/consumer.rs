@@ -326,6 +326,13 @@ pub enum Notice {
         /// Those partitions.
         partitions: Vec<Partition>,
     },
+    /// Partitions of other members with lag nobody writes while Postgres answers: their owner
+    /// is gone but still holds them (a broker that kept a dead member's assignment), so this
+    /// consumer rejoins the group to have them assigned again.
+    Unowned {
+        /// Those partitions.
+        partitions: Vec<Partition>,
+    },
     /// Shutdown started.
     Draining {
         /// Records buffered.
@@ -418,6 +425,8 @@ pub struct ConsumerMachine {
     watch: BTreeMap<Partition, (Position, Instant)>,
     orphaned: Vec<Partition>,
     next_rejoin: Option<Instant>,
+    /// When the last group view came (views need Postgres: none come while it is down).
+    last_view: Option<Instant>,
     stats: ConsumerStats,
 }
 
@@ -442,6 +451,7 @@ impl ConsumerMachine {
             exited: false,
             watch: BTreeMap::new(),
             orphaned: Vec::new(),
+            last_view: None,
             next_rejoin: None,
             stats: ConsumerStats::default(),
         })
@@ -800,35 +810,59 @@ impl ConsumerMachine {
         self.settle(now);
     }
 
-    /// The group seen from outside. A consumer that owns nothing while some partition has lag
-    /// and a stored position that did not move for `orphan_timeout` asks to rejoin the group.
+    /// The group seen from outside (every partition's stored position, read from Postgres, and
+    /// high watermark). A partition that has lag and whose stored position did not move for
+    /// `orphan_timeout` is written by nobody. A consumer that owns nothing then rejoins the
+    /// group (it is orphaned, and not ready); so does a consumer that owns other partitions
+    /// (their owner is gone but still holds them: a broker that kept a dead member's
+    /// assignment). At most one rejoin per `orphan_timeout`. After no view for `orphan_timeout`
+    /// (Postgres unreachable), positions are watched afresh: not seen is not standing still.
     pub fn on_group_view(&mut self, view: &[PartitionLag], now: Instant) {
         if self.exited {
             return;
         }
-        let mut orphaned = Vec::new();
+        let resumed = self
+            .last_view
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.orphan_timeout);
+        self.last_view = Some(now);
+        let mut stalled = Vec::new();
         for lag in view {
             let since = match self.watch.get(&lag.partition) {
-                Some((pos, since)) if *pos == lag.stored => *since,
+                Some((pos, since)) if *pos == lag.stored && !resumed => *since,
                 _ => now,
             };
             self.watch.insert(lag.partition, (lag.stored, since));
             let behind = lag.high_watermark > lag.stored.offset;
             if behind && now.saturating_duration_since(since) >= self.config.orphan_timeout {
-                orphaned.push(lag.partition);
+                stalled.push(lag.partition);
             }
         }
-        self.orphaned = if self.partitions.is_empty() && self.draining_until.is_none() {
-            orphaned
-        } else {
+        let draining = self.draining_until.is_some();
+        let idle = self.partitions.is_empty() && !draining;
+        self.orphaned = if idle { stalled.clone() } else { Vec::new() };
+        let unowned: Vec<Partition> = if idle || draining {
             Vec::new()
+        } else {
+            stalled
+                .into_iter()
+                .filter(|p| !self.partitions.contains_key(p))
+                .collect()
         };
-        if !self.orphaned.is_empty() && self.next_rejoin.is_none_or(|t| t <= now) {
+        if (!self.orphaned.is_empty() || !unowned.is_empty())
+            && self.next_rejoin.is_none_or(|t| t <= now)
+        {
             self.stats.rejoins += 1;
             self.next_rejoin = Some(now + self.config.orphan_timeout);
-            self.notice(Notice::Orphaned {
-                partitions: self.orphaned.clone(),
-            });
+            let notice = if idle {
+                Notice::Orphaned {
+                    partitions: self.orphaned.clone(),
+                }
+            } else {
+                Notice::Unowned {
+                    partitions: unowned,
+                }
+            };
+            self.notice(notice);
             self.commands.push_back(Command::Rejoin);
         }
     }
