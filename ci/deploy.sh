@@ -9,11 +9,13 @@
 #   ci/deploy.sh validate   # `docker compose config` on deploy/compose.yaml and the local variant
 #   ci/deploy.sh test       # build, up, loadgen's main scenario (in its container) against the
 #                           # containers with the no-loss verdict, health, Prometheus, down
-#   ci/deploy.sh sizing     # 3 consumers, 12 partitions, one consumer SIGKILLed under load;
-#                           # verdict, throughput and CPU seconds per container (README: Sizing)
+#   ci/deploy.sh sizing     # 3 consumers, 12 partitions: CPU and memory per container under
+#                           # steady load; one consumer SIGKILLed under load (Docker restarts
+#                           # it); Postgres paused; Kafka paused. Each with the verdict.
 #
 # SPILLWAY_IMAGE_PROFILE=debug|release (default release) picks the binaries; `build` runs
-# `cargo build` for them first. Needs Docker (ci/lib.sh ensure_docker), compose and buildx.
+# `cargo build` for them first (SPILLWAY_IMAGE_CARGO_BUILD=0: the binaries there as they are).
+# Needs Docker (ci/lib.sh ensure_docker), compose and buildx.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/lib.sh
@@ -27,9 +29,11 @@ build() {
   ensure_pg_image
   local flags=()
   [[ "$PROFILE" == release ]] && flags+=(--release)
-  step "cargo build ${flags[*]} (the binaries the images copy)"
-  nice -n 10 cargo build --locked "${flags[@]}" -p spillway-producer -p spillway-consumer \
-    -p spillway-loadgen --bins
+  if [[ "${SPILLWAY_IMAGE_CARGO_BUILD:-1}" == 1 ]]; then
+    step "cargo build ${flags[*]} (the binaries the images copy)"
+    nice -n 10 cargo build --locked "${flags[@]}" -p spillway-producer -p spillway-consumer \
+      -p spillway-loadgen --bins
+  fi
   local stage=target/spillway-image
   rm -rf "$stage" && mkdir -p "$stage"
   local b
@@ -207,52 +211,109 @@ test_scenario() {
   echo "deploy: 4 passed, 0 failed"
 }
 
-# Kernel CPU and memory accounting of one container (cgroup v1 or v2): "cpu_seconds peak_mib".
+# The kernel's accounting of a compose service's container (cgroup v1, as dockerd sets it up
+# here): "CPU_SECONDS MEMORY_MIB PEAK_MEMORY_MIB", or "- - -" once it stopped.
 usage() {
-  local id cg
-  id="$(docker inspect -f '{{.Id}}' "$1")"
-  if [[ "$(docker inspect -f '{{.State.Running}}' "$1")" != true ]]; then
-    echo "(stopped: its accounting is gone)"
-  elif [[ -d /sys/fs/cgroup/cpu,cpuacct/docker/$id ]]; then
-    awk -v n="$(cat "/sys/fs/cgroup/cpu,cpuacct/docker/$id/cpuacct.usage")" \
-      -v m="$(cat "/sys/fs/cgroup/memory/docker/$id/memory.max_usage_in_bytes")" \
-      'BEGIN { printf "%.2f %.1f\n", n / 1e9, m / 1048576 }'
-  else
-    cg="$(find /sys/fs/cgroup -maxdepth 3 -type d -name "*$id*" | head -1)"
-    awk -v m="$(cat "$cg/memory.peak" 2>/dev/null || echo 0)" \
-      '/^usage_usec/ { printf "%.2f %.1f\n", $2 / 1e6, m / 1048576 }' "$cg/cpu.stat"
+  local id d
+  id="$(docker inspect -f '{{.Id}}' "$(container "$1")")"
+  d="/sys/fs/cgroup/memory/docker/$id"
+  if [[ ! -d "$d" ]]; then
+    echo "- - -"
+    return
   fi
+  awk -v c="$(cat "/sys/fs/cgroup/cpuacct/docker/$id/cpuacct.usage")" \
+    -v m="$(cat "$d/memory.usage_in_bytes")" -v p="$(cat "$d/memory.max_usage_in_bytes")" \
+    'BEGIN { printf "%.2f %.1f %.1f\n", c / 1e9, m / 1048576, p / 1048576 }'
+}
+
+SIZED=(producer consumer-1 consumer-2 consumer-3 kafka postgres)
+
+snapshot() {
+  local s
+  for s in "${SIZED[@]}"; do echo "$s $(usage "$s")"; done
+}
+
+# What each container used between two snapshots: CPU seconds, CPU cores on average over
+# SECONDS, memory now and at its peak.
+report_usage() {
+  local before="$1" after="$2" seconds="$3"
+  printf '%-11s %10s %9s %11s %9s\n' container cpu_s cores memory_mib peak_mib
+  join <(sort <<<"$before") <(sort <<<"$after") | awk -v t="$seconds" '{
+    if ($5 == "-" || $2 == "-") { printf "%-11s %10s\n", $1, "(stopped)"; next }
+    printf "%-11s %10.2f %9.2f %11.1f %9.1f\n", $1, $5 - $2, ($5 - $2) / t, $6, $7 }'
+}
+
+summary() {
+  python3 - "$STATE/$1/summary.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+v = d["verdict"]
+print(f"requests {sum(d['statuses'].values())} ({d['statuses']}), records acknowledged "
+      f"{d['records_acknowledged']}, in {d['elapsed_seconds']:.1f} s; verdict: lost {v['lost']}, "
+      f"duplicated {v['duplicated']}, drained {v['drained']} in {v['drain_seconds']:.1f} s")
+EOF
 }
 
 sizing() {
-  local rate="${SPILLWAY_SIZING_RATE:-300}" duration="${SPILLWAY_SIZING_DURATION:-60s}"
-  local kill_after="${SPILLWAY_SIZING_KILL_AFTER:-20}"
+  local rate="${SPILLWAY_SIZING_RATE:-1000}" seconds="${SPILLWAY_SIZING_SECONDS:-30}"
   trap finish EXIT
   up 3 12
   check_health producer consumer-1 consumer-2 consumer-3
-  local victim
-  victim="$(container consumer-2)"
-  step "loadgen: constant $rate req/s for $duration; consumer-2 SIGKILLed after ${kill_after}s"
-  (sleep "$kill_after" && docker kill -s KILL "$victim" >/dev/null &&
-    echo "consumer-2 SIGKILLed at ${kill_after}s") &
-  local killer=$!
-  loadgen sizing --rate-profile constant --rate "$rate" --duration "$duration" --seed 7
+  local t0 a b
+
+  step "1. steady load: constant $rate req/s for ${seconds}s (1-10 records of 150-250 bytes)"
+  a="$(snapshot)" t0=$SECONDS
+  loadgen steady --rate-profile constant --rate "$rate" --duration "${seconds}s" --seed 7
+  b="$(snapshot)"
+  report_usage "$a" "$b" $((SECONDS - t0))
+  summary steady
+
+  step "2. Postgres paused for ${seconds}s under $rate req/s: the consumers' buffers fill"
+  SIZED=(producer consumer-1 consumer-2 consumer-3)
+  a="$(snapshot)"
+  (sleep 5 && docker pause "$(container postgres)" >/dev/null && echo "postgres paused" &&
+    sleep "$seconds" && promql 'sum(spillway_consumer_buffered_records)' >"$STATE/buffered" &&
+    promql 'sum(spillway_consumer_buffered_bytes)' >"$STATE/buffered-bytes" &&
+    snapshot >"$STATE/paused" && docker unpause "$(container postgres)" >/dev/null &&
+    echo "postgres resumed") &
+  killer=$!
+  loadgen outage --rate-profile constant --rate "$rate" --duration "$((seconds + 10))s" --seed 9
   wait "$killer"
-  [[ "$(docker inspect -f '{{.State.ExitCode}}' "$victim")" == 137 ]] ||
-    { echo "FAIL: consumer-2 was not SIGKILLed" >&2; return 1; }
+  echo "buffered at the end of the pause: $(cat "$STATE/buffered") records, $(cat "$STATE/buffered-bytes") bytes"
+  echo "memory before the pause and at its end:"
+  join <(sort <<<"$a") <(sort "$STATE/paused") | awk '{ printf "%-11s %8.1f MiB -> %8.1f MiB\n", $1, $3, $6 }'
+  summary outage
+
+  step "3. consumer-2's process SIGKILLed ${seconds}s into a $((seconds * 2))s run at $rate req/s; Docker restarts it"
+  local victim pid
+  victim="$(container consumer-2)"
+  pid="$(docker inspect -f '{{.State.Pid}}' "$victim")"
+  (sleep "$seconds" && kill -KILL "$pid" && echo "consumer-2 (pid $pid) SIGKILLed at ${seconds}s") &
+  local killer=$!
+  loadgen kill --rate-profile constant --rate "$rate" --duration "$((seconds * 2))s" --seed 8
+  wait "$killer"
+  [[ "$(docker inspect -f '{{.RestartCount}}' "$victim")" == 1 ]] ||
+    { echo "FAIL: consumer-2 was not killed and restarted" >&2; return 1; }
   await_promql 'sum(spillway_consumer_assigned_partitions)' 12
-  step "CPU seconds and peak memory per container (cgroup accounting)"
-  local s
-  for s in producer consumer-1 consumer-2 consumer-3 kafka postgres; do
-    printf '%-11s %s\n' "$s" "$(usage "$(container "$s")")"
-  done
-  printf 'rows written per consumer: '
-  for s in 1 2 3; do
-    local port="SPILLWAY_CONSUMER_PORT_$s"
-    printf '%s ' "$(promql "max_over_time(spillway_consumer_rows_written_total{instance=\"127.0.0.1:${!port}\"}[10m])")"
-  done
-  echo
-  echo "requests answered: $(promql 'sum(spillway_producer_requests_total)'), records accepted: $(promql 'sum(spillway_producer_records_accepted_total)')"
+  summary kill
+  echo "consumer-2 was restarted once (pid $pid -> $(docker inspect -f '{{.State.Pid}}' "$victim")); the 3 consumers own the 12 partitions"
+
+  step "4. Kafka paused for 4s under $rate req/s: requests wait in the producer (at most --max-in-flight-requests)"
+  SIZED=(producer)
+  a="$(snapshot)"
+  (sleep 5 && docker pause "$(container kafka)" >/dev/null && echo "kafka paused" && sleep 3.5 &&
+    curl -sf "http://127.0.0.1:$SPILLWAY_PRODUCER_PORT/metrics" |
+    awk '/^spillway_producer_in_flight_requests / { print $2 }' >"$STATE/in-flight" &&
+    snapshot >"$STATE/kafka-paused" && sleep 0.5 && docker unpause "$(container kafka)" >/dev/null &&
+    echo "kafka resumed") &
+  killer=$!
+  loadgen backpressure --rate-profile constant --rate "$rate" --duration 15s --seed 10 \
+    --connections 1100
+  wait "$killer"
+  echo "producer: $(cat "$STATE/in-flight") requests in flight; memory" \
+    "$(awk '{ print $3 }' <<<"$a") MiB before -> $(awk '{ print $3 }' "$STATE/kafka-paused") MiB"
+  summary backpressure
+  echo "sizing: 4 passed, 0 failed"
 }
 
 validate() {
