@@ -4,7 +4,7 @@
 #   ci/deploy.sh build      # the images: spillway-{producer,consumer,loadgen}:local from
 #                           # deploy/Dockerfile with binaries built here (target/$PROFILE),
 #                           # spillway-tansu:local and spillway-prometheus:local
-#   ci/deploy.sh up [N]     # the stack on free ports of 127.0.0.1, N = 1 or 3 consumers
+#   ci/deploy.sh up [N] [P] # the stack on free ports of 127.0.0.1: N = 1 or 3 consumers, P partitions
 #   ci/deploy.sh down       # stops it and drops its volumes
 #   ci/deploy.sh validate   # `docker compose config` on deploy/compose.yaml and the local variant
 #   ci/deploy.sh test       # build, up, loadgen's main scenario (in its container) against the
@@ -295,6 +295,7 @@ sizing() {
   [[ "$(docker inspect -f '{{.RestartCount}}' "$victim")" == 1 ]] ||
     { echo "FAIL: consumer-2 was not killed and restarted" >&2; return 1; }
   await_promql 'sum(spillway_consumer_assigned_partitions)' 12
+  echo "group rejoins the consumers asked for: $(promql 'sum(max_over_time(spillway_consumer_rejoins_total[5m]))')"
   summary kill
   echo "consumer-2 was restarted once (pid $pid -> $(docker inspect -f '{{.State.Pid}}' "$victim")); the 3 consumers own the 12 partitions"
 
@@ -334,7 +335,7 @@ case "${1:-}" in
   test) test_scenario ;;
   sizing) sizing ;;
   *)
-    sed -n '2,17p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

@@ -12,7 +12,7 @@
 //! | [`on_message`](ConsumerMachine::on_message)     | [`Command::Flush`], [`Command::Pause`] when full, a gap report |
 //! | [`on_flush_result`](ConsumerMachine::on_flush_result) | [`Command::CommitKafka`], retries, a fence re-read |
 //! | [`on_revoked`](ConsumerMachine::on_revoked)     | (buffer dropped)                              |
-//! | [`on_group_view`](ConsumerMachine::on_group_view) | [`Command::Rejoin`] when orphaned            |
+//! | [`on_group_view`](ConsumerMachine::on_group_view) | [`Command::Rejoin`] when orphaned, or a partition's owner is gone |
 //! | [`on_shutdown`](ConsumerMachine::on_shutdown)   | pauses, final flushes, [`Command::Exit`]      |
 //! | [`handle_timeout`](ConsumerMachine::handle_timeout) at [`poll_timeout`](ConsumerMachine::poll_timeout) | due batches, retries |
 //!
