@@ -86,6 +86,7 @@ SPILLWAY_PROMETHEUS_PORT=${p[6]}
 SPILLWAY_PARTITIONS=$partitions
 SPILLWAY_CONSUMERS=$consumers
 SPILLWAY_DEPLOY_STATE=$STATE
+SPILLWAY_PG_IMAGE=$SPILLWAY_PG_IMAGE
 EOF
   local targets="'127.0.0.1:${p[3]}'"
   ((consumers == 3)) && targets+=", '127.0.0.1:${p[4]}', '127.0.0.1:${p[5]}'"
