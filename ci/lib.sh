@@ -98,3 +98,57 @@ ensure_pg_image() {
   docker build -q -t "$SPILLWAY_PG_IMAGE" --build-arg "BASE=$SPILLWAY_PG_IMAGE-base" \
     -f ci/docker/postgres.Dockerfile ci/docker >/dev/null
 }
+
+# Prometheus and promtool, Debian's package: the alert rules' unit tests (promtool test rules)
+# and the live alert test (the chaos suite starts its own server; none runs as a service).
+ensure_prometheus() {
+  command -v promtool >/dev/null && command -v prometheus >/dev/null && return
+  apt_install prometheus
+}
+
+# Installs Debian 13's package PKG (a static Go binary) on this Debian 12: `docker compose` v2
+# and buildx are not packaged for Debian 12 (it has only the Python docker-compose 1.29).
+# apt fetches the .deb with a private list of trixie's packages; the system's sources stay as
+# they are.
+install_trixie_deb() {
+  local pkg="$1" d mirror
+  step "$pkg from Debian 13 (not packaged for Debian 12)"
+  d="$(mktemp -d)"
+  mkdir -p "$d/lists/partial"
+  mirror="${SPILLWAY_DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null)}"
+  echo "deb ${mirror:-http://deb.debian.org/debian} trixie main" >"$d/sources.list"
+  local opts=(-o "Dir::Etc::SourceList=$d/sources.list" -o Dir::Etc::SourceParts=/dev/null
+    -o "Dir::State::Lists=$d/lists" -o "Dir::Cache::pkgcache=$d/pkg.bin"
+    -o "Dir::Cache::srcpkgcache=$d/src.bin" -o APT::Sandbox::User=root)
+  apt-get "${opts[@]}" update -qq
+  (cd "$d" && apt-get "${opts[@]}" download -qq "$pkg")
+  dpkg -i "$d/${pkg}"_*.deb >/dev/null
+  rm -rf "$d"
+}
+
+# `docker compose` and `docker buildx` (BuildKit builds only the stages an image needs, so the
+# local image build never reaches for the registry's rust image).
+ensure_compose() {
+  docker compose version >/dev/null 2>&1 || install_trixie_deb docker-compose
+  docker buildx version >/dev/null 2>&1 || install_trixie_deb docker-buildx
+}
+
+SPILLWAY_DEBIAN_IMAGE="${SPILLWAY_DEBIAN_IMAGE:-spillway-debian:bookworm}"
+
+# The local stand-in for the registry's debian:bookworm-slim: a minimal Debian 12 from
+# debootstrap with the services' shared libraries (OpenSSL, zlib) and CA certificates, imported.
+# The service images take their libraries from it (deploy/Dockerfile's RUNTIME_IMAGE), and the
+# local Tansu and Prometheus images are built on it. About a minute, once.
+ensure_debian_image() {
+  docker image inspect "$SPILLWAY_DEBIAN_IMAGE" >/dev/null 2>&1 && return
+  command -v debootstrap >/dev/null || apt_install debootstrap
+  step "building the $SPILLWAY_DEBIAN_IMAGE image (debootstrap, once)"
+  local root mirror
+  root="$(mktemp -d)"
+  mirror="${SPILLWAY_DEBIAN_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null)}"
+  debootstrap --variant=minbase --include=ca-certificates,libssl3 bookworm "$root" \
+    "${mirror:-http://deb.debian.org/debian}" >/dev/null
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+  tar -C "$root" -c . | docker import - "$SPILLWAY_DEBIAN_IMAGE" >/dev/null
+  rm -rf "$root"
+}

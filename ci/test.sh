@@ -5,13 +5,15 @@
 #
 #   ci/test.sh            # everything
 #   SPILLWAY_SKIP_INSTALL=1 ci/test.sh   # assume the tools are there
-#   SPILLWAY_DOCKER=0 ci/test.sh         # skip the second pass on the docker backend
+#   SPILLWAY_DOCKER=0 ci/test.sh         # skip the docker backend pass and the container deployment
 #
 # After the whole workspace on the native backend (Postgres from the machine's server binaries),
 # the chaos suite's mutation runs show that it can fail (each known bug switched on in a debug
 # build of the services, and caught), then the harness and the chaos suite run again on the
 # docker backend (Postgres in a container, through testcontainers; SPILLWAY_DOCKER_PG_IMAGE
-# picks the image).
+# picks the image). Last, ci/deploy.sh builds the images from the debug binaries and runs
+# loadgen's main scenario against the services in containers (deploy/compose.local.yaml), with
+# the verdict.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/lib.sh
@@ -20,9 +22,12 @@ if [[ "${SPILLWAY_SKIP_INSTALL:-0}" != 1 ]]; then
   ensure_build_tools
   ensure_postgres
   ensure_tansu
+  ensure_prometheus
   if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then
     ensure_docker
     ensure_pg_image
+    ensure_compose
+    ensure_debian_image
   fi
 fi
 export SPILLWAY_TANSU_BIN="${SPILLWAY_TANSU_BIN:-$(tansu_bin)}"
@@ -33,6 +38,9 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo clippy --features mutations (the services' known bugs, for the mutation runs)"
 cargo clippy --locked -p spillway-integration --all-targets --features mutations -- -D warnings
+step "promtool: the alert rules and their unit tests"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts.test.yml
 step "cargo test (Tansu: $SPILLWAY_TANSU_BIN)"
 cargo test --workspace --locked -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
 step "cargo test --features mutations --test chaos_mutations (every known bug is caught)"
@@ -42,4 +50,7 @@ if [[ "${SPILLWAY_DOCKER:-1}" == 1 ]]; then
   step "cargo test --test harness --test chaos on the docker backend ($SPILLWAY_PG_IMAGE)"
   SPILLWAY_TEST_BACKEND=docker cargo test --locked -p spillway-harness --test harness \
     -p spillway-integration --test chaos -- --test-threads="${SPILLWAY_TEST_THREADS:-2}"
+  step "deploy: compose files, images, the main scenario with both services in containers"
+  ci/deploy.sh validate
+  SPILLWAY_IMAGE_PROFILE=debug ci/deploy.sh test
 fi

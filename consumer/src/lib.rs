@@ -34,7 +34,9 @@ use warp::hyper::Body;
 use warp::Filter;
 
 pub use config::{Args, Settings};
-pub use pipeline::{Health, Metrics, FAILPOINT_EXIT_AFTER_COMMITS, FAILPOINT_PANIC_FLUSHES};
+pub use pipeline::{
+    fresh_metrics_page, Health, Metrics, FAILPOINT_EXIT_AFTER_COMMITS, FAILPOINT_PANIC_FLUSHES,
+};
 
 /// Why the consumer stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +173,7 @@ pub async fn start(settings: Settings) -> Result<RunningConsumer, ConsumerError>
     .map_err(|e| ConsumerError::Config(spillway_core::ConfigError::new("database-url", e)))?;
     let pool = Arc::new(pool);
     migrate_with_retry(&pool, &settings).await?;
-    let metrics = pipeline::new_metrics();
+    let metrics = pipeline::new_metrics(&settings.batcher);
     let health = Arc::new(Health::default());
     let pipeline = pipeline::Pipeline::new(
         settings.clone(),
@@ -258,9 +260,16 @@ fn routes(
         }
     });
     let m = metrics.clone();
-    let metrics_route = warp::path("metrics")
-        .and(warp::get())
-        .map(move || text(StatusCode::OK, m.registry.render()));
+    let metrics_route =
+        warp::path("metrics")
+            .and(warp::get())
+            .map(move || match m.registry.render() {
+                Ok(page) => text(StatusCode::OK, page),
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the metrics could not be encoded\n".into(),
+                ),
+            });
     let readyz = warp::path("readyz").and(warp::get()).then(move || {
         let (pool, kafka, topic) = (pool.clone(), kafka.clone(), settings.topic.clone());
         let health = health.clone();
@@ -340,7 +349,7 @@ async fn ready(pool: &pg::Pool, kafka: Arc<KafkaClient>, topic: String) -> Resul
 fn text(status: StatusCode, body: String) -> Response<Body> {
     Response::builder()
         .status(status)
-        .header("content-type", "text/plain; version=0.0.4")
+        .header("content-type", spillway_core::metrics::CONTENT_TYPE)
         .body(Body::from(body))
         .unwrap_or_default()
 }

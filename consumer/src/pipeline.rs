@@ -4,17 +4,19 @@
 //! Kafka commands go to the Kafka thread, flushes and position reads run as tasks, notices
 //! become logs and metrics. It keeps no flow-control state of its own.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
-use spillway_core::metrics::{Counter, Gauge, Histogram, Registry};
+use spillway_core::metrics::{
+    Counter, Gauge, Histogram, Labelled, Registry, LATENCY_SECONDS, SIZES,
+};
 use spillway_core::{
-    BatchId, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult, KafkaCommand,
-    Mutation, Notice, Partition, PartitionLag, Position,
+    BatchId, BatcherConfig, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult,
+    KafkaCommand, Mutation, Notice, Partition, PartitionLag, Position,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -36,24 +38,26 @@ pub const FAILPOINT_PANIC_FLUSHES: &str = "SPILLWAY_FAILPOINT_PANIC_FLUSHES";
 pub struct Metrics {
     /// Registry rendered at /metrics.
     pub registry: Registry,
-    rows: Arc<Counter>,
-    batches: Arc<Counter>,
-    dead_letters: Arc<Counter>,
-    retries: Arc<Counter>,
-    fenced: Arc<Counter>,
-    dropped: Arc<Counter>,
-    gaps: Arc<Counter>,
-    rejoins: Arc<Counter>,
-    batch_size: Arc<Histogram>,
-    flush_latency: Arc<Histogram>,
-    db_up: Arc<Gauge>,
-    buffered_records: Arc<Gauge>,
-    buffered_bytes: Arc<Gauge>,
-    target_batch: Arc<Gauge>,
-    paused: Arc<Gauge>,
-    assigned: Arc<Gauge>,
-    stopped: Arc<Gauge>,
-    lag: Mutex<BTreeMap<Partition, Arc<Gauge>>>,
+    rows: Counter,
+    batches: Counter,
+    dead_letters: Counter,
+    retries: Counter,
+    fenced: Counter,
+    dropped: Counter,
+    gaps: Counter,
+    rejoins: Counter,
+    batch_size: Histogram,
+    flush_latency: Histogram,
+    db_up: Gauge,
+    buffered_records: Gauge,
+    buffered_bytes: Gauge,
+    target_batch: Gauge,
+    paused: Gauge,
+    assigned: Gauge,
+    stopped: Gauge,
+    lag: Labelled<Gauge>,
+    /// The partitions `lag` has a series for.
+    lagging: Mutex<BTreeSet<Partition>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -65,90 +69,119 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    fn new() -> Self {
-        let r = Registry::new();
-        let counter = |name: &str, help: &str| r.counter(name, help, &[]);
-        let gauge = |name: &str, help: &str| r.gauge(name, help, &[]);
+    /// Every family registered; the buffer's bounds are `capacity`'s.
+    pub fn new(capacity: &BatcherConfig) -> Self {
+        let mut r = Registry::new();
+        let mut counter = |name: &str, help: &str| r.counter(name, help);
+        let rows = counter(
+            "spillway_consumer_rows_written_total",
+            "Rows committed to the records table.",
+        );
+        let batches = counter("spillway_consumer_batches_total", "Batches committed.");
+        let dead_letters = counter(
+            "spillway_consumer_dead_letters_total",
+            "Records committed to the dead-letter table.",
+        );
+        let retries = counter(
+            "spillway_consumer_flush_retries_total",
+            "Flushes that failed and will be retried.",
+        );
+        let fenced = counter(
+            "spillway_consumer_fenced_total",
+            "Flushes refused because another consumer moved the position.",
+        );
+        let dropped = counter(
+            "spillway_consumer_rewound_messages_total",
+            "Messages dropped (fetched before a seek, or while the buffer was full) and read again later.",
+        );
+        let gaps = counter(
+            "spillway_consumer_offset_gaps_total",
+            "Partitions stopped because their offsets jumped past an unread record.",
+        );
+        let rejoins = counter(
+            "spillway_consumer_rejoins_total",
+            "Group rejoins asked because this consumer owned nothing while partitions had lag nobody wrote.",
+        );
+        let batch_size = r.histogram(
+            "spillway_consumer_batch_records",
+            "Records per committed batch.",
+            SIZES,
+        );
+        let flush_latency = r.histogram(
+            "spillway_consumer_flush_latency_seconds",
+            "Duration of a committed flush transaction.",
+            LATENCY_SECONDS,
+        );
+        let db_up = r.gauge(
+            "spillway_consumer_database_up",
+            "1 while Postgres accepts flushes.",
+        );
+        let buffered_records = r.gauge(
+            "spillway_consumer_buffered_records",
+            "Records held in memory.",
+        );
+        let buffered_bytes = r.gauge("spillway_consumer_buffered_bytes", "Bytes held in memory.");
+        r.gauge(
+            "spillway_consumer_buffer_capacity_records",
+            "The buffer's bound in records (--buffer-max-records).",
+        )
+        .set(capacity.capacity_records as i64);
+        r.gauge(
+            "spillway_consumer_buffer_capacity_bytes",
+            "The buffer's bound in bytes (--buffer-max-bytes).",
+        )
+        .set(capacity.capacity_bytes as i64);
+        let target_batch = r.gauge(
+            "spillway_consumer_target_batch_records",
+            "Current adaptive batch size.",
+        );
+        let paused = r.gauge(
+            "spillway_consumer_kafka_paused",
+            "1 while some partition is paused in Kafka (buffer full, positioning, or stopped).",
+        );
+        let assigned = r.gauge(
+            "spillway_consumer_assigned_partitions",
+            "Partitions this consumer owns.",
+        );
+        let stopped = r.gauge(
+            "spillway_consumer_stopped_partitions",
+            "Partitions stopped at an offset gap (see the error log).",
+        );
+        let lag = r.gauges(
+            "spillway_consumer_lag_records",
+            "Messages in Kafka after the durable position, per partition.",
+            "partition",
+        );
         Metrics {
-            rows: counter(
-                "spillway_consumer_rows_written_total",
-                "Rows committed to the records table.",
-            ),
-            batches: counter("spillway_consumer_batches_total", "Batches committed."),
-            dead_letters: counter(
-                "spillway_consumer_dead_letters_total",
-                "Records committed to the dead-letter table.",
-            ),
-            retries: counter(
-                "spillway_consumer_flush_retries_total",
-                "Flushes that failed and will be retried.",
-            ),
-            fenced: counter(
-                "spillway_consumer_fenced_total",
-                "Flushes refused because another consumer moved the position.",
-            ),
-            dropped: counter(
-                "spillway_consumer_rewound_messages_total",
-                "Messages dropped (fetched before a seek, or while the buffer was full) and read again later.",
-            ),
-            gaps: counter(
-                "spillway_consumer_offset_gaps_total",
-                "Partitions stopped because their offsets jumped past an unread record.",
-            ),
-            rejoins: counter(
-                "spillway_consumer_rejoins_total",
-                "Group rejoins asked because this consumer owned nothing while partitions had lag nobody wrote.",
-            ),
-            batch_size: r.histogram(
-                "spillway_consumer_batch_records",
-                "Records per committed batch.",
-                &[],
-                Histogram::sizes(),
-            ),
-            flush_latency: r.histogram(
-                "spillway_consumer_flush_latency_seconds",
-                "Duration of a committed flush transaction.",
-                &[],
-                Histogram::latency_seconds(),
-            ),
-            db_up: gauge(
-                "spillway_consumer_database_up",
-                "1 while Postgres accepts flushes.",
-            ),
-            buffered_records: gauge("spillway_consumer_buffered_records", "Records held in memory."),
-            buffered_bytes: gauge("spillway_consumer_buffered_bytes", "Bytes held in memory."),
-            target_batch: gauge(
-                "spillway_consumer_target_batch_records",
-                "Current adaptive batch size.",
-            ),
-            paused: gauge(
-                "spillway_consumer_kafka_paused",
-                "1 while some partition is paused in Kafka (buffer full, positioning, or stopped).",
-            ),
-            assigned: gauge(
-                "spillway_consumer_assigned_partitions",
-                "Partitions this consumer owns.",
-            ),
-            stopped: gauge(
-                "spillway_consumer_stopped_partitions",
-                "Partitions stopped at an offset gap (see the error log).",
-            ),
-            lag: Mutex::new(BTreeMap::new()),
             registry: r,
+            rows,
+            batches,
+            dead_letters,
+            retries,
+            fenced,
+            dropped,
+            gaps,
+            rejoins,
+            batch_size,
+            flush_latency,
+            db_up,
+            buffered_records,
+            buffered_bytes,
+            target_batch,
+            paused,
+            assigned,
+            stopped,
+            lag,
+            lagging: Mutex::new(BTreeSet::new()),
         }
     }
 
-    fn lag_gauge(&self, p: Partition) -> Arc<Gauge> {
-        let mut lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
-        lag.entry(p)
-            .or_insert_with(|| {
-                self.registry.gauge(
-                    "spillway_consumer_lag_records",
-                    "Messages in Kafka after the durable position, per partition.",
-                    &[("partition", &p.to_string())],
-                )
-            })
-            .clone()
+    fn lag_gauge(&self, p: Partition) -> Gauge {
+        self.lagging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p);
+        self.lag.get(&p.to_string())
     }
 
     /// Rows written so far.
@@ -158,11 +191,10 @@ impl Metrics {
 
     /// Consumer lag summed over partitions (messages after the durable positions).
     pub fn total_lag(&self) -> i64 {
-        self.lag
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|g| g.get())
+        let lagging = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
+        lagging
+            .iter()
+            .map(|p| self.lag.get(&p.to_string()).get())
             .sum()
     }
 
@@ -578,15 +610,17 @@ impl Pipeline {
                 dead_letters,
             } => {
                 let _ = (partition, position);
-                self.metrics.rows.add(rows as u64);
-                self.metrics.dead_letters.add(dead_letters as u64);
+                self.metrics.rows.inc_by(rows as u64);
+                self.metrics.dead_letters.inc_by(dead_letters as u64);
                 self.metrics.batches.inc();
                 self.metrics.batch_size.observe(rows as f64);
                 if !self.machine.config().mutated(Mutation::CommitKafkaFirst) {
                     self.between_the_two_commits();
                 }
             }
-            Notice::Retrying { .. } => self.metrics.retries.inc(),
+            Notice::Retrying { .. } => {
+                self.metrics.retries.inc();
+            }
             Notice::DeadLettersRejected {
                 partition,
                 attempt,
@@ -640,6 +674,13 @@ impl Pipeline {
             }
             Notice::PositionsUnavailable { reason } => {
                 tracing::debug!(error = %reason, "stored positions unavailable; retrying")
+            }
+            Notice::Unowned { partitions } => {
+                self.metrics.rejoins.inc();
+                tracing::warn!(
+                    ?partitions,
+                    "these partitions have lag nobody writes while this consumer writes its own (their owner is gone): rejoining the group"
+                );
             }
             Notice::Orphaned { partitions } => {
                 self.metrics.rejoins.inc();
@@ -779,7 +820,7 @@ impl Pipeline {
         self.metrics.stopped.set(s.stopped as i64);
         self.metrics
             .dropped
-            .add(s.dropped_messages.saturating_sub(self.dropped_reported));
+            .inc_by(s.dropped_messages.saturating_sub(self.dropped_reported));
         self.dropped_reported = s.dropped_messages;
         let ready = self.machine.is_ready();
         self.health.ready.store(ready, Ordering::Relaxed);
@@ -856,6 +897,15 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-pub(crate) fn new_metrics() -> Arc<Metrics> {
-    Arc::new(Metrics::new())
+/// The `/metrics` page of a consumer that has just started and read the lag of a one-partition
+/// topic: every family it exports, each with its HELP and TYPE (what a dashboard or an alert
+/// may name).
+pub fn fresh_metrics_page() -> Result<String, std::fmt::Error> {
+    let m = Metrics::new(&BatcherConfig::default());
+    m.lag_gauge(0).set(0);
+    m.registry.render()
+}
+
+pub(crate) fn new_metrics(capacity: &BatcherConfig) -> Arc<Metrics> {
+    Arc::new(Metrics::new(capacity))
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use spillway_consumer::{start, RunningConsumer, Settings};
+use spillway_consumer::{RunningConsumer, Settings};
 use spillway_core::{Envelope, RequestId};
 use spillway_harness::metrics::sample_sum;
 use spillway_harness::postgres::{connect, copy_backends};
@@ -34,6 +34,22 @@ async fn stack(partitions: i32) -> Result<Stack> {
     let broker = blocking(Tansu::start).await?;
     broker.create_topic(TOPIC, partitions).await?;
     Ok(Stack { pg, broker })
+}
+
+/// Starts a consumer in this process, its logs captured with the test's output (shown when the
+/// test fails; `SPILLWAY_LOG` sets the level, `info` by default).
+async fn start(cfg: Settings) -> Result<RunningConsumer, spillway_consumer::ConsumerError> {
+    static LOGS: std::sync::Once = std::sync::Once::new();
+    LOGS.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+    spillway_consumer::start(cfg).await
 }
 
 fn settings(brokers: &str, url: &str) -> Settings {
@@ -187,7 +203,7 @@ async fn consumer_mid_copy(s: &Stack, seed: u64) -> Result<(FaultProxy, RunningC
 /// A metric's value read off the consumer's /metrics page; an error when the page has no such
 /// metric, so a renamed metric fails the test instead of passing it.
 fn metric(c: &RunningConsumer, name: &str) -> Result<f64> {
-    let page = c.metrics().registry.render();
+    let page = c.metrics().registry.render()?;
     sample_sum(&page, name).with_context(|| format!("/metrics has no {name}:\n{page}"))
 }
 
@@ -642,7 +658,7 @@ async fn waiting_for_a_pooled_connection_is_not_a_postgres_outage() -> Result<()
     ensure!(
         metric(&consumer, "spillway_consumer_flush_retries_total")? == 0.0,
         "a flush waiting for the pool was taken for an outage:\n{}",
-        consumer.metrics().registry.render()
+        consumer.metrics().registry.render()?
     );
     stop(consumer).await
 }

@@ -12,7 +12,7 @@
 //! | [`on_message`](ConsumerMachine::on_message)     | [`Command::Flush`], [`KafkaCommand::Pause`] when full, a gap report |
 //! | [`on_flush_result`](ConsumerMachine::on_flush_result) | [`KafkaCommand::Commit`], retries, a fence re-read |
 //! | [`on_revoked`](ConsumerMachine::on_revoked)     | (buffer dropped)                              |
-//! | [`on_group_view`](ConsumerMachine::on_group_view) | [`KafkaCommand::Rejoin`] when orphaned       |
+//! | [`on_group_view`](ConsumerMachine::on_group_view) | [`KafkaCommand::Rejoin`] when orphaned, or a partition's owner is gone |
 //! | [`on_shutdown`](ConsumerMachine::on_shutdown)   | pauses, final flushes, [`Command::Exit`]      |
 //! | [`handle_timeout`](ConsumerMachine::handle_timeout) at [`poll_timeout`](ConsumerMachine::poll_timeout) | due batches, retries |
 //!
@@ -86,6 +86,10 @@ impl Mutation {
     }
 }
 
+/// The longest spacing of rejoins that change nothing, in multiples of
+/// [`ConsumerConfig::orphan_timeout`] (a power of two).
+pub const MAX_REJOIN_BACKOFF: u32 = 8;
+
 /// Settings of the consumer's state machine.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConsumerConfig {
@@ -94,7 +98,9 @@ pub struct ConsumerConfig {
     /// How long a shutdown may spend writing what is buffered.
     pub shutdown_timeout: Duration,
     /// A consumer that owns no partition while a partition has lag and its stored position has
-    /// not moved for this long rejoins the group (the broker left that partition unowned).
+    /// not moved for this long rejoins the group (the broker left that partition unowned);
+    /// while rejoining changes nothing, it waits twice as long before each next rejoin, up to
+    /// [`MAX_REJOIN_BACKOFF`] times this.
     pub orphan_timeout: Duration,
     /// A known bug to run with (tests only).
     #[cfg(feature = "mutations")]
@@ -333,6 +339,13 @@ pub enum Notice {
         /// Those partitions.
         partitions: Vec<Partition>,
     },
+    /// Partitions of other members with lag nobody writes while Postgres answers: their owner
+    /// is gone but still holds them (a broker that kept a dead member's assignment), so this
+    /// consumer rejoins the group to have them assigned again.
+    Unowned {
+        /// Those partitions.
+        partitions: Vec<Partition>,
+    },
     /// Shutdown started.
     Draining {
         /// Records buffered.
@@ -425,6 +438,12 @@ pub struct ConsumerMachine {
     watch: BTreeMap<Partition, (Position, Instant)>,
     orphaned: Vec<Partition>,
     next_rejoin: Option<Instant>,
+    /// Rejoins since the last assignment or the last view with nothing stalled: each one waits
+    /// twice as long as the one before (up to [`MAX_REJOIN_BACKOFF`] times `orphan_timeout`),
+    /// so a rejoin never interrupts the rebalance the one before started.
+    rejoins_in_a_row: u32,
+    /// When the last group view came (views need Postgres: none come while it is down).
+    last_view: Option<Instant>,
     stats: ConsumerStats,
     /// With the `drop-failed-batch` mutation: where each partition's dropped rows started.
     dropped_starts: BTreeMap<Partition, Position>,
@@ -453,7 +472,9 @@ impl ConsumerMachine {
             exited: false,
             watch: BTreeMap::new(),
             orphaned: Vec::new(),
+            last_view: None,
             next_rejoin: None,
+            rejoins_in_a_row: 0,
             stats: ConsumerStats::default(),
             dropped_starts: BTreeMap::new(),
             mutated_starts: BTreeMap::new(),
@@ -546,6 +567,9 @@ impl ConsumerMachine {
             self.commands.push_back(Command::ReadPositions(read));
         }
         self.orphaned.clear();
+        if !self.partitions.is_empty() {
+            self.rejoins_in_a_row = 0;
+        }
         self.settle(now);
     }
 
@@ -824,34 +848,61 @@ impl ConsumerMachine {
         self.settle(now);
     }
 
-    /// The group seen from outside. A consumer that owns nothing while some partition has lag
-    /// and a stored position that did not move for `orphan_timeout` asks to rejoin the group.
+    /// The group seen from outside (every partition's stored position, read from Postgres, and
+    /// high watermark). A partition that has lag and whose stored position did not move for
+    /// `orphan_timeout` is written by nobody. A consumer that owns nothing then rejoins the
+    /// group (it is orphaned, and not ready); so does a consumer that owns other partitions
+    /// (their owner is gone but still holds them: a broker that kept a dead member's
+    /// assignment). At most one rejoin per `orphan_timeout`, backing off to one per
+    /// `MAX_REJOIN_BACKOFF` times that while rejoining changes nothing. After no view for `orphan_timeout`
+    /// (Postgres unreachable), positions are watched afresh: not seen is not standing still.
     pub fn on_group_view(&mut self, view: &[PartitionLag], now: Instant) {
         if self.exited {
             return;
         }
-        let mut orphaned = Vec::new();
+        let resumed = self
+            .last_view
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.orphan_timeout);
+        self.last_view = Some(now);
+        let mut stalled = Vec::new();
         for lag in view {
             let since = match self.watch.get(&lag.partition) {
-                Some((pos, since)) if *pos == lag.stored => *since,
+                Some((pos, since)) if *pos == lag.stored && !resumed => *since,
                 _ => now,
             };
             self.watch.insert(lag.partition, (lag.stored, since));
             let behind = lag.high_watermark > lag.stored.offset;
             if behind && now.saturating_duration_since(since) >= self.config.orphan_timeout {
-                orphaned.push(lag.partition);
+                stalled.push(lag.partition);
             }
         }
-        self.orphaned = if self.partitions.is_empty() && self.draining_until.is_none() {
-            orphaned
-        } else {
+        let draining = self.draining_until.is_some();
+        let idle = self.partitions.is_empty() && !draining;
+        self.orphaned = if idle { stalled.clone() } else { Vec::new() };
+        let unowned: Vec<Partition> = if idle || draining {
             Vec::new()
+        } else {
+            stalled
+                .into_iter()
+                .filter(|p| !self.partitions.contains_key(p))
+                .collect()
         };
-        if !self.orphaned.is_empty() && self.next_rejoin.is_none_or(|t| t <= now) {
-            self.next_rejoin = Some(now + self.config.orphan_timeout);
-            self.notice(Notice::Orphaned {
-                partitions: self.orphaned.clone(),
-            });
+        if self.orphaned.is_empty() && unowned.is_empty() {
+            self.rejoins_in_a_row = 0;
+        } else if self.next_rejoin.is_none_or(|t| t <= now) {
+            let backoff = 1u32 << self.rejoins_in_a_row.min(MAX_REJOIN_BACKOFF.trailing_zeros());
+            self.rejoins_in_a_row += 1;
+            self.next_rejoin = Some(now + self.config.orphan_timeout * backoff);
+            let notice = if idle {
+                Notice::Orphaned {
+                    partitions: self.orphaned.clone(),
+                }
+            } else {
+                Notice::Unowned {
+                    partitions: unowned,
+                }
+            };
+            self.notice(notice);
             self.kafka(KafkaCommand::Rejoin);
         }
     }

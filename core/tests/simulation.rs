@@ -82,6 +82,9 @@ struct Faults {
     fetch_errors: f64,
     rebalances: f64,
     orphaning: f64,
+    /// A rebalance gives one share to a member that is gone (Tansu keeps a SIGKILLed member's
+    /// assignment): those partitions stay unowned while every live member owns others.
+    ghosting: f64,
     crashes: f64,
     zombies: f64,
     retention: f64,
@@ -105,6 +108,7 @@ impl Faults {
             fetch_errors: on(0.1),
             rebalances: on(0.004),
             orphaning: on(0.5),
+            ghosting: on(0.5),
             crashes: on(0.001),
             zombies: on(0.002),
             retention: on(0.0005),
@@ -129,6 +133,7 @@ impl Faults {
             fetch_errors: 0.0,
             rebalances: 0.0,
             orphaning: 0.0,
+            ghosting: 0.0,
             crashes: 0.0,
             zombies: 0.0,
             retention: 0.0,
@@ -407,20 +412,28 @@ impl Sim {
         } else {
             None
         };
+        let ghost = self.rng.chance(self.active.ghosting);
+        let slots = eligible.len() + usize::from(ghost);
         let mut shares: BTreeMap<usize, Vec<Partition>> = BTreeMap::new();
         let partitions: Vec<Partition> = self.logs.keys().copied().collect();
-        let offset = self.rng.below(eligible.len() as u64) as usize;
+        let offset = self.rng.below(slots as u64) as usize;
         for (i, p) in partitions.into_iter().enumerate() {
-            let m = eligible[(i + offset) % eligible.len()];
+            // The last slot, with the ghosting fault, is the gone member's.
+            let Some(&m) = eligible.get((i + offset) % slots) else {
+                continue;
+            };
             if Some(m) != orphan {
                 shares.entry(m).or_default().push(p);
             }
         }
         self.log(format!(
-            "rebalance: {shares:?} (orphaned member: {orphan:?})"
+            "rebalance: {shares:?} (orphaned member: {orphan:?}, a gone member's share: {ghost})"
         ));
         if orphan.is_some() {
             self.count("orphaning assignments");
+        }
+        if ghost {
+            self.count("shares given to a gone member");
         }
         for m in eligible {
             let share = shares.remove(&m).unwrap_or_default();
@@ -1142,7 +1155,8 @@ impl Sim {
             .duration_since(self.start)
             .as_millis()
             / 2_000;
-        if after != before {
+        // The shell reads the stored positions from Postgres: no view while it is down.
+        if after != before && !self.pg_down() {
             self.group_view();
         }
         Ok(())

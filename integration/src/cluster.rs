@@ -264,7 +264,7 @@ pub(crate) struct Ctx {
     pub(crate) seed: u64,
     pub(crate) rng: fastrand::Rng,
     pub(crate) tl: Timeline,
-    logs: PathBuf,
+    pub(crate) logs: PathBuf,
     run: Run,
     /// The verdict, with the child logs' tails as they were then (for a mutant run's report).
     verdict: Arc<Mutex<Option<(Verdict, String)>>>,
@@ -475,7 +475,7 @@ struct ConsumerRecipe {
     env: Vec<(String, String)>,
     failpoints: Vec<(String, String)>,
     seed: u64,
-    logs: PathBuf,
+    pub(crate) logs: PathBuf,
 }
 
 impl Cluster {

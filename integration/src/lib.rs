@@ -21,6 +21,7 @@
 
 mod child;
 mod cluster;
+mod prometheus;
 pub mod scenarios;
 
 pub use child::child_process;

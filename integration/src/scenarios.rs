@@ -1,4 +1,4 @@
-//! The eleven scenarios. Each one states its fault, the evidence it records that the fault
+//! The twelve scenarios. Each one states its fault, the evidence it records that the fault
 //! happened as described (the scenario fails without it, in every [`Run`]), and what it checks
 //! of the pipeline's behaviour; then loadgen's verdict judges the records.
 
@@ -15,6 +15,7 @@ use crate::cluster::{
     blocking, chaos, pause, slow_link, spiky, strings, Cluster, Opts, Traffic, SESSION_TIMEOUT,
     STATEMENT_TIMEOUT,
 };
+use crate::prometheus::Prometheus;
 use crate::Run;
 
 /// 1. Fault: the Postgres postmaster SIGKILLed while a flush's COPY is in progress (a 512 KB/s
@@ -682,6 +683,83 @@ pub async fn producer_killed_under_load(run: Run) -> Result<()> {
                     "no request failed although the producer was killed: {:?}",
                     result.statuses
                 )
+            })
+        },
+    )
+    .await
+}
+
+/// 12. Fault: Postgres SIGKILLed under traffic until Prometheus (Debian's package, scraping the
+///     producer and the consumer every second with `deploy/prometheus/alerts.yml`, each `for:`
+///     cut to 5 s) fires `SpillwayPostgresUnreachable`, then restarted.
+///     Evidence, seen only through Prometheus's API as an operator would: both targets up,
+///     Postgres up and the alert inactive first; the alert firing while Postgres is down;
+///     records acknowledged meanwhile.
+///     Checks: the alert resolves after the restart.
+pub async fn postgres_unreachable_alert_fires_and_resolves(run: Run) -> Result<()> {
+    const ALERT: &str = "SpillwayPostgresUnreachable";
+    chaos(
+        "postgres_unreachable_alert_fires_and_resolves",
+        run,
+        Duration::from_secs(180),
+        |ctx| async move {
+            let mut c = Cluster::start(&ctx, Opts::default()).await?;
+            let prom = Prometheus::start(&ctx, &c.producer, &c.consumers).await?;
+            let traffic = c.traffic(
+                &ctx,
+                RateProfile::Constant { rate: 40.0 },
+                Duration::from_secs(30),
+                None,
+            );
+            prom.await_until(
+                &c.tl,
+                "both targets up and Postgres up",
+                Duration::from_secs(30),
+                || async {
+                    let up = prom.value("sum(up)").await?;
+                    let db = prom.value("spillway_consumer_database_up").await?;
+                    let state = prom.alert_state(ALERT).await?;
+                    Ok((
+                        up == "2" && db == "1" && state.is_none(),
+                        format!("targets up {up}, database_up {db}, {ALERT} {state:?}"),
+                    ))
+                },
+            )
+            .await?;
+            blocking(|| c.pg.kill())?;
+            let window = traffic.window();
+            c.tl.note("postgres SIGKILLed");
+            prom.await_until(
+                &c.tl,
+                "the alert firing",
+                Duration::from_secs(60),
+                || async {
+                    let state = prom.alert_state(ALERT).await?;
+                    Ok((
+                        state.as_deref() == Some("firing"),
+                        format!("{ALERT} {state:?}"),
+                    ))
+                },
+            )
+            .await?;
+            blocking(|| c.pg.restart())?;
+            window.end(&traffic, &c.tl, "Postgres was down")?;
+            c.tl.note("postgres restarted");
+            let resolved = prom
+                .await_until(
+                    &c.tl,
+                    "the alert resolved",
+                    Duration::from_secs(60),
+                    || async {
+                        let state = prom.alert_state(ALERT).await?;
+                        Ok((state.is_none(), format!("{ALERT} {state:?}")))
+                    },
+                )
+                .await;
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            ctx.check(resolved.is_ok(), || {
+                format!("{ALERT} did not resolve after the restart: {resolved:?}")
             })
         },
     )

@@ -20,4 +20,4 @@ pub mod mutation;
 pub mod server;
 
 pub use config::{Args, Settings};
-pub use server::{serve, start, RunningProducer, StartError};
+pub use server::{fresh_metrics_page, serve, start, RunningProducer, StartError};

@@ -1,6 +1,5 @@
 //! The warp service: `/store`, `/healthz`, `/readyz`, `/metrics`, shedding and shutdown.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -14,7 +13,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
-use spillway_core::metrics::{Counter, Gauge, Histogram, Registry};
+use spillway_core::metrics::{
+    self, Counter, Gauge, Histogram, Labelled, Registry, LATENCY_SECONDS, SIZES,
+};
 use spillway_core::{Envelope, RequestId};
 use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, Semaphore};
@@ -101,69 +102,61 @@ impl From<Rejection> for Refusal {
 
 struct Metrics {
     registry: Registry,
-    by_status: BTreeMap<u16, Arc<Counter>>,
-    records: Arc<Counter>,
-    bytes: Arc<Counter>,
-    produce_latency: Arc<Histogram>,
-    records_per_request: Arc<Histogram>,
-    in_flight: Arc<Gauge>,
-    queue_depth: Arc<Gauge>,
-    client_resets: Arc<Counter>,
+    by_status: Labelled<Counter>,
+    records: Counter,
+    bytes: Counter,
+    produce_latency: Histogram,
+    records_per_request: Histogram,
+    in_flight: Gauge,
+    queue_depth: Gauge,
+    client_resets: Counter,
 }
 
+/// The statuses `/store` answers, each exported from the start (at 0) so that a rate over
+/// them exists before the first such answer.
 const STATUSES: [u16; 11] = [200, 400, 401, 404, 405, 413, 415, 429, 500, 503, 504];
 
 impl Metrics {
     fn new() -> Self {
-        let registry = Registry::new();
-        let by_status = STATUSES
-            .iter()
-            .map(|s| {
-                let c = registry.counter(
-                    "spillway_producer_requests_total",
-                    "Ingest requests answered, by HTTP status.",
-                    &[("status", &s.to_string())],
-                );
-                (*s, c)
-            })
-            .collect();
+        let mut registry = Registry::new();
+        let by_status = registry.counters(
+            "spillway_producer_requests_total",
+            "Ingest requests answered, by HTTP status.",
+            "status",
+        );
+        for s in STATUSES {
+            by_status.get(&s.to_string());
+        }
         Metrics {
             client_resets: registry.counter(
                 "spillway_producer_kafka_client_resets_total",
                 "Kafka clients replaced after the broker rejected the idempotent producer's state.",
-                &[],
             ),
             records: registry.counter(
                 "spillway_producer_records_accepted_total",
                 "Records acknowledged by Kafka and answered 200.",
-                &[],
             ),
             bytes: registry.counter(
                 "spillway_producer_bytes_accepted_total",
                 "Envelope bytes acknowledged by Kafka.",
-                &[],
             ),
             produce_latency: registry.histogram(
                 "spillway_producer_produce_latency_seconds",
                 "Time from handing a message to the Kafka client to its acknowledgement.",
-                &[],
-                Histogram::latency_seconds(),
+                LATENCY_SECONDS,
             ),
             records_per_request: registry.histogram(
                 "spillway_producer_records_per_request",
                 "Records in each accepted request.",
-                &[],
-                Histogram::sizes(),
+                SIZES,
             ),
             in_flight: registry.gauge(
                 "spillway_producer_in_flight_requests",
                 "Ingest requests being handled.",
-                &[],
             ),
             queue_depth: registry.gauge(
                 "spillway_producer_kafka_queue_depth",
                 "Messages in the Kafka client's queue, not yet acknowledged.",
-                &[],
             ),
             by_status,
             registry,
@@ -171,9 +164,7 @@ impl Metrics {
     }
 
     fn count(&self, status: StatusCode) {
-        if let Some(c) = self.by_status.get(&status.as_u16()) {
-            c.inc();
-        }
+        self.by_status.get(status.as_str()).inc();
     }
 }
 
@@ -276,7 +267,7 @@ impl RunningProducer {
     }
 
     /// The `/metrics` text.
-    pub fn metrics_text(&self) -> String {
+    pub fn metrics_text(&self) -> Result<String, std::fmt::Error> {
         render_metrics(&self.state)
     }
 
@@ -480,7 +471,7 @@ fn routes(
         .and(warp::body::stream())
         .then(|state: Arc<State>, headers: HeaderMap, body| async move {
             let started = Instant::now();
-            state.metrics.in_flight.add(1);
+            state.metrics.in_flight.inc();
             let response = match store(&state, &headers, body).await {
                 Ok(accepted) => json(StatusCode::OK, &accepted, None),
                 Err(refusal) => {
@@ -495,7 +486,7 @@ fn routes(
                     json(refusal.status, &serde_json::json!({ "error": refusal.message }), retry)
                 }
             };
-            state.metrics.in_flight.add(-1);
+            state.metrics.in_flight.dec();
             state.metrics.count(response.status());
             tracing::debug!(status = %response.status(), elapsed = ?started.elapsed(), "store");
             response
@@ -532,11 +523,15 @@ fn routes(
         .and(warp::path::end())
         .and(warp::get())
         .and(with_state)
-        .map(|state: Arc<State>| {
-            Response::builder()
-                .header("content-type", "text/plain; version=0.0.4")
-                .body(Body::from(render_metrics(&state)))
-                .unwrap_or_default()
+        .map(|state: Arc<State>| match render_metrics(&state) {
+            Ok(text) => Response::builder()
+                .header("content-type", metrics::CONTENT_TYPE)
+                .body(Body::from(text))
+                .unwrap_or_default(),
+            Err(_) => Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .body(Body::from("the metrics could not be encoded\n"))
+                .unwrap_or_default(),
         });
     store
         .or(healthz)
@@ -581,7 +576,13 @@ fn json(
     b.body(Body::from(value.to_string())).unwrap_or_default()
 }
 
-fn render_metrics(state: &State) -> String {
+/// The `/metrics` page of a producer that has just started: every family it exports, each
+/// with its HELP and TYPE (what a dashboard or an alert may name).
+pub fn fresh_metrics_page() -> Result<String, std::fmt::Error> {
+    Metrics::new().registry.render()
+}
+
+fn render_metrics(state: &State) -> Result<String, std::fmt::Error> {
     state
         .metrics
         .queue_depth
@@ -772,8 +773,8 @@ where
         .metrics
         .produce_latency
         .observe(sent.elapsed().as_secs_f64());
-    state.metrics.records.add(count as u64);
-    state.metrics.bytes.add(payload.len() as u64);
+    state.metrics.records.inc_by(count as u64);
+    state.metrics.bytes.inc_by(payload.len() as u64);
     state.metrics.records_per_request.observe(count as f64);
     Ok(serde_json::json!({
         "request_id": request_id.to_string(),

@@ -198,7 +198,7 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() -> Result<()> {
         0,
         "nothing was written"
     );
-    let metrics = producer.metrics_text();
+    let metrics = producer.metrics_text().unwrap();
     assert!(
         metrics.contains("spillway_producer_requests_total{status=\"400\"} 5"),
         "{metrics}"
@@ -371,6 +371,7 @@ async fn shutdown_answers_every_in_flight_request_and_loses_none() -> Result<()>
     let deadline = Instant::now() + Duration::from_secs(10);
     while !producer
         .metrics_text()
+        .unwrap()
         .contains("spillway_producer_in_flight_requests 10")
     {
         ensure!(Instant::now() < deadline, "requests never got in flight");
@@ -511,6 +512,7 @@ async fn a_client_the_broker_no_longer_accepts_is_replaced() -> Result<()> {
     }
     let resets = producer
         .metrics_text()
+        .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("spillway_producer_kafka_client_resets_total "))
         .map(str::to_string);
