@@ -148,7 +148,7 @@ loadgen() {
   docker run --rm --network host -v "$STATE/$out:/report" spillway-loadgen:local \
     --target "http://127.0.0.1:$SPILLWAY_PRODUCER_PORT/store" \
     --verify "postgres://postgres@127.0.0.1:$SPILLWAY_PG_PORT/postgres" --table records \
-    --out /report "$@"
+    --brokers "127.0.0.1:$SPILLWAY_KAFKA_PORT" --topic events --out /report "$@"
 }
 
 # Prints the value of a PromQL query's first sample, or nothing.
