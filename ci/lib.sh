@@ -59,6 +59,27 @@ ensure_tansu() {
   rm -rf "$SPILLWAY_CACHE/tansu-target"
 }
 
+# The fast broker for benchmarks only (issue 15): Tansu's successor, renamed nisshi, with its
+# in-memory storage engine. Several times faster than SQLite, and it loses everything on
+# restart, so no fault test uses it. 0.7.0-pre.2 is the last release that builds on rustc 1.95
+# and has the fix for 0.6.0's in-memory fetch bug (a fetch from an offset inside a stored batch
+# skipped that batch). Built once and cached like Tansu; the test command does not build it.
+FAST_BROKER_VERSION=0.7.0-pre.2
+fast_broker_bin() {
+  if [[ -n "${SPILLWAY_FAST_BROKER_BIN:-}" ]]; then echo "$SPILLWAY_FAST_BROKER_BIN"; return; fi
+  echo "$SPILLWAY_CACHE/nisshi-$FAST_BROKER_VERSION/bin/nisshi"
+}
+ensure_fast_broker() {
+  local bin
+  bin="$(fast_broker_bin)"
+  if [[ -x "$bin" ]]; then return; fi
+  step "cargo install nisshi $FAST_BROKER_VERSION --features libsql,dynostore (first run only, long)"
+  mkdir -p "$SPILLWAY_CACHE"
+  CARGO_TARGET_DIR="$SPILLWAY_CACHE/nisshi-target" cargo install nisshi --version "$FAST_BROKER_VERSION" \
+    --locked --no-default-features --features libsql,dynostore --root "$SPILLWAY_CACHE/nisshi-$FAST_BROKER_VERSION"
+  rm -rf "$SPILLWAY_CACHE/nisshi-target"
+}
+
 SPILLWAY_PG_IMAGE="${SPILLWAY_DOCKER_PG_IMAGE:-spillway-postgres:15}"
 
 # A Docker engine: Debian's docker.io, its daemon started with no bridge and no iptables, so

@@ -890,7 +890,10 @@ impl ConsumerMachine {
         if self.orphaned.is_empty() && unowned.is_empty() {
             self.rejoins_in_a_row = 0;
         } else if self.next_rejoin.is_none_or(|t| t <= now) {
-            let backoff = 1u32 << self.rejoins_in_a_row.min(MAX_REJOIN_BACKOFF.trailing_zeros());
+            let backoff = 1u32
+                << self
+                    .rejoins_in_a_row
+                    .min(MAX_REJOIN_BACKOFF.trailing_zeros());
             self.rejoins_in_a_row += 1;
             self.next_rejoin = Some(now + self.config.orphan_timeout * backoff);
             let notice = if idle {

@@ -25,6 +25,21 @@ use crate::{io_err, HarnessError, Result};
 /// The Tansu version the README's test command installs.
 pub const TANSU_VERSION: &str = "0.6.0";
 
+/// The release of Tansu's successor (renamed nisshi) that `ci/lib.sh` builds with the in-memory
+/// storage engine for benchmarks: the last that builds on rustc 1.95, and free of 0.6.0's bug
+/// where a fetch from an offset inside a stored batch skips that batch.
+pub const FAST_BROKER_VERSION: &str = "0.7.0-pre.2";
+
+/// Where a Tansu-family broker keeps its records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// SQLite in the broker's directory: survives SIGKILL. Every fault test uses it.
+    Durable,
+    /// Memory only (`memory://`, the fast broker): several times faster, and everything is
+    /// gone when the process ends, so it refuses [`KafkaBroker::restart`]. For benchmarks.
+    Memory,
+}
+
 /// A Kafka-compatible broker a test controls.
 pub trait KafkaBroker {
     /// `bootstrap.servers` for clients.
@@ -46,6 +61,7 @@ pub fn from_env() -> Result<Box<dyn KafkaBroker>> {
     let choice = std::env::var("SPILLWAY_TEST_KAFKA").unwrap_or_default();
     let broker: Box<dyn KafkaBroker> = match choice.as_str() {
         "tansu" => Box::new(Tansu::start()?),
+        "fast" => Box::new(Tansu::start_in_memory()?),
         "mock" => Box::new(Mock::start(1)?),
         "external" => Box::new(External::from_env()?),
         "" => match tansu_bin() {
@@ -54,7 +70,7 @@ pub fn from_env() -> Result<Box<dyn KafkaBroker>> {
         },
         other => {
             return Err(HarnessError::Unsupported(format!(
-                "SPILLWAY_TEST_KAFKA={other}: expected tansu, mock or external"
+                "SPILLWAY_TEST_KAFKA={other}: expected tansu, fast, mock or external"
             )))
         }
     };
@@ -86,10 +102,25 @@ pub fn tansu_bin() -> Option<PathBuf> {
     })
 }
 
-/// The Tansu broker as a child process, storing in SQLite in a temporary directory.
+/// The fast broker's binary: `SPILLWAY_FAST_BROKER_BIN`, else where `ci/lib.sh`'s
+/// `ensure_fast_broker` installs it (`~/.cache/spillway/nisshi-0.7.0-pre.2/bin/nisshi`).
+pub fn fast_broker_bin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SPILLWAY_FAST_BROKER_BIN") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = PathBuf::from(home)
+        .join(".cache/spillway")
+        .join(format!("nisshi-{FAST_BROKER_VERSION}/bin/nisshi"));
+    p.is_file().then_some(p)
+}
+
+/// The Tansu broker as a child process, storing in SQLite in a temporary directory, or its
+/// successor storing in memory ([`Storage`]).
 #[derive(Debug)]
 pub struct Tansu {
     bin: PathBuf,
+    storage: Storage,
     dir: TempDir,
     port: u16,
     advertised_port: u16,
@@ -115,6 +146,24 @@ impl Tansu {
                  SPILLWAY_TANSU_BIN; or use SPILLWAY_TEST_KAFKA=mock"
             ),
         })?;
+        Self::spawn_new(bin, Storage::Durable, advertised_port)
+    }
+
+    /// Starts the fast broker: Tansu's successor with the in-memory storage engine, on a free
+    /// port of 127.0.0.1. For benchmarks: it loses everything when it stops.
+    pub fn start_in_memory() -> Result<Self> {
+        let bin = fast_broker_bin().ok_or_else(|| HarnessError::NotInstalled {
+            what: "the fast (in-memory) broker",
+            hint: format!(
+                "run `. ci/lib.sh; ensure_fast_broker` (the bench scripts do), or `cargo install \
+                 nisshi --version {FAST_BROKER_VERSION} --locked --no-default-features --features \
+                 dynostore` and set SPILLWAY_FAST_BROKER_BIN"
+            ),
+        })?;
+        Self::spawn_new(bin, Storage::Memory, None)
+    }
+
+    fn spawn_new(bin: PathBuf, storage: Storage, advertised_port: Option<u16>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("spillway-tansu-")
             .tempdir()
@@ -122,6 +171,7 @@ impl Tansu {
         let port = free_port();
         let mut t = Tansu {
             bin,
+            storage,
             dir,
             port,
             advertised_port: advertised_port.unwrap_or(port),
@@ -147,7 +197,13 @@ impl Tansu {
                 "--advertised-listener-url",
                 &advertised,
             ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args([
+                "--storage-engine",
+                match self.storage {
+                    Storage::Durable => "sqlite://tansu.db",
+                    Storage::Memory => "memory://spillway/",
+                },
+            ])
             .current_dir(self.dir.path())
             .env(
                 "RUST_LOG",
@@ -210,7 +266,10 @@ impl KafkaBroker for Tansu {
     }
 
     fn kind(&self) -> &'static str {
-        "tansu"
+        match self.storage {
+            Storage::Durable => "tansu",
+            Storage::Memory => "fast (in-memory)",
+        }
     }
 
     fn create_topic<'a>(&'a self, name: &'a str, partitions: i32) -> BoxFuture<'a, Result<()>> {
@@ -225,6 +284,13 @@ impl KafkaBroker for Tansu {
     }
 
     fn restart(&mut self) -> Result<()> {
+        if self.storage == Storage::Memory {
+            return Err(HarnessError::Unsupported(
+                "the in-memory broker would come back empty: fault tests use the durable one \
+                 (SPILLWAY_TEST_KAFKA=tansu)"
+                    .into(),
+            ));
+        }
         if let Some(mut child) = self.child.take() {
             kill_and_reap(&mut child)?;
         }

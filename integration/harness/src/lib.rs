@@ -28,7 +28,7 @@ mod process;
 pub mod proxy;
 
 pub use docker::ContainerPostgres;
-pub use kafka::{KafkaBroker, Mock, Tansu};
+pub use kafka::{KafkaBroker, Mock, Storage, Tansu};
 pub use native::LocalPostgres;
 pub use postgres::PostgresServer;
 pub use process::{free_port, ChildProcess, ProcessState};

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds the fast broker for benchmarks (once, cached in ~/.cache/spillway) and shows it is fit
+# to measure with: a fetch from inside a stored batch reads the rest of it, a 200,000-message
+# backlog reads back completely, and loadgen's spiky run through the whole pipeline on it passes
+# the no-loss verdict. Benchmarks select it with SPILLWAY_TEST_KAFKA=fast; fault tests never do
+# (it loses everything on restart).
+#
+#   ci/fast-broker.sh           # build if missing, then the three checks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. ci/lib.sh
+
+ensure_fast_broker
+export SPILLWAY_FAST_BROKER_BIN="${SPILLWAY_FAST_BROKER_BIN:-$(fast_broker_bin)}"
+step "the fast broker's own checks ($SPILLWAY_FAST_BROKER_BIN)"
+cargo test --locked -p spillway-harness --test fast_broker -- --ignored --test-threads=1
+step "loadgen --rate-profile spiky on the fast broker, with the verdict"
+SPILLWAY_TEST_KAFKA=fast cargo run --locked --release -p spillway-loadgen --bin loadgen -- \
+  --rate-profile spiky --out "${TMPDIR:-/tmp}/spillway-fast-broker-loadgen"
