@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +33,12 @@ use crate::mutation::{self, Mutation};
 pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
 /// Room kept for the envelope header and Kafka's record framing.
 const FRAMING_MARGIN: usize = 1024;
+/// A body refused as too large is still read, up to this many bytes, and thrown away, so that
+/// a client that writes its whole body before reading gets the 413 instead of a reset
+/// connection (closing a socket with unread data resets it). A larger one is not read.
+const DISCARD_BYTES: usize = 64 << 20;
+/// ... and for at most this long.
+const DISCARD_TIME: Duration = Duration::from_secs(10);
 
 /// Why the producer could not start. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -669,10 +676,17 @@ where
         limit
     };
     let declared = header(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > wire_limit) {
+    futures::pin_mut!(body);
+    if let Some(declared) = declared.filter(|n| *n > wire_limit) {
+        // A client that waits for `100 Continue` has sent nothing: answer at once.
+        let waits =
+            header(headers, "expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue"));
+        if !waits && declared <= DISCARD_BYTES {
+            discard(body.as_mut(), DISCARD_BYTES).await;
+        }
         return Err(too_large(limit));
     }
-    let _request = state.requests.clone().try_acquire_owned().map_err(|_| {
+    let request_permit = state.requests.clone().try_acquire_owned().map_err(|_| {
         Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -682,7 +696,7 @@ where
         )
     })?;
     let reserve = declared.unwrap_or(wire_limit).min(wire_limit) + if gzip { limit } else { 0 };
-    let _bytes = state
+    let byte_permits = state
         .kib
         .clone()
         .try_acquire_many_owned(reserve.div_ceil(1024).max(1) as u32)
@@ -692,7 +706,16 @@ where
                 "too many request bytes are in flight: nothing was written, retry later",
             )
         })?;
-    let raw = read_body(body, wire_limit, limit).await?;
+    let raw = match read_body(body.as_mut(), wire_limit).await {
+        Ok(raw) => raw,
+        Err(Unread::Failed(refusal)) => return Err(refusal),
+        Err(Unread::OverLimit { read }) => {
+            // Nothing is held while the rest is thrown away: this request no longer counts.
+            drop((request_permit, byte_permits));
+            discard(body, DISCARD_BYTES.saturating_sub(read)).await;
+            return Err(too_large(limit));
+        }
+    };
     let decoded = ingest::decode(encoding, raw, limit)?;
     let records = ingest::records(kind, &decoded)?;
     let received_at_micros = SystemTime::now()
@@ -791,26 +814,57 @@ fn too_large(limit: usize) -> Refusal {
     )
 }
 
-async fn read_body<S, B>(body: S, wire_limit: usize, limit: usize) -> Result<Bytes, Refusal>
+/// Why a body was not read whole.
+enum Unread {
+    /// The connection failed.
+    Failed(Refusal),
+    /// It went past the limit after `read` bytes; the rest is still to come.
+    OverLimit { read: usize },
+}
+
+async fn read_body<S, B>(mut body: Pin<&mut S>, wire_limit: usize) -> Result<Bytes, Unread>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    futures::pin_mut!(body);
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| {
-            Refusal::new(
+            Unread::Failed(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 format!("the body could not be read ({e}). Nothing was written."),
-            )
+            ))
         })?;
-        if buf.len() + chunk.remaining() > wire_limit {
-            return Err(too_large(limit));
+        let read = buf.len() + chunk.remaining();
+        if read > wire_limit {
+            return Err(Unread::OverLimit { read });
         }
         buf.put(chunk);
     }
     Ok(buf.freeze())
+}
+
+/// Reads and drops the rest of a refused body, up to `budget` bytes and [`DISCARD_TIME`], so the
+/// client reads the answer rather than a reset. Past either bound the connection is closed.
+async fn discard<S, B>(mut body: Pin<&mut S>, budget: usize)
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let drained = tokio::time::timeout(DISCARD_TIME, async {
+        let mut read = 0usize;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.remaining();
+            if read > budget {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    if drained != Ok(true) {
+        tracing::debug!("a refused body was not read to its end; the connection is closed");
+    }
 }
 
 fn kafka_refusal(e: &KafkaError, state: &State) -> Refusal {

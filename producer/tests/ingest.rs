@@ -520,3 +520,97 @@ async fn a_client_the_broker_no_longer_accepts_is_replaced() -> Result<()> {
     producer.shutdown().await;
     Ok(())
 }
+
+fn metric<'a>(metrics: &'a str, name: &str) -> Option<&'a str> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+}
+
+/// Sends `head` then the whole `body`, and only then reads the answer, as a client that does
+/// not read while it writes.
+fn write_everything_then_read(
+    addr: std::net::SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> Result<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(head.as_bytes())
+        .context("writing the request head")?;
+    s.write_all(body)
+        .context("writing the whole body before reading")?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).context("reading the answer")?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+fn status_and_json(answer: &str) -> (String, serde_json::Value) {
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+/// A 20 MB body declared over the cap once got a broken pipe: the producer answered and closed
+/// while the client was still writing. A client that writes everything before reading now
+/// gets the 413 and its JSON error, with a Content-Length and chunked, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_writes_its_whole_body_before_reading_gets_the_413() -> Result<()> {
+    let broker = tansu().await?;
+    let producer = start(settings(&broker)).await?;
+    let addr = producer.addr();
+    let size = 20 << 20;
+    let head = format!(
+        "POST /store HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {size}\r\nconnection: close\r\n\r\n"
+    );
+    let answer =
+        blocking(move || write_everything_then_read(addr, &head, &vec![b' '; size])).await?;
+    let (status, body) = status_and_json(&answer);
+    assert!(status.starts_with("HTTP/1.1 413"), "{answer:.300}");
+    let msg = body["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("larger than 921600 bytes") && msg.contains("Nothing was written"),
+        "{answer:.300}"
+    );
+
+    let head = format!(
+        "POST /store HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    let mut chunked = Vec::new();
+    for _ in 0..20 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 1 << 20).as_bytes());
+        chunked.extend(std::iter::repeat_n(b' ', 1 << 20));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = blocking(move || write_everything_then_read(addr, &head, &chunked)).await?;
+    let (status, body) = status_and_json(&answer);
+    assert!(status.starts_with("HTTP/1.1 413"), "{answer:.300}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("larger than 921600 bytes"),
+        "{answer:.300}"
+    );
+
+    let bootstrap = broker.bootstrap();
+    assert_eq!(
+        blocking(move || message_count(&bootstrap, TOPIC)).await?,
+        0,
+        "nothing was written"
+    );
+    assert_eq!(
+        metric(
+            &producer.metrics_text()?,
+            "spillway_producer_requests_total{status=\"413\"}"
+        ),
+        Some("2")
+    );
+    producer.shutdown().await;
+    Ok(())
+}
