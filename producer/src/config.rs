@@ -44,6 +44,11 @@ pub struct Args {
     #[arg(long, env = "SPILLWAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
 
+    /// Deepest nesting of arrays and objects allowed in a record; a request with a deeper record
+    /// is refused with 400 [default: 128].
+    #[arg(long, env = "SPILLWAY_MAX_DEPTH")]
+    pub max_depth: Option<usize>,
+
     /// Requests being handled at once; more are shed with 429 [default: 1024].
     #[arg(long, env = "SPILLWAY_MAX_IN_FLIGHT_REQUESTS")]
     pub max_in_flight_requests: Option<usize>,
@@ -102,6 +107,8 @@ pub struct Settings {
     pub topic: String,
     /// Largest decoded body.
     pub max_body_bytes: usize,
+    /// Deepest nesting of arrays and objects in a record.
+    pub max_depth: usize,
     /// Concurrent requests before shedding.
     pub max_in_flight_requests: usize,
     /// Concurrent request bytes before shedding.
@@ -127,6 +134,7 @@ impl fmt::Debug for Settings {
             .field("brokers", &self.brokers)
             .field("topic", &self.topic)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_depth", &self.max_depth)
             .field("max_in_flight_requests", &self.max_in_flight_requests)
             .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("produce_timeout", &self.produce_timeout)
@@ -149,6 +157,7 @@ impl Settings {
             brokers: brokers.into(),
             topic: topic.into(),
             max_body_bytes: 900 * 1024,
+            max_depth: 128,
             max_in_flight_requests: 1024,
             max_in_flight_bytes: 256 << 20,
             produce_timeout: Duration::from_secs(5),
@@ -171,6 +180,7 @@ impl Settings {
             args.brokers = args.brokers.or(file.brokers);
             args.topic = args.topic.or(file.topic);
             args.max_body_bytes = args.max_body_bytes.or(file.max_body_bytes);
+            args.max_depth = args.max_depth.or(file.max_depth);
             args.max_in_flight_requests =
                 args.max_in_flight_requests.or(file.max_in_flight_requests);
             args.max_in_flight_bytes = args.max_in_flight_bytes.or(file.max_in_flight_bytes);
@@ -204,6 +214,7 @@ impl Settings {
             None => Ok(default),
         };
         s.max_body_bytes = positive("max-body-bytes", args.max_body_bytes, s.max_body_bytes)?;
+        s.max_depth = positive("max-depth", args.max_depth, s.max_depth)?;
         s.max_in_flight_requests = positive(
             "max-in-flight-requests",
             args.max_in_flight_requests,
@@ -313,6 +324,21 @@ mod tests {
                 .setting,
             "X"
         );
+    }
+
+    #[test]
+    fn max_depth_comes_from_a_flag_or_the_file() {
+        let s = parse(&["--brokers", "b", "--topic", "t"]).unwrap();
+        assert_eq!(s.max_depth, 128);
+        let dir = tempfile_dir();
+        let path = dir.join("p.toml");
+        std::fs::write(&path, "brokers = \"b\"\ntopic = \"t\"\nmax-depth = 40\n").unwrap();
+        let s = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(s.max_depth, 40);
+        let s = parse(&["--config", path.to_str().unwrap(), "--max-depth", "7"]).unwrap();
+        assert_eq!(s.max_depth, 7);
+        let err = parse(&["--brokers", "b", "--topic", "t", "--max-depth", "0"]).unwrap_err();
+        assert_eq!(err.setting, "max-depth");
     }
 
     fn tempfile_dir() -> PathBuf {

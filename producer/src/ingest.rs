@@ -1,5 +1,10 @@
-//! Turning a request body into records: content type, decompression under a hard cap, UTF-8
-//! and JSON validation. Pure functions; the HTTP layer maps [`Rejection`] to a status.
+//! Turning a request body into records: content type, decompression under a hard cap, UTF-8,
+//! nesting depth and JSON validation. Pure functions; the HTTP layer maps [`Rejection`] to a
+//! status.
+//!
+//! Nothing here recurses on the input's nesting: the depth is counted by one loop over the
+//! bytes before any parser sees them, and splitting into raw records uses serde_json's
+//! iterative skipping.
 
 use std::io::Read;
 
@@ -90,9 +95,15 @@ pub fn decode(
     }
 }
 
-/// Splits a decoded body into the raw bytes of each record, validating UTF-8 and JSON.
-/// The slices are exactly what the client sent (no re-serialisation).
-pub fn records(kind: BodyKind, body: &[u8]) -> Result<Vec<&[u8]>, Rejection> {
+/// Splits a decoded body into the raw bytes of each record, validating UTF-8, the nesting depth
+/// (at most `max_depth` levels of arrays and objects in a record) and JSON. The slices are
+/// exactly what the client sent (no re-serialisation).
+pub fn records(kind: BodyKind, body: &[u8], max_depth: usize) -> Result<Vec<&[u8]>, Rejection> {
+    let text = checked_text(kind, body, max_depth)?;
+    split(kind, text)
+}
+
+fn checked_text(kind: BodyKind, body: &[u8], max_depth: usize) -> Result<&str, Rejection> {
     let text = std::str::from_utf8(body).map_err(|e| {
         Rejection::BadRequest(format!(
             "the body is not UTF-8: invalid byte at offset {}. {NOTHING_WRITTEN}",
@@ -104,10 +115,63 @@ pub fn records(kind: BodyKind, body: &[u8]) -> Result<Vec<&[u8]>, Rejection> {
             "the body is empty: send at least one record. {NOTHING_WRITTEN}"
         )));
     }
+    check_depth(kind, text, max_depth)?;
+    Ok(text)
+}
+
+fn split(kind: BodyKind, text: &str) -> Result<Vec<&[u8]>, Rejection> {
     match kind {
         BodyKind::Json => json_records(text),
         BodyKind::NdJson => ndjson_records(text),
     }
+}
+
+/// Refuses a body with a record nested more than `max_depth` arrays and objects deep (a
+/// scalar has depth 0, `{"a": [1]}` depth 2), naming the first such record. One loop over the
+/// bytes, whatever the depth; it runs before the JSON is parsed, so on a body that is also
+/// malformed it may speak first.
+pub fn check_depth(kind: BodyKind, text: &str, max_depth: usize) -> Result<(), Rejection> {
+    // The records of a JSON array body sit one level inside it.
+    let wrapped = kind == BodyKind::Json && text.trim_start().starts_with('[');
+    let limit = max_depth.saturating_add(usize::from(wrapped));
+    let (mut depth, mut index) = (0usize, 0usize);
+    let (mut in_string, mut escaped, mut line_has_record) = (false, false, false);
+    for &b in text.as_bytes() {
+        if b == b'\n' && kind == BodyKind::NdJson {
+            // Each line is a record of its own (a JSON string holds no raw newline).
+            index += usize::from(line_has_record);
+            (depth, in_string, escaped, line_has_record) = (0, false, false, false);
+            continue;
+        }
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return Err(Rejection::BadRequest(format!(
+                        "record {index} is nested more than {max_depth} levels deep (arrays and \
+                         objects), the limit (--max-depth): flatten it. {NOTHING_WRITTEN}"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if wrapped && depth == 1 => index += 1,
+            b'"' => in_string = true,
+            b' ' | b'\t' | b'\r' | b'\n' => continue,
+            _ => {}
+        }
+        line_has_record = true;
+    }
+    Ok(())
 }
 
 fn malformed(e: &serde_json::Error, line_offset: usize) -> Rejection {
@@ -174,7 +238,7 @@ mod tests {
     use std::io::Write;
 
     fn check(kind: BodyKind, body: &str, want: Result<Vec<&str>, &str>) {
-        let got = records(kind, body.as_bytes());
+        let got = records(kind, body.as_bytes(), 128);
         match (got, want) {
             (Ok(got), Ok(want)) => {
                 let got: Vec<&str> = got
@@ -226,9 +290,48 @@ mod tests {
         check(NdJson, "{\"a\":1}\n{oops}\n", Err("line 2, column 2"));
     }
 
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn depth_is_counted_per_record_without_recursion() {
+        use BodyKind::{Json, NdJson};
+        let at_limit = nested(128);
+        let over = nested(129);
+        let deep = nested(100_000);
+        check(Json, &format!("[{at_limit}]"), Ok(vec![at_limit.as_str()]));
+        check(
+            Json,
+            &deep,
+            Err("record 0 is nested more than 128 levels deep"),
+        );
+        check(
+            Json,
+            &format!("[1, {{\"a\": \"[[[,\\\"[\"}}, {over}]"),
+            Err("record 2 is nested more than 128 levels deep"),
+        );
+        let objects = format!("{}1{}", "{\"a\":".repeat(129), "}".repeat(129));
+        check(Json, &objects, Err("record 0 is nested more than 128"));
+        check(
+            NdJson,
+            &format!("{{}}\n\n[\"]\"]\n{deep}\n"),
+            Err("record 2 is nested more than 128"),
+        );
+        check(
+            NdJson,
+            &format!("{at_limit}\n"),
+            Ok(vec![at_limit.as_str()]),
+        );
+        // A JSON array body holds records: here one record `[[1]]`, depth 2.
+        assert!(records(Json, b"[[[1]]]", 2).is_ok());
+        assert!(records(Json, b"[[[[1]]]]", 2).is_err());
+        assert!(records(Json, br#"{"a": {"b": 1}}"#, 1).is_err());
+    }
+
     #[test]
     fn invalid_utf8_names_the_offset() {
-        let err = records(BodyKind::Json, b"{\"a\":\"\xff\"}").unwrap_err();
+        let err = records(BodyKind::Json, b"{\"a\":\"\xff\"}", 128).unwrap_err();
         assert!(
             err.to_string()
                 .contains("not UTF-8: invalid byte at offset 6"),

@@ -717,7 +717,7 @@ where
         }
     };
     let decoded = ingest::decode(encoding, raw, limit)?;
-    let records = ingest::records(kind, &decoded)?;
+    let records = ingest::records(kind, &decoded, state.settings.max_depth)?;
     let received_at_micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)

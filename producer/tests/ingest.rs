@@ -521,10 +521,118 @@ async fn a_client_the_broker_no_longer_accepts_is_replaced() -> Result<()> {
     Ok(())
 }
 
+fn nested_arrays(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data)?;
+    Ok(gz.finish()?)
+}
+
 fn metric<'a>(metrics: &'a str, name: &str) -> Option<&'a str> {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+}
+
+/// A record nested 100,000 arrays deep once got a 200 (it could only be dead-lettered later).
+/// Every body kind is checked against --max-depth (default 128) before it is parsed, and the
+/// 400 names the record and the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_nested_deeper_than_max_depth_get_a_400_naming_the_record() -> Result<()> {
+    let broker = tansu().await?;
+    let producer = start(settings(&broker)).await?;
+    let http = HttpClient::new();
+    let over = nested_arrays(129);
+    let very_deep = nested_arrays(100_000);
+    let objects = format!("{}1{}", "{\"a\":".repeat(129), "}".repeat(129));
+    let ndjson = format!("{{\"id\":1}}\n{{\"id\":2}}\n{very_deep}\n{{\"id\":4}}\n");
+    type Case<'a> = (&'a str, &'a str, bool, Vec<u8>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "array of records, the third too deep",
+            "application/json",
+            false,
+            format!("[{{\"id\":1}}, 2, {over}]").into_bytes(),
+            "record 2 is nested more than 128 levels deep",
+        ),
+        (
+            "one record of nested objects",
+            "application/json",
+            false,
+            objects.into_bytes(),
+            "record 0 is nested more than 128 levels deep",
+        ),
+        (
+            "100,000 nested arrays",
+            "application/json",
+            false,
+            very_deep.clone().into_bytes(),
+            "record 0 is nested more than 128 levels deep",
+        ),
+        (
+            "ndjson",
+            "application/x-ndjson",
+            false,
+            ndjson.clone().into_bytes(),
+            "record 2 is nested more than 128 levels deep",
+        ),
+        (
+            "gzipped ndjson",
+            "application/x-ndjson",
+            true,
+            gzip(ndjson.as_bytes())?,
+            "record 2 is nested more than 128 levels deep",
+        ),
+    ];
+    for (name, ct, gzipped, body, needle) in cases {
+        let mut headers = vec![("content-type", ct)];
+        if gzipped {
+            headers.push(("content-encoding", "gzip"));
+        }
+        let a = http
+            .send(hyper::Method::POST, &producer.store_url(), &headers, body)
+            .await?;
+        assert_eq!(a.status, 400, "{name}: {}", a.body);
+        let msg = a.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
+        assert!(
+            msg.contains("--max-depth") && msg.contains("Nothing was written"),
+            "{name}: {msg}"
+        );
+    }
+    // Exactly at the limit is accepted, byte for byte.
+    let at_limit = nested_arrays(128);
+    let a = http
+        .post(
+            &producer.store_url(),
+            "application/json",
+            format!("[{at_limit}]"),
+        )
+        .await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let env_bytes = acknowledged_message(&broker, &a).await?;
+    assert_eq!(
+        Envelope::decode(&env_bytes)?.records,
+        vec![at_limit.as_bytes()]
+    );
+    let bootstrap = broker.bootstrap();
+    assert_eq!(
+        blocking(move || message_count(&bootstrap, TOPIC)).await?,
+        1,
+        "only the request at the limit was written"
+    );
+    assert_eq!(
+        metric(
+            &producer.metrics_text()?,
+            "spillway_producer_requests_total{status=\"400\"}"
+        ),
+        Some("5")
+    );
+    producer.shutdown().await;
+    Ok(())
 }
 
 /// Sends `head` then the whole `body`, and only then reads the answer, as a client that does
