@@ -28,6 +28,7 @@ use warp::Filter;
 use crate::config::{redact_properties, Settings};
 use crate::ingest::{self, Rejection};
 use crate::mutation::{self, Mutation};
+use crate::schema::{self, Mismatch, RecordSchema, SchemaError};
 
 /// Kafka's default maximum message size, assumed when the broker does not say.
 pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
@@ -75,16 +76,26 @@ pub enum StartError {
         /// The error.
         detail: String,
     },
+    /// The `--schema` file cannot be used.
+    #[error("{0}; nothing was started")]
+    Schema(#[from] SchemaError),
+    /// `--max-depth` too large for `--schema`.
+    #[error("invalid setting `max-depth`: {max_depth} is more than {} levels, the most a record checked by --schema may have; lower --max-depth", schema::MAX_DEPTH)]
+    DepthTooLargeForSchema {
+        /// --max-depth.
+        max_depth: usize,
+    },
     /// `SPILLWAY_MUTATE` names no known mutation (builds with the `mutations` feature only).
     #[error("{0}")]
     Mutation(String),
 }
 
-/// A request that was refused, with the status, the message, and whether to retry.
+/// A request that was refused, with the status, the message, and any details for the body.
 #[derive(Debug)]
 struct Refusal {
     status: StatusCode,
     message: String,
+    details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Refusal {
@@ -92,7 +103,32 @@ impl Refusal {
         Refusal {
             status,
             message: message.into(),
+            details: serde_json::Map::new(),
         }
+    }
+
+    /// The answer's body: `{"error": message, ...details}`.
+    fn body(self) -> serde_json::Value {
+        let mut body = self.details;
+        body.insert("error".into(), self.message.into());
+        body.into()
+    }
+}
+
+impl From<Mismatch> for Refusal {
+    fn from(m: Mismatch) -> Self {
+        let mut refusal = Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, m.message());
+        refusal
+            .details
+            .insert("failing_records".into(), m.failing_records.into());
+        refusal.details.insert(
+            "errors".into(),
+            serde_json::to_value(&m.errors).unwrap_or_default(),
+        );
+        refusal
+            .details
+            .insert("errors_truncated".into(), m.truncated.into());
+        refusal
     }
 }
 
@@ -121,7 +157,7 @@ struct Metrics {
 
 /// The statuses `/store` answers, each exported from the start (at 0) so that a rate over
 /// them exists before the first such answer.
-const STATUSES: [u16; 11] = [200, 400, 401, 404, 405, 413, 415, 429, 500, 503, 504];
+const STATUSES: [u16; 12] = [200, 400, 401, 404, 405, 413, 415, 422, 429, 500, 503, 504];
 
 impl Metrics {
     fn new() -> Self {
@@ -177,6 +213,8 @@ impl Metrics {
 
 struct State {
     settings: Settings,
+    /// The compiled `--schema`, if any.
+    schema: Option<RecordSchema>,
     /// The Kafka client and its generation; replaced when the broker stops accepting its
     /// idempotent writes (see [`State::replace_client`]).
     kafka: std::sync::RwLock<KafkaClient>,
@@ -326,6 +364,19 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
 /// Connects to Kafka, checks the topic and the message size limit, and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
     mutation::init().map_err(StartError::Mutation)?;
+    let schema = match &settings.schema {
+        Some(_) if settings.max_depth > schema::MAX_DEPTH => {
+            return Err(StartError::DepthTooLargeForSchema {
+                max_depth: settings.max_depth,
+            })
+        }
+        Some(path) => {
+            let schema = RecordSchema::load(path)?;
+            tracing::info!(schema = %schema.path().display(), "every record is checked against the schema");
+            Some(schema)
+        }
+        None => None,
+    };
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &settings.brokers)
         .set("enable.idempotence", "true")
@@ -370,6 +421,7 @@ pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
             created: Instant::now(),
         }),
         kafka_config: cfg,
+        schema,
         settings,
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -490,7 +542,7 @@ fn routes(
                     if refusal.status.is_server_error() {
                         tracing::warn!(status = %refusal.status, error = %refusal.message, "request not accepted");
                     }
-                    json(refusal.status, &serde_json::json!({ "error": refusal.message }), retry)
+                    json(refusal.status, &refusal.body(), retry)
                 }
             };
             state.metrics.in_flight.dec();
@@ -717,7 +769,15 @@ where
         }
     };
     let decoded = ingest::decode(encoding, raw, limit)?;
-    let records = ingest::records(kind, &decoded, state.settings.max_depth)?;
+    let max_depth = state.settings.max_depth;
+    let records = match &state.schema {
+        None => ingest::records(kind, &decoded, max_depth)?,
+        Some(schema) => {
+            let parsed = ingest::parsed_records(kind, &decoded, max_depth)?;
+            schema.check(parsed.iter().map(|r| &r.value))?;
+            parsed.into_iter().map(|r| r.raw).collect()
+        }
+    };
     let received_at_micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
