@@ -44,6 +44,16 @@ pub struct Args {
     #[arg(long, env = "SPILLWAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
 
+    /// Deepest nesting of arrays and objects allowed in a record; a request with a deeper record
+    /// is refused with 400 [default: 128]. With --schema at most 128.
+    #[arg(long, env = "SPILLWAY_MAX_DEPTH")]
+    pub max_depth: Option<usize>,
+
+    /// JSON Schema (draft 2020-12) file every record must match; a request with a record that
+    /// does not is refused with 422 and nothing of it is written [default: none, no check].
+    #[arg(long, env = "SPILLWAY_SCHEMA")]
+    pub schema: Option<PathBuf>,
+
     /// Requests being handled at once; more are shed with 429 [default: 1024].
     #[arg(long, env = "SPILLWAY_MAX_IN_FLIGHT_REQUESTS")]
     pub max_in_flight_requests: Option<usize>,
@@ -102,6 +112,10 @@ pub struct Settings {
     pub topic: String,
     /// Largest decoded body.
     pub max_body_bytes: usize,
+    /// Deepest nesting of arrays and objects in a record.
+    pub max_depth: usize,
+    /// JSON Schema file records must match (none: no check).
+    pub schema: Option<PathBuf>,
     /// Concurrent requests before shedding.
     pub max_in_flight_requests: usize,
     /// Concurrent request bytes before shedding.
@@ -127,6 +141,8 @@ impl fmt::Debug for Settings {
             .field("brokers", &self.brokers)
             .field("topic", &self.topic)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_depth", &self.max_depth)
+            .field("schema", &self.schema)
             .field("max_in_flight_requests", &self.max_in_flight_requests)
             .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("produce_timeout", &self.produce_timeout)
@@ -149,6 +165,8 @@ impl Settings {
             brokers: brokers.into(),
             topic: topic.into(),
             max_body_bytes: 900 * 1024,
+            max_depth: 128,
+            schema: None,
             max_in_flight_requests: 1024,
             max_in_flight_bytes: 256 << 20,
             produce_timeout: Duration::from_secs(5),
@@ -171,6 +189,8 @@ impl Settings {
             args.brokers = args.brokers.or(file.brokers);
             args.topic = args.topic.or(file.topic);
             args.max_body_bytes = args.max_body_bytes.or(file.max_body_bytes);
+            args.max_depth = args.max_depth.or(file.max_depth);
+            args.schema = args.schema.or(file.schema);
             args.max_in_flight_requests =
                 args.max_in_flight_requests.or(file.max_in_flight_requests);
             args.max_in_flight_bytes = args.max_in_flight_bytes.or(file.max_in_flight_bytes);
@@ -204,6 +224,18 @@ impl Settings {
             None => Ok(default),
         };
         s.max_body_bytes = positive("max-body-bytes", args.max_body_bytes, s.max_body_bytes)?;
+        s.max_depth = positive("max-depth", args.max_depth, s.max_depth)?;
+        s.schema = args.schema;
+        if s.schema.is_some() && s.max_depth > crate::schema::MAX_DEPTH {
+            return Err(bad(
+                "max-depth",
+                format!(
+                    "with --schema it can be at most {}: records are checked as trees, whose \
+                     depth must stay bounded; lower --max-depth",
+                    crate::schema::MAX_DEPTH
+                ),
+            ));
+        }
         s.max_in_flight_requests = positive(
             "max-in-flight-requests",
             args.max_in_flight_requests,
@@ -313,6 +345,29 @@ mod tests {
                 .setting,
             "X"
         );
+    }
+
+    #[test]
+    fn max_depth_and_schema_come_from_flags_or_the_file() {
+        let s = parse(&["--brokers", "b", "--topic", "t"]).unwrap();
+        assert_eq!((s.max_depth, s.schema), (128, None));
+        let dir = tempfile_dir();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            "brokers = \"b\"\ntopic = \"t\"\nmax-depth = 40\nschema = \"records.json\"\n",
+        )
+        .unwrap();
+        let s = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(s.max_depth, 40);
+        assert_eq!(s.schema, Some(PathBuf::from("records.json")));
+        let s = parse(&["--config", path.to_str().unwrap(), "--max-depth", "7"]).unwrap();
+        assert_eq!(s.max_depth, 7);
+        let err = parse(&["--brokers", "b", "--topic", "t", "--max-depth", "0"]).unwrap_err();
+        assert_eq!(err.setting, "max-depth");
+        let err = parse(&["--config", path.to_str().unwrap(), "--max-depth", "500"]).unwrap_err();
+        assert_eq!(err.setting, "max-depth", "{err}");
+        assert!(err.to_string().contains("--schema"), "{err}");
     }
 
     fn tempfile_dir() -> PathBuf {

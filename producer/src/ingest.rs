@@ -1,9 +1,17 @@
-//! Turning a request body into records: content type, decompression under a hard cap, UTF-8
-//! and JSON validation. Pure functions; the HTTP layer maps [`Rejection`] to a status.
+//! Turning a request body into records: content type, decompression under a hard cap, UTF-8,
+//! nesting depth and JSON validation. Pure functions; the HTTP layer maps [`Rejection`] to a
+//! status.
+//!
+//! Nothing here recurses on the input's nesting: the depth is counted by one loop over the
+//! bytes before any parser sees them, and splitting into raw records uses serde_json's
+//! iterative skipping. Only [`parsed_records`] (for `--schema`) builds trees, and only of
+//! records whose depth was checked first.
 
 use std::io::Read;
 
+use serde::Deserialize;
 use serde_json::value::RawValue;
+use serde_json::Value;
 
 /// How the body holds its records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,9 +98,56 @@ pub fn decode(
     }
 }
 
-/// Splits a decoded body into the raw bytes of each record, validating UTF-8 and JSON.
-/// The slices are exactly what the client sent (no re-serialisation).
-pub fn records(kind: BodyKind, body: &[u8]) -> Result<Vec<&[u8]>, Rejection> {
+/// Splits a decoded body into the raw bytes of each record, validating UTF-8, the nesting depth
+/// (at most `max_depth` levels of arrays and objects in a record) and JSON. The slices are
+/// exactly what the client sent (no re-serialisation).
+pub fn records(kind: BodyKind, body: &[u8], max_depth: usize) -> Result<Vec<&[u8]>, Rejection> {
+    let text = checked_text(kind, body, max_depth)?;
+    split(kind, text)
+}
+
+/// A record both as the client sent it and as a tree, for `--schema`.
+#[derive(Debug)]
+pub struct ParsedRecord<'a> {
+    /// The record's bytes, exactly as sent.
+    pub raw: &'a [u8],
+    /// The record, parsed.
+    pub value: Value,
+}
+
+/// As [`records`], but parses each record into a [`Value`] too, in the same single pass over
+/// the body (a record is never parsed twice). `max_depth` bounds the trees built, so keep it
+/// small (the schema check caps it at [`crate::schema::MAX_DEPTH`]).
+pub fn parsed_records(
+    kind: BodyKind,
+    body: &[u8],
+    max_depth: usize,
+) -> Result<Vec<ParsedRecord<'_>>, Rejection> {
+    let text = checked_text(kind, body, max_depth)?;
+    let parsed = match kind {
+        BodyKind::Json => json_values(text),
+        BodyKind::NdJson => ndjson_values(text),
+    };
+    if let Some(parsed) = parsed {
+        return Ok(parsed);
+    }
+    // Rare: let the raw split name the syntax error, with its line and column. A body it
+    // accepts holds a record that JSON allows but a tree cannot hold (a number beyond f64).
+    let raws = split(kind, text)?;
+    for (index, raw) in raws.iter().enumerate() {
+        if let Err(e) = whole_value(raw) {
+            return Err(Rejection::BadRequest(format!(
+                "record {index} cannot be checked against the schema: {}. {NOTHING_WRITTEN}",
+                strip_position(&e)
+            )));
+        }
+    }
+    Err(Rejection::BadRequest(format!(
+        "the body could not be read as records. {NOTHING_WRITTEN}"
+    )))
+}
+
+fn checked_text(kind: BodyKind, body: &[u8], max_depth: usize) -> Result<&str, Rejection> {
     let text = std::str::from_utf8(body).map_err(|e| {
         Rejection::BadRequest(format!(
             "the body is not UTF-8: invalid byte at offset {}. {NOTHING_WRITTEN}",
@@ -104,10 +159,138 @@ pub fn records(kind: BodyKind, body: &[u8]) -> Result<Vec<&[u8]>, Rejection> {
             "the body is empty: send at least one record. {NOTHING_WRITTEN}"
         )));
     }
+    check_depth(kind, text, max_depth)?;
+    Ok(text)
+}
+
+fn split(kind: BodyKind, text: &str) -> Result<Vec<&[u8]>, Rejection> {
     match kind {
         BodyKind::Json => json_records(text),
         BodyKind::NdJson => ndjson_records(text),
     }
+}
+
+/// Refuses a body with a record nested more than `max_depth` arrays and objects deep (a
+/// scalar has depth 0, `{"a": [1]}` depth 2), naming the first such record. One loop over the
+/// bytes, whatever the depth; it runs before the JSON is parsed, so on a body that is also
+/// malformed it may speak first.
+pub fn check_depth(kind: BodyKind, text: &str, max_depth: usize) -> Result<(), Rejection> {
+    // The records of a JSON array body sit one level inside it.
+    let wrapped = kind == BodyKind::Json && text.trim_start().starts_with('[');
+    let limit = max_depth.saturating_add(usize::from(wrapped));
+    let (mut depth, mut index) = (0usize, 0usize);
+    let (mut in_string, mut escaped, mut line_has_record) = (false, false, false);
+    for &b in text.as_bytes() {
+        if b == b'\n' && kind == BodyKind::NdJson {
+            // Each line is a record of its own (a JSON string holds no raw newline).
+            index += usize::from(line_has_record);
+            (depth, in_string, escaped, line_has_record) = (0, false, false, false);
+            continue;
+        }
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return Err(Rejection::BadRequest(format!(
+                        "record {index} is nested more than {max_depth} levels deep (arrays and \
+                         objects), the limit (--max-depth): flatten it. {NOTHING_WRITTEN}"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if wrapped && depth == 1 => index += 1,
+            b'"' => in_string = true,
+            b' ' | b'\t' | b'\r' | b'\n' => continue,
+            _ => {}
+        }
+        line_has_record = true;
+    }
+    Ok(())
+}
+
+const JSON_WHITESPACE: [char; 4] = [' ', '\t', '\n', '\r'];
+
+/// Parses `text` as one JSON value with nothing after it. serde_json's own limit of 128
+/// nested levels is lifted: callers bound the depth with [`check_depth`] first.
+fn whole_value(text: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    de.disable_recursion_limit();
+    let value = Value::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// The JSON value at the start of `text` and its length in bytes.
+fn leading_value(text: &str) -> Option<(Value, usize)> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let mut values = de.into_iter::<Value>();
+    let value = values.next()?.ok()?;
+    Some((value, values.byte_offset()))
+}
+
+/// One parse of a JSON body into records, each with its raw span; `None` on anything
+/// [`json_records`] would refuse (it then names the error).
+fn json_values(text: &str) -> Option<Vec<ParsedRecord<'_>>> {
+    let body = text.trim_matches(JSON_WHITESPACE);
+    if !body.starts_with('[') {
+        let value = whole_value(body.as_bytes()).ok()?;
+        return value.is_object().then(|| {
+            vec![ParsedRecord {
+                raw: body.as_bytes(),
+                value,
+            }]
+        });
+    }
+    let bytes = body.as_bytes();
+    let skip = |mut at: usize| {
+        while bytes.get(at).is_some_and(u8::is_ascii_whitespace) {
+            at += 1;
+        }
+        at
+    };
+    let mut out = Vec::new();
+    let mut at = 1;
+    loop {
+        at = skip(at);
+        let (value, len) = leading_value(body.get(at..)?)?;
+        out.push(ParsedRecord {
+            raw: bytes.get(at..at + len)?,
+            value,
+        });
+        at = skip(at + len);
+        match bytes.get(at)? {
+            b',' => at += 1,
+            b']' => break,
+            _ => return None,
+        }
+    }
+    (at + 1 == bytes.len()).then_some(out)
+}
+
+fn ndjson_values(text: &str) -> Option<Vec<ParsedRecord<'_>>> {
+    let mut out = Vec::new();
+    for line in text.split('\n') {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let raw = line.trim_matches(JSON_WHITESPACE).as_bytes();
+        out.push(ParsedRecord {
+            raw,
+            value: whole_value(raw).ok()?,
+        });
+    }
+    Some(out)
 }
 
 fn malformed(e: &serde_json::Error, line_offset: usize) -> Rejection {
@@ -173,8 +356,19 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// Checks both ways of reading a body: [`records`] and [`parsed_records`] must agree.
     fn check(kind: BodyKind, body: &str, want: Result<Vec<&str>, &str>) {
-        let got = records(kind, body.as_bytes());
+        let parsed = parsed_records(kind, body.as_bytes(), 128).map(|p| {
+            for r in &p {
+                assert_eq!(r.value, whole_value(r.raw).unwrap(), "body {body:?}");
+            }
+            p.into_iter().map(|r| r.raw).collect::<Vec<_>>()
+        });
+        let got = records(kind, body.as_bytes(), 128);
+        assert_eq!(
+            parsed, got,
+            "body {body:?}: parsed_records differs from records"
+        );
         match (got, want) {
             (Ok(got), Ok(want)) => {
                 let got: Vec<&str> = got
@@ -226,9 +420,59 @@ mod tests {
         check(NdJson, "{\"a\":1}\n{oops}\n", Err("line 2, column 2"));
     }
 
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn depth_is_counted_per_record_without_recursion() {
+        use BodyKind::{Json, NdJson};
+        let at_limit = nested(128);
+        let over = nested(129);
+        let deep = nested(100_000);
+        check(Json, &format!("[{at_limit}]"), Ok(vec![at_limit.as_str()]));
+        check(
+            Json,
+            &deep,
+            Err("record 0 is nested more than 128 levels deep"),
+        );
+        check(
+            Json,
+            &format!("[1, {{\"a\": \"[[[,\\\"[\"}}, {over}]"),
+            Err("record 2 is nested more than 128 levels deep"),
+        );
+        let objects = format!("{}1{}", "{\"a\":".repeat(129), "}".repeat(129));
+        check(Json, &objects, Err("record 0 is nested more than 128"));
+        check(
+            NdJson,
+            &format!("{{}}\n\n[\"]\"]\n{deep}\n"),
+            Err("record 2 is nested more than 128"),
+        );
+        check(
+            NdJson,
+            &format!("{at_limit}\n"),
+            Ok(vec![at_limit.as_str()]),
+        );
+        // A JSON array body holds records: here one record `[[1]]`, depth 2.
+        assert!(records(Json, b"[[[1]]]", 2).is_ok());
+        assert!(records(Json, b"[[[[1]]]]", 2).is_err());
+        assert!(records(Json, br#"{"a": {"b": 1}}"#, 1).is_err());
+    }
+
+    #[test]
+    fn a_number_no_tree_can_hold_is_named_for_the_schema_check() {
+        let body = br#"[{"a": 1}, {"big": 1e400}]"#;
+        assert!(records(BodyKind::Json, body, 128).is_ok());
+        let err = parsed_records(BodyKind::Json, body, 128).unwrap_err();
+        assert!(
+            err.to_string().contains("record 1 cannot be checked"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn invalid_utf8_names_the_offset() {
-        let err = records(BodyKind::Json, b"{\"a\":\"\xff\"}").unwrap_err();
+        let err = records(BodyKind::Json, b"{\"a\":\"\xff\"}", 128).unwrap_err();
         assert!(
             err.to_string()
                 .contains("not UTF-8: invalid byte at offset 6"),

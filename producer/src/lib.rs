@@ -17,6 +17,7 @@ compile_error!(
 pub mod config;
 pub mod ingest;
 pub mod mutation;
+pub mod schema;
 pub mod server;
 
 pub use config::{Args, Settings};

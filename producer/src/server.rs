@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,11 +28,18 @@ use warp::Filter;
 use crate::config::{redact_properties, Settings};
 use crate::ingest::{self, Rejection};
 use crate::mutation::{self, Mutation};
+use crate::schema::{self, Mismatch, RecordSchema, SchemaError};
 
 /// Kafka's default maximum message size, assumed when the broker does not say.
 pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
 /// Room kept for the envelope header and Kafka's record framing.
 const FRAMING_MARGIN: usize = 1024;
+/// A body refused as too large is still read, up to this many bytes, and thrown away, so that
+/// a client that writes its whole body before reading gets the 413 instead of a reset
+/// connection (closing a socket with unread data resets it). A larger one is not read.
+const DISCARD_BYTES: usize = 64 << 20;
+/// ... and for at most this long.
+const DISCARD_TIME: Duration = Duration::from_secs(10);
 
 /// Why the producer could not start. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -68,16 +76,26 @@ pub enum StartError {
         /// The error.
         detail: String,
     },
+    /// The `--schema` file cannot be used.
+    #[error("{0}; nothing was started")]
+    Schema(#[from] SchemaError),
+    /// `--max-depth` too large for `--schema`.
+    #[error("invalid setting `max-depth`: {max_depth} is more than {} levels, the most a record checked by --schema may have; lower --max-depth", schema::MAX_DEPTH)]
+    DepthTooLargeForSchema {
+        /// --max-depth.
+        max_depth: usize,
+    },
     /// `SPILLWAY_MUTATE` names no known mutation (builds with the `mutations` feature only).
     #[error("{0}")]
     Mutation(String),
 }
 
-/// A request that was refused, with the status, the message, and whether to retry.
+/// A request that was refused, with the status, the message, and any details for the body.
 #[derive(Debug)]
 struct Refusal {
     status: StatusCode,
     message: String,
+    details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Refusal {
@@ -85,7 +103,32 @@ impl Refusal {
         Refusal {
             status,
             message: message.into(),
+            details: serde_json::Map::new(),
         }
+    }
+
+    /// The answer's body: `{"error": message, ...details}`.
+    fn body(self) -> serde_json::Value {
+        let mut body = self.details;
+        body.insert("error".into(), self.message.into());
+        body.into()
+    }
+}
+
+impl From<Mismatch> for Refusal {
+    fn from(m: Mismatch) -> Self {
+        let mut refusal = Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, m.message());
+        refusal
+            .details
+            .insert("failing_records".into(), m.failing_records.into());
+        refusal.details.insert(
+            "errors".into(),
+            serde_json::to_value(&m.errors).unwrap_or_default(),
+        );
+        refusal
+            .details
+            .insert("errors_truncated".into(), m.truncated.into());
+        refusal
     }
 }
 
@@ -114,7 +157,7 @@ struct Metrics {
 
 /// The statuses `/store` answers, each exported from the start (at 0) so that a rate over
 /// them exists before the first such answer.
-const STATUSES: [u16; 11] = [200, 400, 401, 404, 405, 413, 415, 429, 500, 503, 504];
+const STATUSES: [u16; 12] = [200, 400, 401, 404, 405, 413, 415, 422, 429, 500, 503, 504];
 
 impl Metrics {
     fn new() -> Self {
@@ -170,6 +213,8 @@ impl Metrics {
 
 struct State {
     settings: Settings,
+    /// The compiled `--schema`, if any.
+    schema: Option<RecordSchema>,
     /// The Kafka client and its generation; replaced when the broker stops accepting its
     /// idempotent writes (see [`State::replace_client`]).
     kafka: std::sync::RwLock<KafkaClient>,
@@ -319,6 +364,19 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
 /// Connects to Kafka, checks the topic and the message size limit, and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
     mutation::init().map_err(StartError::Mutation)?;
+    let schema = match &settings.schema {
+        Some(_) if settings.max_depth > schema::MAX_DEPTH => {
+            return Err(StartError::DepthTooLargeForSchema {
+                max_depth: settings.max_depth,
+            })
+        }
+        Some(path) => {
+            let schema = RecordSchema::load(path)?;
+            tracing::info!(schema = %schema.path().display(), "every record is checked against the schema");
+            Some(schema)
+        }
+        None => None,
+    };
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &settings.brokers)
         .set("enable.idempotence", "true")
@@ -363,6 +421,7 @@ pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
             created: Instant::now(),
         }),
         kafka_config: cfg,
+        schema,
         settings,
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -483,7 +542,7 @@ fn routes(
                     if refusal.status.is_server_error() {
                         tracing::warn!(status = %refusal.status, error = %refusal.message, "request not accepted");
                     }
-                    json(refusal.status, &serde_json::json!({ "error": refusal.message }), retry)
+                    json(refusal.status, &refusal.body(), retry)
                 }
             };
             state.metrics.in_flight.dec();
@@ -669,10 +728,17 @@ where
         limit
     };
     let declared = header(headers, "content-length").and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > wire_limit) {
+    futures::pin_mut!(body);
+    if let Some(declared) = declared.filter(|n| *n > wire_limit) {
+        // A client that waits for `100 Continue` has sent nothing: answer at once.
+        let waits =
+            header(headers, "expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue"));
+        if !waits && declared <= DISCARD_BYTES {
+            discard(body.as_mut(), DISCARD_BYTES).await;
+        }
         return Err(too_large(limit));
     }
-    let _request = state.requests.clone().try_acquire_owned().map_err(|_| {
+    let request_permit = state.requests.clone().try_acquire_owned().map_err(|_| {
         Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -682,7 +748,7 @@ where
         )
     })?;
     let reserve = declared.unwrap_or(wire_limit).min(wire_limit) + if gzip { limit } else { 0 };
-    let _bytes = state
+    let byte_permits = state
         .kib
         .clone()
         .try_acquire_many_owned(reserve.div_ceil(1024).max(1) as u32)
@@ -692,9 +758,26 @@ where
                 "too many request bytes are in flight: nothing was written, retry later",
             )
         })?;
-    let raw = read_body(body, wire_limit, limit).await?;
+    let raw = match read_body(body.as_mut(), wire_limit).await {
+        Ok(raw) => raw,
+        Err(Unread::Failed(refusal)) => return Err(refusal),
+        Err(Unread::OverLimit { read }) => {
+            // Nothing is held while the rest is thrown away: this request no longer counts.
+            drop((request_permit, byte_permits));
+            discard(body, DISCARD_BYTES.saturating_sub(read)).await;
+            return Err(too_large(limit));
+        }
+    };
     let decoded = ingest::decode(encoding, raw, limit)?;
-    let records = ingest::records(kind, &decoded)?;
+    let max_depth = state.settings.max_depth;
+    let records = match &state.schema {
+        None => ingest::records(kind, &decoded, max_depth)?,
+        Some(schema) => {
+            let parsed = ingest::parsed_records(kind, &decoded, max_depth)?;
+            schema.check(parsed.iter().map(|r| &r.value))?;
+            parsed.into_iter().map(|r| r.raw).collect()
+        }
+    };
     let received_at_micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -791,26 +874,57 @@ fn too_large(limit: usize) -> Refusal {
     )
 }
 
-async fn read_body<S, B>(body: S, wire_limit: usize, limit: usize) -> Result<Bytes, Refusal>
+/// Why a body was not read whole.
+enum Unread {
+    /// The connection failed.
+    Failed(Refusal),
+    /// It went past the limit after `read` bytes; the rest is still to come.
+    OverLimit { read: usize },
+}
+
+async fn read_body<S, B>(mut body: Pin<&mut S>, wire_limit: usize) -> Result<Bytes, Unread>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    futures::pin_mut!(body);
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| {
-            Refusal::new(
+            Unread::Failed(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 format!("the body could not be read ({e}). Nothing was written."),
-            )
+            ))
         })?;
-        if buf.len() + chunk.remaining() > wire_limit {
-            return Err(too_large(limit));
+        let read = buf.len() + chunk.remaining();
+        if read > wire_limit {
+            return Err(Unread::OverLimit { read });
         }
         buf.put(chunk);
     }
     Ok(buf.freeze())
+}
+
+/// Reads and drops the rest of a refused body, up to `budget` bytes and [`DISCARD_TIME`], so the
+/// client reads the answer rather than a reset. Past either bound the connection is closed.
+async fn discard<S, B>(mut body: Pin<&mut S>, budget: usize)
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let drained = tokio::time::timeout(DISCARD_TIME, async {
+        let mut read = 0usize;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.remaining();
+            if read > budget {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    if drained != Ok(true) {
+        tracing::debug!("a refused body was not read to its end; the connection is closed");
+    }
 }
 
 fn kafka_refusal(e: &KafkaError, state: &State) -> Refusal {

@@ -520,3 +520,418 @@ async fn a_client_the_broker_no_longer_accepts_is_replaced() -> Result<()> {
     producer.shutdown().await;
     Ok(())
 }
+
+fn nested_arrays(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data)?;
+    Ok(gz.finish()?)
+}
+
+fn metric<'a>(metrics: &'a str, name: &str) -> Option<&'a str> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+}
+
+/// A record nested 100,000 arrays deep once got a 200 (it could only be dead-lettered later).
+/// Every body kind is checked against --max-depth (default 128) before it is parsed, and the
+/// 400 names the record and the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_nested_deeper_than_max_depth_get_a_400_naming_the_record() -> Result<()> {
+    let broker = tansu().await?;
+    let producer = start(settings(&broker)).await?;
+    let http = HttpClient::new();
+    let over = nested_arrays(129);
+    let very_deep = nested_arrays(100_000);
+    let objects = format!("{}1{}", "{\"a\":".repeat(129), "}".repeat(129));
+    let ndjson = format!("{{\"id\":1}}\n{{\"id\":2}}\n{very_deep}\n{{\"id\":4}}\n");
+    type Case<'a> = (&'a str, &'a str, bool, Vec<u8>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "array of records, the third too deep",
+            "application/json",
+            false,
+            format!("[{{\"id\":1}}, 2, {over}]").into_bytes(),
+            "record 2 is nested more than 128 levels deep",
+        ),
+        (
+            "one record of nested objects",
+            "application/json",
+            false,
+            objects.into_bytes(),
+            "record 0 is nested more than 128 levels deep",
+        ),
+        (
+            "100,000 nested arrays",
+            "application/json",
+            false,
+            very_deep.clone().into_bytes(),
+            "record 0 is nested more than 128 levels deep",
+        ),
+        (
+            "ndjson",
+            "application/x-ndjson",
+            false,
+            ndjson.clone().into_bytes(),
+            "record 2 is nested more than 128 levels deep",
+        ),
+        (
+            "gzipped ndjson",
+            "application/x-ndjson",
+            true,
+            gzip(ndjson.as_bytes())?,
+            "record 2 is nested more than 128 levels deep",
+        ),
+    ];
+    for (name, ct, gzipped, body, needle) in cases {
+        let mut headers = vec![("content-type", ct)];
+        if gzipped {
+            headers.push(("content-encoding", "gzip"));
+        }
+        let a = http
+            .send(hyper::Method::POST, &producer.store_url(), &headers, body)
+            .await?;
+        assert_eq!(a.status, 400, "{name}: {}", a.body);
+        let msg = a.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
+        assert!(
+            msg.contains("--max-depth") && msg.contains("Nothing was written"),
+            "{name}: {msg}"
+        );
+    }
+    // Exactly at the limit is accepted, byte for byte.
+    let at_limit = nested_arrays(128);
+    let a = http
+        .post(
+            &producer.store_url(),
+            "application/json",
+            format!("[{at_limit}]"),
+        )
+        .await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let env_bytes = acknowledged_message(&broker, &a).await?;
+    assert_eq!(
+        Envelope::decode(&env_bytes)?.records,
+        vec![at_limit.as_bytes()]
+    );
+    let bootstrap = broker.bootstrap();
+    assert_eq!(
+        blocking(move || message_count(&bootstrap, TOPIC)).await?,
+        1,
+        "only the request at the limit was written"
+    );
+    assert_eq!(
+        metric(
+            &producer.metrics_text()?,
+            "spillway_producer_requests_total{status=\"400\"}"
+        ),
+        Some("5")
+    );
+    producer.shutdown().await;
+    Ok(())
+}
+
+/// Sends `head` then the whole `body`, and only then reads the answer, as a client that does
+/// not read while it writes.
+fn write_everything_then_read(
+    addr: std::net::SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> Result<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(head.as_bytes())
+        .context("writing the request head")?;
+    s.write_all(body)
+        .context("writing the whole body before reading")?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).context("reading the answer")?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+fn status_and_json(answer: &str) -> (String, serde_json::Value) {
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+/// A 20 MB body declared over the cap once got a broken pipe: the producer answered and closed
+/// while the client was still writing. A client that writes everything before reading now
+/// gets the 413 and its JSON error, with a Content-Length and chunked, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_writes_its_whole_body_before_reading_gets_the_413() -> Result<()> {
+    let broker = tansu().await?;
+    let producer = start(settings(&broker)).await?;
+    let addr = producer.addr();
+    let size = 20 << 20;
+    let head = format!(
+        "POST /store HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {size}\r\nconnection: close\r\n\r\n"
+    );
+    let answer =
+        blocking(move || write_everything_then_read(addr, &head, &vec![b' '; size])).await?;
+    let (status, body) = status_and_json(&answer);
+    assert!(status.starts_with("HTTP/1.1 413"), "{answer:.300}");
+    let msg = body["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("larger than 921600 bytes") && msg.contains("Nothing was written"),
+        "{answer:.300}"
+    );
+
+    let head = format!(
+        "POST /store HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    let mut chunked = Vec::new();
+    for _ in 0..20 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 1 << 20).as_bytes());
+        chunked.extend(std::iter::repeat_n(b' ', 1 << 20));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = blocking(move || write_everything_then_read(addr, &head, &chunked)).await?;
+    let (status, body) = status_and_json(&answer);
+    assert!(status.starts_with("HTTP/1.1 413"), "{answer:.300}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("larger than 921600 bytes"),
+        "{answer:.300}"
+    );
+
+    let bootstrap = broker.bootstrap();
+    assert_eq!(
+        blocking(move || message_count(&bootstrap, TOPIC)).await?,
+        0,
+        "nothing was written"
+    );
+    assert_eq!(
+        metric(
+            &producer.metrics_text()?,
+            "spillway_producer_requests_total{status=\"413\"}"
+        ),
+        Some("2")
+    );
+    producer.shutdown().await;
+    Ok(())
+}
+
+const USER_SCHEMA: &str = r#"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "required": ["id"],
+  "properties": {
+    "id": {"type": "integer"},
+    "user": {"type": "object", "properties": {"name": {"type": "string"}}}
+  }
+}"#;
+
+fn schema_file(dir: &tempfile::TempDir, name: &str, text: &str) -> Result<std::path::PathBuf> {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// (record, instance path, schema path) of each listed error, in order.
+fn listed_errors(answer: &Answer) -> Vec<(u64, String, String)> {
+    answer.json()["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .map(|e| {
+                    assert!(
+                        !e["reason"].as_str().unwrap_or_default().is_empty(),
+                        "every error has a reason: {e}"
+                    );
+                    (
+                        e["record"].as_u64().unwrap_or(u64::MAX),
+                        e["instance_path"].as_str().unwrap_or("?").to_string(),
+                        e["schema_path"].as_str().unwrap_or("?").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// With --schema, a request with any record that does not match gets 422 listing each error's
+/// record, path, schema path and reason, and nothing of it reaches Kafka; matching records are
+/// written byte for byte, as without a schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_schema_a_record_that_does_not_match_gets_a_422_and_nothing_is_written() -> Result<()>
+{
+    let broker = tansu().await?;
+    let dir = tempfile::tempdir()?;
+    let mut s = settings(&broker);
+    s.schema = Some(schema_file(&dir, "user.json", USER_SCHEMA)?);
+    let producer = start(s).await?;
+    let http = HttpClient::new();
+    let url = producer.store_url();
+
+    let a = http
+        .post(
+            &url,
+            "application/json",
+            r#"[{"id": 1, "user": {"name": "a"}}, {"id": "two", "user": {"name": 3}}, {"user": {}}]"#,
+        )
+        .await?;
+    assert_eq!(a.status, 422, "{}", a.body);
+    let mut errors = listed_errors(&a);
+    errors.sort();
+    let want = |r: u64, i: &str, s: &str| (r, i.to_string(), s.to_string());
+    assert_eq!(
+        errors,
+        vec![
+            want(1, "/id", "/properties/id/type"),
+            want(1, "/user/name", "/properties/user/properties/name/type"),
+            want(2, "", "/required"),
+        ],
+        "{}",
+        a.body
+    );
+    assert_eq!(a.json()["failing_records"], 2);
+    let msg = a.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        msg.contains("2 of the 3 records do not match") && msg.contains("nothing was written"),
+        "{msg}"
+    );
+    assert!(
+        a.body.contains("is not of type") && a.body.contains("required"),
+        "reasons: {}",
+        a.body
+    );
+
+    let ndjson = gzip(b"{\"id\": 1}\n{\"id\": 2.5}\n")?;
+    let a = http
+        .send(
+            hyper::Method::POST,
+            &url,
+            &[
+                ("content-type", "application/x-ndjson"),
+                ("content-encoding", "gzip"),
+            ],
+            ndjson,
+        )
+        .await?;
+    assert_eq!(a.status, 422, "{}", a.body);
+    assert_eq!(
+        listed_errors(&a),
+        vec![want(1, "/id", "/properties/id/type")]
+    );
+
+    let many = format!("[{}]", [r#"{"id": "x"}"#; 12].join(","));
+    let a = http.post(&url, "application/json", many).await?;
+    assert_eq!(a.status, 422, "{}", a.body);
+    assert_eq!(listed_errors(&a).len(), 10, "the list is capped");
+    assert_eq!(
+        (&a.json()["failing_records"], &a.json()["errors_truncated"]),
+        (&serde_json::json!(12), &serde_json::json!(true))
+    );
+
+    // Depth is checked before a tree is built: deep records get the 400, not a parse error.
+    let over = format!("{{\"id\": 5, \"deep\": {}}}", nested_arrays(128));
+    let a = http.post(&url, "application/json", over).await?;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(
+        a.body.contains("record 0 is nested more than 128"),
+        "{}",
+        a.body
+    );
+    let a = http
+        .post(&url, "application/json", nested_arrays(100_000))
+        .await?;
+    assert_eq!(a.status, 400, "{}", a.body);
+
+    let bootstrap = broker.bootstrap();
+    assert_eq!(
+        blocking(move || message_count(&bootstrap, TOPIC)).await?,
+        0,
+        "no refused request reached Kafka"
+    );
+
+    // Matching records, one of them exactly at the depth limit (past serde_json's own 127).
+    let at_limit = format!("{{\"id\": 4, \"deep\": {}}}", nested_arrays(127));
+    let body = format!("[{{\"id\": 1, \"user\": {{\"name\": \"a\"}}}}, {at_limit}]");
+    let a = http.post(&url, "application/json", body).await?;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let env_bytes = acknowledged_message(&broker, &a).await?;
+    assert_eq!(
+        Envelope::decode(&env_bytes)?.records,
+        vec![
+            &br#"{"id": 1, "user": {"name": "a"}}"#[..],
+            at_limit.as_bytes()
+        ]
+    );
+    let metrics = producer.metrics_text()?;
+    assert_eq!(
+        metric(&metrics, "spillway_producer_requests_total{status=\"422\"}"),
+        Some("3"),
+        "{metrics}"
+    );
+    producer.shutdown().await;
+    Ok(())
+}
+
+/// A --schema that cannot be used stops start-up with a message naming the file and the fix,
+/// before any connection is opened (the brokers here do not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_file_that_cannot_be_used_stops_start_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases = [
+        (
+            dir.path().join("missing.json"),
+            128,
+            "cannot read the schema file",
+        ),
+        (
+            schema_file(&dir, "not-json.json", "{\"type\": ")?,
+            128,
+            "is not JSON",
+        ),
+        (
+            schema_file(&dir, "bad-type.json", r#"{"type": 12}"#)?,
+            128,
+            "is not a valid JSON Schema",
+        ),
+        (
+            schema_file(
+                &dir,
+                "remote-ref.json",
+                r#"{"$ref": "https://schemas.invalid/record.json"}"#,
+            )?,
+            128,
+            "is not a valid JSON Schema",
+        ),
+        (
+            schema_file(&dir, "fine.json", USER_SCHEMA)?,
+            500,
+            "invalid setting `max-depth`",
+        ),
+    ];
+    for (path, max_depth, needle) in cases {
+        let mut s = Settings::new("127.0.0.1:9", TOPIC);
+        s.listen = "127.0.0.1:0".parse()?;
+        s.schema = Some(path.clone());
+        s.max_depth = max_depth;
+        let err = start(s)
+            .await
+            .expect_err("an unusable schema must stop start-up");
+        let msg = err.to_string();
+        assert!(msg.contains(needle), "{}: {msg}", path.display());
+        if max_depth == 128 {
+            assert!(
+                matches!(err, StartError::Schema(_)) && msg.contains(&*path.to_string_lossy()),
+                "{msg}"
+            );
+        }
+    }
+    Ok(())
+}
