@@ -251,7 +251,8 @@ d = json.load(open(sys.argv[1]))
 v = d["verdict"]
 print(f"requests {sum(d['statuses'].values())} ({d['statuses']}), records acknowledged "
       f"{d['records_acknowledged']}, in {d['elapsed_seconds']:.1f} s; verdict: lost {v['lost']}, "
-      f"duplicated {v['duplicated']}, drained {v['drained']} in {v['drain_seconds']:.1f} s")
+      f"duplicated {v['duplicated']}, quiet {v['quiet']} after {v['waited_seconds']:.1f} s "
+      f"(including the 3 s settle period)")
 EOF
 }
 
