@@ -63,6 +63,8 @@ pub fn rows(n: u64) -> Vec<Record> {
             index: 0,
             last_in_message: true,
             received_at_micros: 1_764_000_000_000_000,
+            request_id: RequestId::from_u128(0),
+            kafka: None,
             payload: record(i),
         })
         .collect()

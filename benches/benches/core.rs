@@ -17,6 +17,8 @@ fn batcher(c: &mut Criterion) {
             index: 0,
             last_in_message: true,
             received_at_micros: 0,
+            request_id: RequestId::from_u128(0),
+            kafka: None,
             payload: record(i),
         })
         .collect();

@@ -358,6 +358,7 @@ impl Poller {
                     offset: m.offset(),
                     epoch: self.tags().tag(m.partition()),
                     payload: m.payload().map(<[u8]>::to_vec),
+                    kafka: None,
                 }),
                 Some(Err(e)) => SourceEvent::Error(e),
             };
