@@ -51,7 +51,8 @@ pub fn print_ratios(group: &str, ids: &[(String, u64)], baseline: &str) {
     }
 }
 
-use spillway_consumer::pgcopy;
+use spillway_core::pgcopy;
+use spillway_core::Mapping;
 use spillway_core::{Envelope, Record, RequestId};
 
 /// `n` rows as the consumer would write them (one record per message, 4 partitions).
@@ -93,11 +94,14 @@ pub async fn raw_copy(
             .iter()
             .map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD)
             .sum();
-        let data = pgcopy::encode(chunk.iter(), size).freeze();
+        let mapping = Mapping::default();
+        let data = pgcopy::encode_all(&mapping, chunk, size)
+            .map(bytes::Bytes::from)
+            .expect("the default mapping converts every record");
         let sink = tx
             .copy_in::<_, bytes::Bytes>(&format!(
                 "COPY {table} ({}) FROM STDIN (FORMAT binary)",
-                pgcopy::COLUMNS
+                mapping.copy_columns()
             ))
             .await?;
         futures::pin_mut!(sink);

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::SinkExt;
 use spillway_benches::{create_table, print_ratios, raw_copy, rows};
-use spillway_consumer::pgcopy;
 use spillway_core::Record;
 use spillway_harness::postgres::connect;
 use spillway_harness::{LocalPostgres, PostgresServer};
@@ -98,7 +97,10 @@ async fn copy_text(c: &mut Client, rows: &[Record], batch: usize) {
             ));
         }
         let sink = tx
-            .copy_in::<_, Bytes>(&format!("COPY t ({}) FROM STDIN", pgcopy::COLUMNS))
+            .copy_in::<_, Bytes>(&format!(
+                "COPY t ({}) FROM STDIN",
+                spillway_core::Mapping::default().copy_columns()
+            ))
             .await
             .expect("copy");
         futures::pin_mut!(sink);
