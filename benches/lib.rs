@@ -15,6 +15,62 @@ pub fn record(i: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The six-column mapping of the typed benches (issue 16): bigint, text, timestamptz, double
+/// precision, boolean and jsonb, `data` not kept.
+pub const TYPED_COLUMNS: [&str; 6] = [
+    "n:bigint=/n",
+    "name:text=/name",
+    "at:timestamptz=/at",
+    "score:double precision=/score",
+    "ok:boolean=/ok",
+    "doc:jsonb=/doc",
+];
+
+/// [`TYPED_COLUMNS`] as the consumer's mapping (`--keep-data false`).
+pub fn typed_mapping() -> spillway_core::Mapping {
+    let columns = TYPED_COLUMNS
+        .iter()
+        .map(|c| c.parse().expect("a valid mapping"))
+        .collect();
+    spillway_core::Mapping::new(columns, false).expect("a valid mapping")
+}
+
+/// A record of about 200 bytes that fits [`TYPED_COLUMNS`].
+pub fn typed_record(i: u64) -> Vec<u8> {
+    format!(
+        r#"{{"n":{},"name":"user-{}","at":"2026-11-27T{:02}:{:02}:{:02}.{:06}Z","score":{}.25,"ok":{},"doc":{{"event":"page_view","path":"/products/{}","ua":"Mozilla/5.0 (X11; Linux x86_64)"}},"pad":"{}"}}"#,
+        i * 7919,
+        i % 10_000,
+        i / 3600 % 24,
+        i / 60 % 60,
+        i % 60,
+        i * 37 % 1_000_000,
+        i % 1000,
+        i.is_multiple_of(2),
+        i % 977,
+        "x".repeat(20)
+    )
+    .into_bytes()
+}
+
+/// `n` typed records as the consumer holds them.
+pub fn typed_rows(n: u64) -> Vec<Record> {
+    let mut rows = rows(n);
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.payload = typed_record(i as u64);
+    }
+    rows
+}
+
+/// The typed table's DDL for `table`, as the consumer creates it for [`typed_mapping`].
+pub fn create_typed_table(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, \
+         record_index int NOT NULL, received_at timestamptz NOT NULL, n bigint, name text, \
+         at timestamptz, score double precision, ok boolean, doc jsonb)"
+    )
+}
+
 /// Mean time per iteration (ns) that criterion recorded for `group/id`, if any.
 pub fn criterion_mean_ns(group: &str, id: &str) -> Option<f64> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -87,29 +143,62 @@ pub async fn raw_copy(
     rows: &[Record],
     batch: usize,
 ) -> Result<(), tokio_postgres::Error> {
-    use futures::SinkExt;
+    let mapping = Mapping::default();
+    encode_and_copy(client, table, rows, batch, &mapping).await
+}
+
+/// The consumer's write path with `mapping`: each batch of `rows` converted and encoded
+/// (core's `CopyRows`), then one COPY BINARY per transaction.
+pub async fn encode_and_copy(
+    client: &mut tokio_postgres::Client,
+    table: &str,
+    rows: &[Record],
+    batch: usize,
+    mapping: &Mapping,
+) -> Result<(), tokio_postgres::Error> {
+    let columns = mapping.copy_columns();
     for chunk in rows.chunks(batch) {
-        let tx = client.transaction().await?;
         let size = chunk
             .iter()
             .map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD)
             .sum();
-        let mapping = Mapping::default();
-        let data = pgcopy::encode_all(&mapping, chunk, size)
+        let data = pgcopy::encode_all(mapping, chunk, size)
             .map(bytes::Bytes::from)
-            .expect("the default mapping converts every record");
-        let sink = tx
-            .copy_in::<_, bytes::Bytes>(&format!(
-                "COPY {table} ({}) FROM STDIN (FORMAT binary)",
-                mapping.copy_columns()
-            ))
-            .await?;
-        futures::pin_mut!(sink);
-        sink.send(data).await?;
-        sink.as_mut().finish().await?;
-        tx.commit().await?;
+            .expect("the bench rows fit the mapping");
+        copy_encoded(client, table, &columns, data).await?;
     }
     Ok(())
+}
+
+/// Encodes `rows` with `mapping` in batches of `batch`, ahead of time (for [`copy_encoded`]).
+pub fn encode_batches(rows: &[Record], batch: usize, mapping: &Mapping) -> Vec<bytes::Bytes> {
+    rows.chunks(batch)
+        .map(|chunk| {
+            pgcopy::encode_all(mapping, chunk, 0)
+                .map(bytes::Bytes::from)
+                .expect("the bench rows fit the mapping")
+        })
+        .collect()
+}
+
+/// One COPY BINARY of already encoded rows into `columns` of `table`, in a transaction.
+pub async fn copy_encoded(
+    client: &mut tokio_postgres::Client,
+    table: &str,
+    columns: &str,
+    data: bytes::Bytes,
+) -> Result<(), tokio_postgres::Error> {
+    use futures::SinkExt;
+    let tx = client.transaction().await?;
+    let sink = tx
+        .copy_in::<_, bytes::Bytes>(&format!(
+            "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    futures::pin_mut!(sink);
+    sink.send(data).await?;
+    sink.as_mut().finish().await?;
+    tx.commit().await
 }
 
 /// Produces a backlog of `records` records, `per_message` per envelope, to `topic`; with
@@ -197,5 +286,19 @@ pub async fn drain_time(
             return elapsed.mul_f64(total as f64 / rows as f64);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_records_are_about_200_bytes_and_fit_the_typed_mapping() {
+        let rows = typed_rows(1000);
+        let mean = rows.iter().map(|r| r.payload.len()).sum::<usize>() / rows.len();
+        assert!((180..=230).contains(&mean), "mean record size {mean}");
+        let copy = pgcopy::encode_all(&typed_mapping(), &rows, 0);
+        assert!(copy.is_ok(), "{copy:?}");
     }
 }
