@@ -211,6 +211,18 @@ pub async fn produce_backlog(
     records: u64,
     per_message: u64,
 ) -> Result<(), rdkafka::error::KafkaError> {
+    produce_backlog_of(bootstrap, topic, json_topic, records, per_message, record).await
+}
+
+/// [`produce_backlog`] with records made by `record` (e.g. [`typed_record`]).
+pub async fn produce_backlog_of(
+    bootstrap: &str,
+    topic: &str,
+    json_topic: Option<&str>,
+    records: u64,
+    per_message: u64,
+    record: fn(u64) -> Vec<u8>,
+) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let p: FutureProducer = ClientConfig::new()
@@ -263,6 +275,26 @@ pub async fn produce_backlog(
             .map_err(|(e, _)| e)?;
     }
     Ok(())
+}
+
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux; in
+/// clock ticks of 10 ms). Zero where that file is not readable.
+pub fn process_cpu() -> std::time::Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return std::time::Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    std::time::Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 /// Samples `written()` until it reaches `total`; returns the time to write `total` rows at the
