@@ -15,6 +15,62 @@ pub fn record(i: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The six-column mapping of the typed benches (issue 16): bigint, text, timestamptz, double
+/// precision, boolean and jsonb, `data` not kept.
+pub const TYPED_COLUMNS: [&str; 6] = [
+    "n:bigint=/n",
+    "name:text=/name",
+    "at:timestamptz=/at",
+    "score:double precision=/score",
+    "ok:boolean=/ok",
+    "doc:jsonb=/doc",
+];
+
+/// [`TYPED_COLUMNS`] as the consumer's mapping (`--keep-data false`).
+pub fn typed_mapping() -> spillway_core::Mapping {
+    let columns = TYPED_COLUMNS
+        .iter()
+        .map(|c| c.parse().expect("a valid mapping"))
+        .collect();
+    spillway_core::Mapping::new(columns, false).expect("a valid mapping")
+}
+
+/// A record of about 200 bytes that fits [`TYPED_COLUMNS`].
+pub fn typed_record(i: u64) -> Vec<u8> {
+    format!(
+        r#"{{"n":{},"name":"user-{}","at":"2026-11-27T{:02}:{:02}:{:02}.{:06}Z","score":{}.25,"ok":{},"doc":{{"event":"page_view","path":"/products/{}","ua":"Mozilla/5.0 (X11; Linux x86_64)"}},"pad":"{}"}}"#,
+        i * 7919,
+        i % 10_000,
+        i / 3600 % 24,
+        i / 60 % 60,
+        i % 60,
+        i * 37 % 1_000_000,
+        i % 1000,
+        i.is_multiple_of(2),
+        i % 977,
+        "x".repeat(20)
+    )
+    .into_bytes()
+}
+
+/// `n` typed records as the consumer holds them.
+pub fn typed_rows(n: u64) -> Vec<Record> {
+    let mut rows = rows(n);
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.payload = typed_record(i as u64);
+    }
+    rows
+}
+
+/// The typed table's DDL for `table`, as the consumer creates it for [`typed_mapping`].
+pub fn create_typed_table(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, \
+         record_index int NOT NULL, received_at timestamptz NOT NULL, n bigint, name text, \
+         at timestamptz, score double precision, ok boolean, doc jsonb)"
+    )
+}
+
 /// Mean time per iteration (ns) that criterion recorded for `group/id`, if any.
 pub fn criterion_mean_ns(group: &str, id: &str) -> Option<f64> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -51,7 +107,8 @@ pub fn print_ratios(group: &str, ids: &[(String, u64)], baseline: &str) {
     }
 }
 
-use spillway_consumer::pgcopy;
+use spillway_core::pgcopy;
+use spillway_core::Mapping;
 use spillway_core::{Envelope, Record, RequestId};
 
 /// `n` rows as the consumer would write them (one record per message, 4 partitions).
@@ -63,6 +120,8 @@ pub fn rows(n: u64) -> Vec<Record> {
             index: 0,
             last_in_message: true,
             received_at_micros: 1_764_000_000_000_000,
+            request_id: RequestId::from_u128(0),
+            kafka: None,
             payload: record(i),
         })
         .collect()
@@ -84,26 +143,62 @@ pub async fn raw_copy(
     rows: &[Record],
     batch: usize,
 ) -> Result<(), tokio_postgres::Error> {
-    use futures::SinkExt;
+    let mapping = Mapping::default();
+    encode_and_copy(client, table, rows, batch, &mapping).await
+}
+
+/// The consumer's write path with `mapping`: each batch of `rows` converted and encoded
+/// (core's `CopyRows`), then one COPY BINARY per transaction.
+pub async fn encode_and_copy(
+    client: &mut tokio_postgres::Client,
+    table: &str,
+    rows: &[Record],
+    batch: usize,
+    mapping: &Mapping,
+) -> Result<(), tokio_postgres::Error> {
+    let columns = mapping.copy_columns();
     for chunk in rows.chunks(batch) {
-        let tx = client.transaction().await?;
         let size = chunk
             .iter()
             .map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD)
             .sum();
-        let data = pgcopy::encode(chunk.iter(), size).freeze();
-        let sink = tx
-            .copy_in::<_, bytes::Bytes>(&format!(
-                "COPY {table} ({}) FROM STDIN (FORMAT binary)",
-                pgcopy::COLUMNS
-            ))
-            .await?;
-        futures::pin_mut!(sink);
-        sink.send(data).await?;
-        sink.as_mut().finish().await?;
-        tx.commit().await?;
+        let data = pgcopy::encode_all(mapping, chunk, size)
+            .map(bytes::Bytes::from)
+            .expect("the bench rows fit the mapping");
+        copy_encoded(client, table, &columns, data).await?;
     }
     Ok(())
+}
+
+/// Encodes `rows` with `mapping` in batches of `batch`, ahead of time (for [`copy_encoded`]).
+pub fn encode_batches(rows: &[Record], batch: usize, mapping: &Mapping) -> Vec<bytes::Bytes> {
+    rows.chunks(batch)
+        .map(|chunk| {
+            pgcopy::encode_all(mapping, chunk, 0)
+                .map(bytes::Bytes::from)
+                .expect("the bench rows fit the mapping")
+        })
+        .collect()
+}
+
+/// One COPY BINARY of already encoded rows into `columns` of `table`, in a transaction.
+pub async fn copy_encoded(
+    client: &mut tokio_postgres::Client,
+    table: &str,
+    columns: &str,
+    data: bytes::Bytes,
+) -> Result<(), tokio_postgres::Error> {
+    use futures::SinkExt;
+    let tx = client.transaction().await?;
+    let sink = tx
+        .copy_in::<_, bytes::Bytes>(&format!(
+            "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    futures::pin_mut!(sink);
+    sink.send(data).await?;
+    sink.as_mut().finish().await?;
+    tx.commit().await
 }
 
 /// Produces a backlog of `records` records, `per_message` per envelope, to `topic`; with
@@ -115,6 +210,18 @@ pub async fn produce_backlog(
     json_topic: Option<&str>,
     records: u64,
     per_message: u64,
+) -> Result<(), rdkafka::error::KafkaError> {
+    produce_backlog_of(bootstrap, topic, json_topic, records, per_message, record).await
+}
+
+/// [`produce_backlog`] with records made by `record` (e.g. [`typed_record`]).
+pub async fn produce_backlog_of(
+    bootstrap: &str,
+    topic: &str,
+    json_topic: Option<&str>,
+    records: u64,
+    per_message: u64,
+    record: fn(u64) -> Vec<u8>,
 ) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -170,6 +277,26 @@ pub async fn produce_backlog(
     Ok(())
 }
 
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux; in
+/// clock ticks of 10 ms). Zero where that file is not readable.
+pub fn process_cpu() -> std::time::Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return std::time::Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    std::time::Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 /// Samples `written()` until it reaches `total`; returns the time to write `total` rows at the
 /// rate observed from the first row to the last, so start-up (joining the group) is not
 /// counted as write time.
@@ -191,5 +318,19 @@ pub async fn drain_time(
             return elapsed.mul_f64(total as f64 / rows as f64);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_records_are_about_200_bytes_and_fit_the_typed_mapping() {
+        let rows = typed_rows(1000);
+        let mean = rows.iter().map(|r| r.payload.len()).sum::<usize>() / rows.len();
+        assert!((180..=230).contains(&mean), "mean record size {mean}");
+        let copy = pgcopy::encode_all(&typed_mapping(), &rows, 0);
+        assert!(copy.is_ok(), "{copy:?}");
     }
 }

@@ -1,9 +1,12 @@
-//! The core's hot paths: batcher bookkeeping per record, envelope encode and decode.
+//! The core's hot paths: batcher bookkeeping per record, envelope encode and decode, and the
+//! COPY BINARY encoding of a batch, jsonb only and typed (the CPU a typed column costs).
 
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use spillway_benches::record;
+use spillway_benches::{record, rows, typed_mapping, typed_rows};
+use spillway_core::pgcopy::CopyRows;
+use spillway_core::Mapping;
 use spillway_core::{
     AdaptiveConfig, Batcher, BatcherConfig, Envelope, FlushOutcome, Position, Record, RequestId,
 };
@@ -17,6 +20,8 @@ fn batcher(c: &mut Criterion) {
             index: 0,
             last_in_message: true,
             received_at_micros: 0,
+            request_id: RequestId::from_u128(0),
+            kafka: None,
             payload: record(i),
         })
         .collect();
@@ -80,5 +85,37 @@ fn envelope(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, batcher, envelope);
+/// One batch of 10,000 ~200-byte records into COPY BINARY: the record kept whole in `data
+/// jsonb` (bytes copied), or converted into the six typed columns (parsed, converted), or both.
+fn copy_encoding(c: &mut Criterion) {
+    let n = 10_000u64;
+    let (plain, typed) = (rows(n), typed_rows(n));
+    let typed_and_data = typed_mapping().columns().to_vec();
+    let cases = [
+        ("jsonb_only", &plain, Mapping::default()),
+        ("jsonb_only_typed_records", &typed, Mapping::default()),
+        ("typed_6_columns", &typed, typed_mapping()),
+        (
+            "typed_6_columns_and_data",
+            &typed,
+            Mapping::new(typed_and_data, true).expect("valid"),
+        ),
+    ];
+    let mut g = c.benchmark_group("core/copy_encoding");
+    g.throughput(Throughput::Elements(n));
+    for (name, rows, mapping) in &cases {
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let mut copy = CopyRows::new(mapping, rows.len() * 256);
+                for r in rows.iter() {
+                    copy.push(r).expect("the bench rows fit the mapping");
+                }
+                black_box(copy.finish().len())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, batcher, envelope, copy_encoding);
 criterion_main!(benches);

@@ -1,11 +1,19 @@
 //! End to end: a backlog already in Kafka drained by the consumer into Postgres, as a ratio
 //! to a raw COPY BINARY of the same rows from memory into the same server, in the same run.
 //! The drain is timed from the first row written to the last (group join excluded).
+//!
+//! Typed (issue 16): the same drain of ~200-byte records mapped into six typed columns
+//! (`--keep-data false`) beside a raw COPY BINARY of the same typed rows, and the consumer's
+//! CPU per record (this process's, while it drains) typed vs jsonb only.
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use spillway_benches::{create_table, drain_time, print_ratios, produce_backlog, raw_copy, rows};
+use spillway_benches::{
+    copy_encoded, create_table, create_typed_table, drain_time, encode_batches, print_ratios,
+    process_cpu, produce_backlog, produce_backlog_of, raw_copy, rows, typed_mapping, typed_record,
+    typed_rows,
+};
 use spillway_harness::postgres::connect;
 use spillway_harness::{kafka, LocalPostgres, PostgresServer};
 
@@ -26,7 +34,22 @@ fn pipeline(c: &mut Criterion) {
         10,
     ))
     .expect("backlog");
+    rt.block_on(broker.create_topic("typed_backlog", 4))
+        .expect("topic");
+    rt.block_on(produce_backlog_of(
+        &broker.bootstrap(),
+        "typed_backlog",
+        None,
+        RECORDS,
+        10,
+        typed_record,
+    ))
+    .expect("typed backlog");
     let rows = rows(RECORDS);
+    let typed = encode_batches(&typed_rows(RECORDS), 10_000, &typed_mapping());
+    let typed_columns = typed_mapping().copy_columns();
+    // CPU time and records drained, per consumer case.
+    let cpu = std::cell::RefCell::new(std::collections::BTreeMap::<&str, (Duration, u64)>::new());
     let mut g = c.benchmark_group(GROUP);
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
@@ -57,35 +80,77 @@ fn pipeline(c: &mut Criterion) {
             total
         })
     });
-    g.bench_function("consumer_drain_backlog", |b| {
+    g.bench_function("raw_copy_binary_typed", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 run += 1;
                 total += rt.block_on(async {
-                    let mut s = spillway_consumer::Settings::new(
-                        broker.bootstrap(),
-                        "backlog",
-                        url.clone(),
-                    );
-                    s.listen = "127.0.0.1:0".parse().expect("addr");
-                    s.group = format!("bench-{run}");
-                    s.table = spillway_consumer::pg::TableName::parse(&format!("drained_{run}"))
-                        .expect("name");
-                    let consumer = spillway_consumer::start(s).await.expect("consumer");
-                    let metrics = consumer.metrics().clone();
-                    let elapsed = drain_time(RECORDS, move || {
-                        let n = metrics.rows_written();
-                        Box::pin(async move { n })
-                    })
-                    .await;
-                    consumer.shutdown().await.expect("shutdown");
-                    elapsed
+                    let table = format!("raw_typed_{run}");
+                    let mut client = connect(&url).await.expect("connect");
+                    client
+                        .batch_execute(&create_typed_table(&table))
+                        .await
+                        .expect("create");
+                    let t = Instant::now();
+                    for data in &typed {
+                        copy_encoded(&mut client, &table, &typed_columns, data.clone())
+                            .await
+                            .expect("copy");
+                    }
+                    t.elapsed()
                 });
             }
             total
         })
     });
+    for (name, topic, mapping) in [
+        (
+            "consumer_drain_backlog",
+            "backlog",
+            spillway_core::Mapping::default(),
+        ),
+        ("consumer_drain_typed", "typed_backlog", typed_mapping()),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    run += 1;
+                    let (elapsed, used) = rt.block_on(async {
+                        let mut s = spillway_consumer::Settings::new(
+                            broker.bootstrap(),
+                            topic,
+                            url.clone(),
+                        );
+                        s.listen = "127.0.0.1:0".parse().expect("addr");
+                        s.group = format!("bench-{run}");
+                        s.table =
+                            spillway_consumer::pg::TableName::parse(&format!("drained_{run}"))
+                                .expect("name");
+                        s.mapping = mapping.clone();
+                        let consumer = spillway_consumer::start(s).await.expect("consumer");
+                        let metrics = consumer.metrics().clone();
+                        let cpu_before = process_cpu();
+                        let elapsed = drain_time(RECORDS, move || {
+                            let n = metrics.rows_written();
+                            Box::pin(async move { n })
+                        })
+                        .await;
+                        let used = process_cpu().saturating_sub(cpu_before);
+                        consumer.shutdown().await.expect("shutdown");
+                        (elapsed, used)
+                    });
+                    total += elapsed;
+                    let mut cpu = cpu.borrow_mut();
+                    let entry = cpu.entry(name).or_default();
+                    entry.0 += used;
+                    entry.1 += RECORDS;
+                }
+                total
+            })
+        });
+    }
     g.finish();
     print_ratios(
         GROUP,
@@ -95,6 +160,30 @@ fn pipeline(c: &mut Criterion) {
         ],
         "raw_copy_binary",
     );
+    print_ratios(
+        GROUP,
+        &[
+            ("raw_copy_binary_typed".into(), RECORDS),
+            ("consumer_drain_typed".into(), RECORDS),
+        ],
+        "raw_copy_binary_typed",
+    );
+    let per_record = |name: &str| {
+        cpu.borrow()
+            .get(name)
+            .filter(|(_, n)| *n > 0)
+            .map(|(t, n)| t.as_secs_f64() * 1e6 / *n as f64)
+    };
+    if let (Some(jsonb), Some(typed)) = (
+        per_record("consumer_drain_backlog"),
+        per_record("consumer_drain_typed"),
+    ) {
+        println!(
+            "\nconsumer CPU per record while draining (this process): jsonb only {jsonb:.2} µs, \
+             typed {typed:.2} µs, typed/jsonb {:.3}",
+            typed / jsonb
+        );
+    }
     drop(broker);
     drop(pg);
 }

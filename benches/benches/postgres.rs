@@ -2,14 +2,22 @@
 //! one INSERT per row (the original endpoint), one multi-row INSERT per batch (the original
 //! consumer), UNNEST arrays, COPY text, COPY BINARY (Spillway). Batches of 100, 1,000 and
 //! 10,000 rows, each batch one transaction. Prints each strategy's ratio to COPY BINARY.
+//!
+//! `postgres_typed`: ~200-byte records into the six typed columns of issue 16 (bigint, text,
+//! timestamptz, double precision, boolean, jsonb; no `data`). `consumer_path` converts and
+//! encodes each batch as the consumer does, then COPYs it; `raw_copy_binary` COPYs the same
+//! typed rows already encoded in memory (the bound); `jsonb_only` is the same records through
+//! the untyped path (`data jsonb`). Ratios are to `raw_copy_binary/10000`.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::SinkExt;
-use spillway_benches::{create_table, print_ratios, raw_copy, rows};
-use spillway_consumer::pgcopy;
+use spillway_benches::{
+    copy_encoded, create_table, create_typed_table, encode_and_copy, encode_batches, print_ratios,
+    raw_copy, rows, typed_mapping, typed_rows,
+};
 use spillway_core::Record;
 use spillway_harness::postgres::connect;
 use spillway_harness::{LocalPostgres, PostgresServer};
@@ -98,7 +106,10 @@ async fn copy_text(c: &mut Client, rows: &[Record], batch: usize) {
             ));
         }
         let sink = tx
-            .copy_in::<_, Bytes>(&format!("COPY t ({}) FROM STDIN", pgcopy::COLUMNS))
+            .copy_in::<_, Bytes>(&format!(
+                "COPY t ({}) FROM STDIN",
+                spillway_core::Mapping::default().copy_columns()
+            ))
             .await
             .expect("copy");
         futures::pin_mut!(sink);
@@ -168,5 +179,71 @@ fn strategies(c: &mut Criterion) {
     drop(pg);
 }
 
-criterion_group!(benches, strategies);
+async fn reset_typed(c: &Client) {
+    c.batch_execute(&format!(
+        "DROP TABLE IF EXISTS t; DROP TABLE IF EXISTS tt; {}; {}",
+        create_table("t"),
+        create_typed_table("tt")
+    ))
+    .await
+    .expect("create tables");
+}
+
+fn typed(c: &mut Criterion) {
+    const GROUP: &str = "postgres_typed";
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = LocalPostgres::start().expect("postgres (run ci/test.sh to install it)");
+    let mut client = rt.block_on(connect(&pg.url())).expect("connect");
+    let rows = typed_rows(ROWS);
+    let mapping = typed_mapping();
+    let columns = mapping.copy_columns();
+    let mut g = c.benchmark_group(GROUP);
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(ROWS));
+    let mut ids: Vec<(String, u64)> = vec![];
+    for batch in [1_000usize, 10_000] {
+        let encoded = encode_batches(&rows, batch, &mapping);
+        for name in ["raw_copy_binary", "consumer_path", "jsonb_only"] {
+            let id = format!("{name}/{batch}");
+            g.bench_function(&id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        rt.block_on(reset_typed(&client));
+                        let t = Instant::now();
+                        rt.block_on(async {
+                            match name {
+                                "raw_copy_binary" => {
+                                    for data in &encoded {
+                                        copy_encoded(&mut client, "tt", &columns, data.clone())
+                                            .await
+                                            .expect("copy");
+                                    }
+                                }
+                                "consumer_path" => {
+                                    encode_and_copy(&mut client, "tt", &rows, batch, &mapping)
+                                        .await
+                                        .expect("copy")
+                                }
+                                _ => raw_copy(&mut client, "t", &rows, batch)
+                                    .await
+                                    .expect("copy"),
+                            }
+                        });
+                        total += t.elapsed();
+                    }
+                    total
+                })
+            });
+            ids.push((id, ROWS));
+        }
+    }
+    g.finish();
+    print_ratios(GROUP, &ids, "raw_copy_binary/10000");
+    drop(pg);
+}
+
+criterion_group!(benches, strategies, typed);
 criterion_main!(benches);

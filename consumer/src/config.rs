@@ -11,7 +11,8 @@ use clap::Parser;
 use serde::Deserialize;
 use spillway_core::props::{parse_properties, redact_properties};
 use spillway_core::{
-    AdaptiveConfig, BatcherConfig, ConfigError, ConsumerConfig, Jitter, RetryConfig,
+    AdaptiveConfig, BatcherConfig, ColumnSpec, ConfigError, ConsumerConfig, Jitter, Mapping,
+    RetryConfig,
 };
 
 use crate::pg::TableName;
@@ -96,6 +97,26 @@ pub struct Args {
     /// stored position that has not moved for this long (default 20000).
     #[arg(long, env = "SPILLWAY_ORPHAN_REJOIN_MS")]
     pub orphan_rejoin_ms: Option<u64>,
+    /// A typed column: NAME:TYPE=POINTER (repeatable), e.g. --column user_id:bigint=/user/id.
+    /// POINTER is a JSON Pointer into the record, or @request_id, @received_at, @kafka_key,
+    /// @kafka_timestamp, @kafka_partition, @kafka_offset, @record_index, @headers. A `!` after
+    /// the type (bigint!) dead-letters a record whose value is missing or null. In the
+    /// environment, separate mappings with `;`. Replaces the config file's [[columns]].
+    #[arg(
+        long = "column",
+        env = "SPILLWAY_COLUMNS",
+        value_delimiter = ';',
+        value_name = "NAME:TYPE=POINTER"
+    )]
+    #[serde(skip)]
+    pub column: Vec<String>,
+    /// Typed columns from the config file: [[columns]] tables with name, type, pointer and
+    /// optionally not-null = true.
+    #[arg(skip)]
+    pub columns: Vec<ColumnEntry>,
+    /// Keep the whole record in the `data jsonb` column [default: true].
+    #[arg(long, env = "SPILLWAY_KEEP_DATA", value_name = "true|false", action = clap::ArgAction::Set)]
+    pub keep_data: Option<bool>,
     /// A librdkafka property: -X key=value (repeatable), e.g. -X session.timeout.ms=10000.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     #[serde(skip)]
@@ -103,6 +124,29 @@ pub struct Args {
     /// librdkafka properties from the config file's [librdkafka] table.
     #[arg(skip)]
     pub librdkafka: BTreeMap<String, String>,
+}
+
+/// One `[[columns]]` table of the config file.
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ColumnEntry {
+    /// The column's name.
+    pub name: String,
+    /// Its type (`bigint`, `timestamptz(ms)`, ...).
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// A JSON Pointer or `@metadata`.
+    pub pointer: String,
+    /// Missing or null dead-letters the record.
+    #[serde(default)]
+    pub not_null: bool,
+}
+
+impl ColumnEntry {
+    fn spec(&self) -> String {
+        let bang = if self.not_null { "!" } else { "" };
+        format!("{}:{}{bang}={}", self.name, self.ty, self.pointer)
+    }
 }
 
 /// Validated settings.
@@ -134,6 +178,8 @@ pub struct Settings {
     pub orphan_timeout: Duration,
     /// Extra librdkafka properties, applied last.
     pub rdkafka: Vec<(String, String)>,
+    /// The records table's columns: `data` or not, and the typed ones.
+    pub mapping: Mapping,
 }
 
 impl fmt::Debug for Settings {
@@ -148,6 +194,16 @@ impl fmt::Debug for Settings {
             .field("batcher", &self.batcher)
             .field("pool_size", &self.pool_size)
             .field("rdkafka", &redact_properties(&self.rdkafka))
+            .field("keep_data", &self.mapping.keep_data())
+            .field(
+                "columns",
+                &self
+                    .mapping
+                    .columns()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -197,6 +253,7 @@ impl Settings {
             shutdown_timeout: Duration::from_secs(30),
             orphan_timeout: Duration::from_secs(20),
             rdkafka: vec![],
+            mapping: Mapping::default(),
         }
     }
 
@@ -229,9 +286,11 @@ impl Settings {
                 statement_timeout_ms,
                 connect_timeout_ms,
                 shutdown_timeout_ms,
-                orphan_rejoin_ms
+                orphan_rejoin_ms,
+                keep_data
             );
             a.librdkafka = f.librdkafka;
+            a.columns = f.columns;
         }
         let required = |v: Option<String>, name: &'static str, how: &str| {
             v.filter(|s| !s.trim().is_empty())
@@ -320,6 +379,19 @@ impl Settings {
         }
         s.rdkafka = a.librdkafka.into_iter().collect();
         s.rdkafka.extend(parse_properties(&a.rdkafka)?);
+        let specs: Vec<String> = if a.column.is_empty() {
+            a.columns.iter().map(ColumnEntry::spec).collect()
+        } else {
+            a.column
+        };
+        let columns = specs
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.parse::<ColumnSpec>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("column", e.to_string()))?;
+        s.mapping = Mapping::new(columns, a.keep_data.unwrap_or(true))
+            .map_err(|e| bad("column", e.to_string()))?;
         Ok(s)
     }
 }
@@ -447,6 +519,62 @@ mod tests {
         assert_eq!(with(&["--connect-timeout-ms", "0"]), "connect-timeout-ms");
         assert_eq!(with(&["--shutdown-timeout-ms", "0"]), "shutdown-timeout-ms");
         assert_eq!(with(&["--orphan-rejoin-ms", "0"]), "orphan-rejoin-ms");
+    }
+
+    #[test]
+    fn columns_come_from_flags_or_the_file_and_keep_data_defaults_to_true() {
+        let s = parse(&REQUIRED).unwrap();
+        assert!(s.mapping.keep_data());
+        assert!(s.mapping.columns().is_empty());
+        let with = |extra: &[&str]| parse(&[&REQUIRED[..], extra].concat());
+        let s = with(&[
+            "--column",
+            "user_id:bigint!=/user/id",
+            "--column",
+            "at:double precision=/t",
+            "--keep-data",
+            "false",
+        ])
+        .unwrap();
+        assert!(!s.mapping.keep_data());
+        let names: Vec<String> = s.mapping.columns().iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            names,
+            ["user_id:bigint!=/user/id", "at:double precision=/t"]
+        );
+        let e = with(&["--column", "user_id:varchar=/u"]).unwrap_err();
+        assert_eq!(e.setting, "column");
+        assert!(e.to_string().contains("unknown type"), "{e}");
+        let e = with(&["--column", "a:text=/a", "--column", "a:text=/b"]).unwrap_err();
+        assert!(e.to_string().contains("mapped twice"), "{e}");
+        assert!(Args::try_parse_from(["c", "--keep-data", "maybe"]).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consumer.toml");
+        std::fs::write(
+            &path,
+            "keep-data = false\n\
+             [[columns]]\nname = \"user_id\"\ntype = \"bigint\"\npointer = \"/user/id\"\nnot-null = true\n\
+             [[columns]]\nname = \"rid\"\ntype = \"uuid\"\npointer = \"@request_id\"\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let s = with(&["--config", file]).unwrap();
+        assert!(!s.mapping.keep_data());
+        let names: Vec<String> = s.mapping.columns().iter().map(|c| c.to_string()).collect();
+        assert_eq!(names, ["user_id:bigint!=/user/id", "rid:uuid=@request_id"]);
+        // Flags replace the file's columns; a flag overrides keep-data.
+        let s = with(&[
+            "--config",
+            file,
+            "--column",
+            "x:text=/x",
+            "--keep-data",
+            "true",
+        ])
+        .unwrap();
+        assert!(s.mapping.keep_data());
+        assert_eq!(s.mapping.columns().len(), 1);
     }
 
     #[test]

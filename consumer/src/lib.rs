@@ -18,7 +18,6 @@ compile_error!(
 
 pub mod config;
 pub mod pg;
-pub mod pgcopy;
 mod pipeline;
 pub mod source;
 
@@ -216,7 +215,7 @@ async fn migrate_with_retry(pool: &pg::Pool, settings: &Settings) -> Result<(), 
     loop {
         let result = async {
             let mut conn = pool.get().await?;
-            pg::migrate(conn.client_mut(), &settings.table).await?;
+            pg::migrate(conn.client_mut(), &settings.table, &settings.mapping).await?;
             conn.release();
             Ok::<_, pg::PgFailure>(())
         }

@@ -8,12 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::SinkExt;
 use postgres_native_tls::MakeTlsConnector;
-use spillway_core::{Batch, ErrorClass, FlushResult, Partition, Position};
+use spillway_core::pgcopy::{CopyRows, ROW_OVERHEAD};
+use spillway_core::{Batch, ErrorClass, FlushResult, Mapping, Partition, Position};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
-
-use crate::pgcopy;
 
 /// Schema version this build writes.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -292,8 +291,13 @@ impl Pool {
 }
 
 /// Creates the tables if missing, under an advisory lock so several consumers can start at once.
-/// Versioned: each migration runs once per table and is recorded.
-pub async fn migrate(client: &mut Client, table: &TableName) -> Result<(), PgFailure> {
+/// Versioned: each migration runs once per table and is recorded. Then the records table
+/// follows the mapping ([`follow_mapping`]).
+pub async fn migrate(
+    client: &mut Client,
+    table: &TableName,
+    mapping: &Mapping,
+) -> Result<(), PgFailure> {
     let tx = client.transaction().await.map_err(|e| classify(&e))?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('spillway-migrate'))",
@@ -322,10 +326,17 @@ pub async fn migrate(client: &mut Client, table: &TableName) -> Result<(), PgFai
         .map_err(|e| classify(&e))?
         .get(0);
     if applied.unwrap_or(0) < 1 {
+        // A table created without `data` (--keep-data false) gets it back, nullable, if the
+        // mapping keeps it later (follow_mapping).
+        let data = if mapping.keep_data() {
+            ", data jsonb NOT NULL"
+        } else {
+            ""
+        };
         tx.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {r} (
                  kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL,
-                 received_at timestamptz NOT NULL, data jsonb NOT NULL);
+                 received_at timestamptz NOT NULL{data});
              CREATE TABLE IF NOT EXISTS {d} (
                  kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL,
                  received_at timestamptz, raw text NOT NULL, error text NOT NULL,
@@ -342,7 +353,93 @@ pub async fn migrate(client: &mut Client, table: &TableName) -> Result<(), PgFai
         .await
         .map_err(|e| classify(&e))?;
     }
+    follow_mapping(&tx, table, mapping).await?;
     tx.commit().await.map_err(|e| classify(&e))
+}
+
+/// Makes the records table fit the mapping: a mapped column it lacks is added (nullable: rows
+/// already there have no value; `!` is the consumer's check on new rows), and `data` if the
+/// mapping keeps it and the table was created without. Nothing is ever dropped or retyped: a
+/// column whose type differs from the mapping, or a `NOT NULL data` column the mapping does
+/// not write, stops the start with what to do.
+async fn follow_mapping(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &TableName,
+    mapping: &Mapping,
+) -> Result<(), PgFailure> {
+    let existing: BTreeMap<String, (String, bool)> = tx
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, NULL), a.attnotnull
+             FROM pg_attribute a
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table.records()],
+        )
+        .await
+        .map_err(|e| classify(&e))?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let fatal = |message: String| PgFailure {
+        class: ErrorClass::Fatal,
+        message,
+        row: None,
+    };
+    let mut conflicts = Vec::new();
+    for c in mapping.columns() {
+        if let Some((ty, _)) = existing.get(&c.name) {
+            if ty != c.ty.catalog_name() {
+                conflicts.push(format!(
+                    "column {name} of {t} is {ty}, but the mapping {c} makes it {want}",
+                    name = c.quoted_name(),
+                    t = table.records(),
+                    want = c.ty.sql(),
+                ));
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(fatal(format!(
+            "the records table does not fit the column mapping: {}. Spillway never retypes a \
+             column and has written nothing: change the mapping's type to the column's, map the \
+             value to a new column name, or retype the column yourself (ALTER TABLE ... ALTER \
+             COLUMN ... TYPE ... USING ...) and start again",
+            conflicts.join("; ")
+        )));
+    }
+    match existing.get("data") {
+        Some((_, true)) if !mapping.keep_data() => {
+            return Err(fatal(format!(
+                "--keep-data false, but {t}.data is NOT NULL, so rows without it would be \
+                 refused; nothing was written. Keep the data (--keep-data true), or allow rows \
+                 without it: ALTER TABLE {t} ALTER COLUMN data DROP NOT NULL",
+                t = table.records()
+            )))
+        }
+        None if mapping.keep_data() => {
+            tx.batch_execute(&format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS data jsonb",
+                table.records()
+            ))
+            .await
+            .map_err(|e| classify(&e))?;
+            tracing::info!(table = %table.plain, "added column data jsonb (--keep-data true)");
+        }
+        _ => {}
+    }
+    for c in mapping.columns() {
+        if !existing.contains_key(&c.name) {
+            tx.batch_execute(&format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                table.records(),
+                c.quoted_name(),
+                c.ty.sql()
+            ))
+            .await
+            .map_err(|e| classify(&e))?;
+            tracing::info!(table = %table.plain, column = %c, "added a mapped column");
+        }
+    }
+    Ok(())
 }
 
 /// The stored position of a partition, creating it at the beginning if it has none.
@@ -468,14 +565,51 @@ async fn move_position(
     Ok(moved == 1)
 }
 
+/// A batch's rows in COPY BINARY, ready before a connection is taken.
+#[derive(Debug)]
+pub struct EncodedRows {
+    data: bytes::Bytes,
+    rows: usize,
+}
+
+/// Converts the batch's rows for the mapping. A record whose value does not convert makes
+/// the flush [`FlushResult::Unconvertible`] with every such record and its reason: the core
+/// dead-letters them and the rest is flushed again. Nothing has been sent at that point.
+pub fn encode_rows(batch: &Batch, mapping: &Mapping) -> Result<EncodedRows, FlushResult> {
+    let size: usize = batch
+        .rows()
+        .map(|r| r.payload.len() + ROW_OVERHEAD + 16 * mapping.columns().len())
+        .sum();
+    let mut copy = CopyRows::new(mapping, size);
+    let mut refused = Vec::new();
+    for (i, e) in batch.entries.iter().enumerate() {
+        if e.dead_reason.is_some() {
+            continue;
+        }
+        if let Err(err) = copy.push(&e.record) {
+            refused.push((i, err.to_string()));
+        }
+    }
+    if !refused.is_empty() {
+        return Err(FlushResult::Unconvertible { records: refused });
+    }
+    Ok(EncodedRows {
+        rows: copy.rows(),
+        data: bytes::Bytes::from(copy.finish()),
+    })
+}
+
 /// Writes a batch in one transaction: the partition's position moves from `start` to `end`
-/// (only if it still holds `start`), the rows go in by COPY BINARY, the dead letters beside.
-/// Each error is classified by the statement that raised it.
+/// (only if it still holds `start`), the rows (encoded by [`encode_rows`]) go in by COPY
+/// BINARY into `columns` ([`Mapping::copy_columns`]), the dead letters beside. Each error is
+/// classified by the statement that raised it.
 pub async fn flush(
     client: &mut Client,
     table: &TableName,
     topic: &str,
     batch: &Batch,
+    columns: &str,
+    rows: EncodedRows,
 ) -> FlushResult {
     use Stage::*;
     if !batch.position_with_rows {
@@ -511,21 +645,15 @@ pub async fn flush(
             Err(e) => return staged(Bookkeeping, &e, batch),
         }
     }
-    if batch.row_count() > 0 {
-        let size: usize = batch
-            .rows()
-            .map(|r| r.payload.len() + pgcopy::ROW_OVERHEAD)
-            .sum();
-        let data = pgcopy::encode(batch.rows(), size).freeze();
+    if rows.rows > 0 {
         let statement = format!(
-            "COPY {} ({}) FROM STDIN (FORMAT binary)",
+            "COPY {} ({columns}) FROM STDIN (FORMAT binary)",
             table.records(),
-            pgcopy::COLUMNS
         );
         let copied = async {
             let sink = tx.copy_in::<_, bytes::Bytes>(&statement).await?;
             futures::pin_mut!(sink);
-            sink.send(data).await?;
+            sink.send(rows.data).await?;
             sink.as_mut().finish().await
         };
         if let Err(e) = copied.await {

@@ -16,7 +16,7 @@ use spillway_core::metrics::{
 };
 use spillway_core::{
     BatchId, BatcherConfig, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult,
-    KafkaCommand, Mutation, Notice, Partition, PartitionLag, Position,
+    KafkaCommand, Mapping, Mutation, Notice, Partition, PartitionLag, Position,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -263,6 +263,10 @@ type PositionsRead = Result<Vec<(Partition, Position)>, PgFailure>;
 
 pub(crate) struct Pipeline {
     settings: Settings,
+    /// The records table's columns, shared with the flush tasks.
+    mapping: Arc<Mapping>,
+    /// Their COPY column list.
+    copy_columns: Arc<str>,
     machine: ConsumerMachine,
     pool: Arc<Pool>,
     source: Source,
@@ -305,10 +309,18 @@ impl Pipeline {
         for (k, v) in &settings.rdkafka {
             cfg.set(k, v);
         }
-        let (source, events) =
-            Source::start(&cfg, &settings.topic, 256, tags).map_err(ConsumerError::Kafka)?;
+        let (source, events) = Source::start(
+            &cfg,
+            &settings.topic,
+            256,
+            tags,
+            settings.mapping.needs_kafka_meta(),
+        )
+        .map_err(ConsumerError::Kafka)?;
         health.ready.store(machine.is_ready(), Ordering::Relaxed);
         Ok(Pipeline {
+            mapping: Arc::new(settings.mapping.clone()),
+            copy_columns: settings.mapping.copy_columns().into(),
             settings,
             machine,
             pool,
@@ -468,7 +480,7 @@ impl Pipeline {
                         self.db
                             .observe(false, Some(reason), &self.metrics, buffered)
                     }
-                    FlushResult::Fatal { .. } => {}
+                    FlushResult::Fatal { .. } | FlushResult::Unconvertible { .. } => {}
                     _ => self.db.observe(true, None, &self.metrics, buffered),
                 }
                 (id, result)
@@ -539,6 +551,7 @@ impl Pipeline {
                     let id = batch.id;
                     let pool = self.pool.clone();
                     let (table, topic) = (self.settings.table.clone(), self.settings.topic.clone());
+                    let (mapping, columns) = (self.mapping.clone(), self.copy_columns.clone());
                     // A stopped (SIGSTOP) or unreachable server never fires its own statement
                     // timeout: give up on our side too, counting from when a pooled connection
                     // is ours (waiting for one is not an outage). If the commit did land, the
@@ -556,11 +569,25 @@ impl Pipeline {
                         {
                             panic!("{FAILPOINT_PANIC_FLUSHES}: this flush task panics");
                         }
+                        // Converted before a connection is taken: a record that does not fit
+                        // its column is known without asking Postgres.
+                        let rows = match pg::encode_rows(&batch, &mapping) {
+                            Ok(rows) => rows,
+                            Err(unconvertible) => return (id, unconvertible, Duration::ZERO),
+                        };
                         let turn = pool.wait_turn().await;
                         let started = Instant::now();
                         let attempt = async {
                             let mut conn = pool.open(turn?).await?;
-                            let result = pg::flush(conn.client_mut(), &table, &topic, &batch).await;
+                            let result = pg::flush(
+                                conn.client_mut(),
+                                &table,
+                                &topic,
+                                &batch,
+                                &columns,
+                                rows,
+                            )
+                            .await;
                             if matches!(result, FlushResult::Written | FlushResult::Fenced) {
                                 conn.release();
                             }

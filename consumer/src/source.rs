@@ -22,7 +22,7 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use spillway_core::{Epoch, EpochTags, KafkaCommand, Partition};
+use spillway_core::{Epoch, EpochTags, KafkaCommand, KafkaMeta, Partition};
 use tokio::sync::mpsc;
 
 /// The start of one assigned partition: its offset and the epoch its messages will carry.
@@ -197,6 +197,7 @@ impl Source {
         topic: &str,
         channel_capacity: usize,
         tags: EpochTags,
+        with_kafka_meta: bool,
     ) -> KafkaResult<(Self, mpsc::Receiver<SourceEvent>)> {
         let (events, rx) = mpsc::channel(channel_capacity);
         let tags = Arc::new(Mutex::new(tags));
@@ -217,6 +218,7 @@ impl Source {
             commands: command_rx,
             tags,
             stop: closing.clone(),
+            with_kafka_meta,
         };
         let thread = std::thread::Builder::new()
             .name("spillway-kafka".into())
@@ -272,6 +274,8 @@ struct Poller {
     commands: std_mpsc::Receiver<KafkaCommand>,
     tags: Arc<Mutex<EpochTags>>,
     stop: Arc<AtomicBool>,
+    /// Copy each message's key, timestamp and headers (a column maps them).
+    with_kafka_meta: bool,
 }
 
 impl Poller {
@@ -358,6 +362,7 @@ impl Poller {
                     offset: m.offset(),
                     epoch: self.tags().tag(m.partition()),
                     payload: m.payload().map(<[u8]>::to_vec),
+                    kafka: self.with_kafka_meta.then(|| Arc::new(kafka_meta(&m))),
                 }),
                 Some(Err(e)) => SourceEvent::Error(e),
             };
@@ -370,6 +375,23 @@ impl Poller {
         // `closing` and does not wait for the pipeline.
         self.consumer.unsubscribe();
         let _ = self.consumer.poll(Duration::from_millis(100));
+    }
+}
+
+/// A message's key, timestamp and headers (only when a column maps them).
+fn kafka_meta(m: &rdkafka::message::BorrowedMessage<'_>) -> KafkaMeta {
+    use rdkafka::message::Headers;
+    KafkaMeta {
+        key: m.key().map(<[u8]>::to_vec),
+        timestamp_millis: m.timestamp().to_millis(),
+        headers: m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

@@ -732,3 +732,341 @@ async fn a_consumer_owning_nothing_while_records_wait_rejoins_and_is_not_ready()
     }
     stop(consumer).await
 }
+
+/// Sends each of `messages` as one envelope (one request), with a key, a timestamp and a
+/// header, as a client of the producer would have; request ids are 1, 2, ...
+async fn produce_typed(bootstrap: &str, messages: &[Vec<String>]) -> Result<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .create()?;
+    for (n, records) in messages.iter().enumerate() {
+        let env = Envelope {
+            received_at_micros: 1_764_000_000_000_000 + n as i64,
+            request_id: RequestId::from_u128(n as u128 + 1),
+            source: None,
+            records: records.iter().map(|r| r.as_bytes()).collect(),
+        };
+        let payload = env.encode();
+        let key = format!("key-{n}");
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "trace",
+            value: Some(format!("t{n}").as_bytes()),
+        });
+        p.send(
+            FutureRecord::to(TOPIC)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers)
+                .timestamp(1_764_000_000_000 + n as i64),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// Waits until the stored positions of the (one-partition) topic reach `messages`: every
+/// record before is written or dead-lettered, in the same transactions as the positions.
+async fn wait_written(url: &str, messages: i64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = -1;
+    loop {
+        if let Ok(c) = connect(url).await {
+            if let Ok(row) = c
+                .query_one(
+                    "SELECT coalesce(max(next_offset), 0) FROM spillway_offsets",
+                    &[],
+                )
+                .await
+            {
+                last = row.get::<_, i64>(0);
+                if last >= messages {
+                    return Ok(());
+                }
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the position is at message {last} of {messages} after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn typed(brokers: &str, url: &str, columns: &[&str], keep_data: bool) -> Settings {
+    let mut s = settings(brokers, url);
+    let specs = columns.iter().map(|c| c.parse().unwrap()).collect();
+    s.mapping = spillway_core::Mapping::new(specs, keep_data).unwrap();
+    s
+}
+
+/// Each type's column is created with its Postgres type and holds the converted value; the
+/// metadata columns hold the envelope's and the Kafka message's; a record with a value that
+/// does not convert, or without a NOT NULL field, is dead-lettered with the column and the
+/// reason while the records beside it, in the same request, are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_columns_land_with_their_types_and_bad_values_become_dead_letters() -> Result<()> {
+    let s = stack(1).await?;
+    let columns = [
+        "id:bigint!=/id",
+        "name:text=/user/name",
+        "at:timestamptz=/at",
+        "at_ms:timestamptz(ms)=/ms",
+        "score:double precision=/score",
+        "amount:numeric=/amount",
+        "ok:boolean=/ok",
+        "day:date=/day",
+        "uid:uuid=/uid",
+        "doc:jsonb=/doc",
+        "tags:text[]=/tags",
+        "small:smallint=/small",
+        "second_tag:text=/tags/1",
+        "rid:text=@request_id",
+        "received:timestamptz=@received_at",
+        "k:text=@kafka_key",
+        "kt:timestamptz=@kafka_timestamp",
+        "h:jsonb=@headers",
+        "p:integer=@kafka_partition",
+        "o:bigint=@kafka_offset",
+        "i:integer=@record_index",
+    ];
+    let good = |id: u64| {
+        format!(
+            r#"{{"id": {id}, "user": {{"name": "n{id}"}}, "at": "2026-11-27T16:03:18.123456+01:00", "ms": 1764000000123,
+                "score": 1.5, "amount": 12345.678900, "ok": true, "day": "2026-02-28",
+                "uid": "3F2504E0-4F89-11D3-9A0C-0305E82C3301", "doc": {{"a": [1, 2]}}, "tags": ["x", null, "z"], "small": -7}}"#
+        )
+    };
+    let messages = vec![
+        vec![good(1), r#"{"id": "2"}"#.to_string(), good(3)],
+        vec![
+            r#"{"user": {"name": "no id"}}"#.to_string(),
+            good(5),
+            r#"{"id": 6, "small": 40000}"#.to_string(),
+        ],
+        vec![r#"{"id": 7}"#.to_string()],
+    ];
+    produce_typed(&s.broker.bootstrap(), &messages).await?;
+    let url = s.pg.url();
+    let consumer = start(typed(&s.broker.bootstrap(), &url, &columns, true)).await?;
+    wait_written(&url, messages.len() as i64).await?;
+    let c = connect(&url).await?;
+
+    let types: BTreeMap<String, String> = c
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_name = 'records'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (column, ty) in [
+        ("id", "bigint"),
+        ("name", "text"),
+        ("at", "timestamp with time zone"),
+        ("at_ms", "timestamp with time zone"),
+        ("score", "double precision"),
+        ("amount", "numeric"),
+        ("ok", "boolean"),
+        ("day", "date"),
+        ("uid", "uuid"),
+        ("doc", "jsonb"),
+        ("tags", "ARRAY"),
+        ("small", "smallint"),
+        ("data", "jsonb"),
+    ] {
+        assert_eq!(types.get(column).map(String::as_str), Some(ty), "{column}");
+    }
+
+    c.batch_execute("SET TIME ZONE 'UTC'").await?;
+    let got = c
+        .query_one(
+            "SELECT name, at::text, at_ms::text, score, amount::text, ok, day::text, uid::text, doc::text,
+                    tags::text, small, second_tag, rid, received::text, k, kt::text, h::text, p, o, i, data->>'id'
+             FROM records WHERE id = 1",
+            &[],
+        )
+        .await?;
+    assert_eq!(got.get::<_, String>(0), "n1");
+    assert_eq!(got.get::<_, String>(1), "2026-11-27 15:03:18.123456+00");
+    assert_eq!(got.get::<_, String>(2), "2025-11-24 16:00:00.123+00");
+    assert_eq!(got.get::<_, f64>(3), 1.5);
+    assert_eq!(got.get::<_, String>(4), "12345.678900");
+    assert!(got.get::<_, bool>(5));
+    assert_eq!(got.get::<_, String>(6), "2026-02-28");
+    assert_eq!(
+        got.get::<_, String>(7),
+        "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+    );
+    assert_eq!(got.get::<_, String>(8), r#"{"a": [1, 2]}"#);
+    assert_eq!(got.get::<_, String>(9), "{x,NULL,z}");
+    assert_eq!(got.get::<_, i16>(10), -7);
+    assert_eq!(got.get::<_, Option<String>>(11), None, "tags/1 is null");
+    assert_eq!(got.get::<_, String>(12), format!("{:032x}", 1));
+    assert_eq!(got.get::<_, String>(13), "2025-11-24 16:00:00+00");
+    assert_eq!(got.get::<_, String>(14), "key-0");
+    assert_eq!(got.get::<_, String>(15), "2025-11-24 16:00:00+00");
+    assert_eq!(got.get::<_, String>(16), r#"{"trace": "t0"}"#);
+    assert_eq!(got.get::<_, i32>(17), 0);
+    assert_eq!(got.get::<_, i64>(18), 0);
+    assert_eq!(got.get::<_, i32>(19), 0);
+    assert_eq!(got.get::<_, String>(20), "1");
+
+    let ids: Vec<i64> = c
+        .query("SELECT id FROM records ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        ids,
+        [1, 3, 5, 7],
+        "the neighbours of each bad record are written"
+    );
+    let partial = c
+        .query_one("SELECT name, small, o, i FROM records WHERE id = 7", &[])
+        .await?;
+    assert_eq!(partial.get::<_, Option<String>>(0), None, "missing → NULL");
+    assert_eq!(partial.get::<_, Option<i16>>(1), None);
+    assert_eq!((partial.get::<_, i64>(2), partial.get::<_, i32>(3)), (2, 0));
+
+    let dead: Vec<(i64, i32, String, String)> = c
+        .query(
+            "SELECT kafka_offset, record_index, raw, error FROM records_dead_letters ORDER BY 1, 2",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        dead.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+        [(0, 1), (1, 0), (1, 2)],
+        "{dead:?}"
+    );
+    let why = |i: usize| dead[i].3.as_str();
+    for part in [
+        "column id",
+        "bigint",
+        "/id",
+        "\"2\"",
+        "strings are not converted",
+    ] {
+        assert!(why(0).contains(part), "{part} in {}", why(0));
+    }
+    assert!(
+        why(1).contains("column id") && why(1).contains("required (NOT NULL) but is missing"),
+        "{}",
+        why(1)
+    );
+    assert!(
+        why(2).contains("column small") && why(2).contains("out of range for smallint"),
+        "{}",
+        why(2)
+    );
+    assert_eq!(dead[0].2, r#"{"id": "2"}"#, "the raw record is kept");
+    assert_eq!(
+        metric(&consumer, "spillway_consumer_dead_letters_total")?,
+        3.0
+    );
+    stop(consumer).await
+}
+
+/// The table follows the mapping: a column added to it is added to the table on the next
+/// start (older rows NULL), a column whose type differs stops the start with what to do, and
+/// so does dropping `data` from a table whose `data` is NOT NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_table_follows_the_mapping_and_a_type_conflict_refuses_to_start() -> Result<()> {
+    let s = stack(1).await?;
+    let (brokers, url) = (s.broker.bootstrap(), s.pg.url());
+    produce_typed(&brokers, &[vec![r#"{"id": 1, "v": "a"}"#.into()]]).await?;
+    let consumer = start(typed(&brokers, &url, &["id:bigint=/id"], true)).await?;
+    wait_written(&url, 1).await?;
+    stop(consumer).await?;
+
+    produce_typed(&brokers, &[vec![r#"{"id": 2, "v": "b"}"#.into()]]).await?;
+    let consumer = start(typed(&brokers, &url, &["id:bigint=/id", "v:text=/v"], true)).await?;
+    wait_written(&url, 2).await?;
+    stop(consumer).await?;
+    let c = connect(&url).await?;
+    let rows: Vec<(i64, Option<String>)> = c
+        .query("SELECT id, v FROM records ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, [(1, None), (2, Some("b".to_string()))]);
+
+    let refused = start(typed(&brokers, &url, &["id:text=/id"], true))
+        .await
+        .err()
+        .context("a consumer whose mapping retypes a column must not start")?
+        .to_string();
+    for part in [
+        "column \"id\" of \"records\" is bigint, but the mapping id:text=/id makes it text",
+        "never retypes",
+        "has written nothing",
+    ] {
+        assert!(refused.contains(part), "{part} in {refused}");
+    }
+    let refused = start(typed(&brokers, &url, &["id:bigint=/id"], false))
+        .await
+        .err()
+        .context("dropping data from a NOT NULL data column must not start")?
+        .to_string();
+    assert!(refused.contains("DROP NOT NULL"), "{refused}");
+    let columns: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'records'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(columns, 7, "nothing was added, dropped or retyped");
+    Ok(())
+}
+
+/// `--keep-data false`: a new table has no `data` column, and the rows hold only their
+/// coordinates and mapped columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_keep_data_false_creates_and_writes_no_data_column() -> Result<()> {
+    let s = stack(1).await?;
+    let (brokers, url) = (s.broker.bootstrap(), s.pg.url());
+    let records: Vec<String> = (0..50).map(|i| format!(r#"{{"id": {i}}}"#)).collect();
+    produce_typed(&brokers, &[records]).await?;
+    let consumer = start(typed(&brokers, &url, &["id:bigint!=/id"], false)).await?;
+    wait_written(&url, 1).await?;
+    let c = connect(&url).await?;
+    let columns: Vec<String> = c
+        .query(
+            "SELECT column_name::text FROM information_schema.columns WHERE table_name = 'records' ORDER BY ordinal_position",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "kafka_partition",
+            "kafka_offset",
+            "record_index",
+            "received_at",
+            "id"
+        ]
+    );
+    let row = c
+        .query_one("SELECT count(*), sum(id)::bigint FROM records", &[])
+        .await?;
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (50, 49 * 50 / 2)
+    );
+    stop(consumer).await
+}

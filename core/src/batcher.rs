@@ -21,9 +21,11 @@
 //!   up (nothing in flight on its partition).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::adaptive::{AdaptiveConfig, BatchSizer};
+use crate::envelope::RequestId;
 use crate::error::ConfigError;
 use crate::ledger::{OffsetLedger, Partition, Position};
 use crate::retry::{RetryConfig, RetryPolicy};
@@ -44,8 +46,37 @@ pub struct Record {
     pub last_in_message: bool,
     /// When the producer accepted the request, UTC microseconds.
     pub received_at_micros: i64,
+    /// The request's id (zero for a message that is not an envelope).
+    pub request_id: RequestId,
+    /// The Kafka message's key, timestamp and headers, shared by the message's records; only
+    /// when a column maps them (`None` otherwise).
+    pub kafka: Option<Arc<KafkaMeta>>,
     /// The record's bytes (JSON from a valid envelope, or a whole undecodable message).
     pub payload: Vec<u8>,
+}
+
+/// What a Kafka message carries besides its payload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KafkaMeta {
+    /// The message key.
+    pub key: Option<Vec<u8>>,
+    /// The message timestamp, milliseconds since the Unix epoch.
+    pub timestamp_millis: Option<i64>,
+    /// The headers, in order, each a name and an optional value.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl KafkaMeta {
+    /// Bytes it holds, roughly.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + 8
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 48)
+                .sum::<usize>()
+    }
 }
 
 impl Record {
@@ -63,9 +94,10 @@ impl Record {
         }
     }
 
-    /// The bytes this record counts against the buffer's capacity.
+    /// The bytes this record counts against the buffer's capacity. The Kafka metadata it
+    /// shares with the other records of its message counts in full for each: an upper bound.
     pub fn size(&self) -> usize {
-        self.payload.len() + RECORD_OVERHEAD
+        self.payload.len() + RECORD_OVERHEAD + self.kafka.as_ref().map_or(0, |k| k.size())
     }
 }
 
@@ -151,6 +183,12 @@ pub enum FlushOutcome {
         /// Index into `entries` of the rejected record when the database said which one
         /// (saves the bisection).
         culprit: Option<usize>,
+    },
+    /// Nothing was committed because these entries' values do not convert to their columns'
+    /// types: dead-letter each with its reason, and flush the batch again at once.
+    Unconvertible {
+        /// Indexes into `entries`, each with its reason.
+        records: Vec<(usize, String)>,
     },
     /// Nothing was committed because the stored position was no longer `start`: another
     /// consumer owns the partition now. Everything buffered for it is dropped.
@@ -660,6 +698,29 @@ impl Batcher {
                         oldest_pushed_at: batch.oldest_pushed_at,
                     });
                 }
+                AfterFlush::Isolating
+            }
+            FlushOutcome::Unconvertible { records } => {
+                let mut entries = batch.entries;
+                let mut marked = 0u64;
+                for (i, reason) in records {
+                    if let Some(e) = entries.get_mut(i).filter(|e| e.dead_reason.is_none()) {
+                        e.dead_reason = Some(reason);
+                        marked += 1;
+                    }
+                }
+                if marked == 0 {
+                    // Names nothing it could dead-letter: retrying with a backoff is all that
+                    // is safe (never spin, never drop).
+                    let batch = Batch { entries, ..batch };
+                    return self.requeue_after_failure(batch, now);
+                }
+                self.stats.dead_lettered += marked;
+                lane.queued.push_front(Queued {
+                    entries,
+                    attempt: batch.attempt,
+                    oldest_pushed_at: batch.oldest_pushed_at,
+                });
                 AfterFlush::Isolating
             }
             FlushOutcome::Fenced => self.fence(batch.partition),

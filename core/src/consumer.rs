@@ -33,9 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::batcher::{
-    AfterFlush, Batch, BatchId, Batcher, BatcherConfig, FlushOutcome, Push, Record,
+    AfterFlush, Batch, BatchId, Batcher, BatcherConfig, FlushOutcome, KafkaMeta, Push, Record,
 };
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, RequestId};
 use crate::error::ConfigError;
 use crate::ledger::{Partition, Position};
 use crate::retry::RetryPolicy;
@@ -195,6 +195,8 @@ pub struct Message {
     pub epoch: Epoch,
     /// The payload (`None` for a null message).
     pub payload: Option<Vec<u8>>,
+    /// Its key, timestamp and headers, when a column maps them.
+    pub kafka: Option<Arc<KafkaMeta>>,
 }
 
 /// How a flush went, as the shell classified it.
@@ -215,6 +217,14 @@ pub enum FlushResult {
         reason: String,
         /// The entry the database named, if any (a hint).
         culprit: Option<usize>,
+    },
+    /// Some records have a value that does not convert to its column's type (checked before
+    /// anything is sent, so nothing was written): each named entry is dead-lettered with its
+    /// reason and the rest of the batch is flushed again at once. Unlike a database's culprit,
+    /// this is a verdict: the conversion is deterministic.
+    Unconvertible {
+        /// Indexes into the batch's entries, each with why it does not convert.
+        records: Vec<(usize, String)>,
     },
     /// The dead-letter insert failed; nothing was committed. Retried, never dead-letters a
     /// row (the rows were not at fault).
@@ -712,6 +722,8 @@ impl ConsumerMachine {
             index: 0,
             last_in_message: true,
             received_at_micros: 0,
+            request_id: RequestId::from_u128(0),
+            kafka: None,
             payload,
         };
         let pushed = match message.payload.as_deref().map(Envelope::decode) {
@@ -730,6 +742,8 @@ impl ConsumerMachine {
                         index: i as u32,
                         last_in_message: i + 1 == n,
                         received_at_micros: env.received_at_micros,
+                        request_id: env.request_id,
+                        kafka: message.kafka.clone(),
                         payload: r.to_vec(),
                     };
                     last = self.batcher.push(record, now);
@@ -789,6 +803,7 @@ impl ConsumerMachine {
                 }
             }
             FlushResult::Poison { reason, culprit } => FlushOutcome::Poison { reason, culprit },
+            FlushResult::Unconvertible { records } => FlushOutcome::Unconvertible { records },
             FlushResult::DeadLettersRejected { reason } => {
                 self.notice(Notice::DeadLettersRejected {
                     partition,
@@ -1249,6 +1264,7 @@ mod tests {
                     partition: 0,
                     offset,
                     epoch,
+                    kafka: None,
                     payload: Some(envelope(&records)),
                 },
                 now,
@@ -1282,6 +1298,7 @@ mod tests {
                 partition: 0,
                 offset: 3,
                 epoch,
+                kafka: None,
                 payload: Some(envelope(&[b"{}"])),
             },
             now,

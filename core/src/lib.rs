@@ -4,7 +4,8 @@
 //! is framed as one Kafka message ([`envelope`]), when buffered records form a batch and what
 //! happens to a batch after its flush succeeds, fails or is rejected for a bad record
 //! ([`batcher`]), how big batches should be ([`adaptive`]), how long to wait before trying
-//! again ([`retry`]), and which Kafka position is safe to commit ([`ledger`]).
+//! again ([`retry`]), which Kafka position is safe to commit ([`ledger`]), and how a record
+//! becomes a row of typed columns in COPY BINARY ([`columns`], [`pgcopy`]).
 //!
 //! It never performs IO and never reads a clock: every method that depends on time takes `now`
 //! as an argument. The services (`spillway-producer`, `spillway-consumer`) are thin shells that
@@ -14,19 +15,22 @@
 
 pub mod adaptive;
 pub mod batcher;
+pub mod columns;
 pub mod consumer;
 pub mod envelope;
 pub mod error;
 pub mod ledger;
 pub mod metrics;
+pub mod pgcopy;
 pub mod props;
 pub mod retry;
 
 pub use adaptive::{AdaptiveConfig, BatchSizer};
 pub use batcher::{
-    AfterFlush, Batch, BatchId, Batcher, BatcherConfig, BatcherStats, Entry, FlushOutcome, Push,
-    Record,
+    AfterFlush, Batch, BatchId, Batcher, BatcherConfig, BatcherStats, Entry, FlushOutcome,
+    KafkaMeta, Push, Record,
 };
+pub use columns::{ColumnSpec, ColumnType, ConvertError, Mapping, Meta, SpecError};
 pub use consumer::{
     Command, ConsumerConfig, ConsumerMachine, ConsumerStats, Epoch, EpochTags, Exit, FlushResult,
     KafkaCommand, Message, Mutation, Notice, PartitionLag, Phase,
@@ -34,4 +38,5 @@ pub use consumer::{
 pub use envelope::{DecodeError, Envelope, RequestId};
 pub use error::{ConfigError, ErrorClass};
 pub use ledger::{OffsetLedger, Partition, Position};
+pub use pgcopy::CopyRows;
 pub use retry::{Jitter, RetryConfig, RetryPolicy};

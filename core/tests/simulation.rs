@@ -880,6 +880,7 @@ impl Sim {
                     partition: p,
                     offset: at,
                     epoch: member.tags.tag(p),
+                    kafka: None,
                     payload: Some(msg.payload.clone()),
                 }));
                 at += 1;
@@ -893,6 +894,7 @@ impl Sim {
                         partition: p,
                         offset,
                         epoch: tag.saturating_sub(1 + self.rng.below(3)),
+                        kafka: None,
                         payload: Some(msg.payload.clone()),
                     }));
                 }

@@ -684,14 +684,18 @@ impl Cluster {
             done.result.statuses,
             done.result.error_samples
         );
-        let cfg = VerifyConfig::new(
-            self.pg.url(),
-            TABLE,
-            &done.run_id,
-            self.broker.bootstrap(),
-            TOPIC,
-            QUIET_WITHIN,
-        );
+        let cfg = VerifyConfig {
+            // Typed traffic runs against a consumer that maps the id to a column.
+            id_column: done.spec.typed.then(|| "id".to_string()),
+            ..VerifyConfig::new(
+                self.pg.url(),
+                TABLE,
+                &done.run_id,
+                self.broker.bootstrap(),
+                TOPIC,
+                QUIET_WITHIN,
+            )
+        };
         let v = verify(&cfg, &done.result.acked, |_| {}).await?;
         self.tl.note(format!(
             "verdict: acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, unexpected {} (allowed); quiet {} after {:.1} s",

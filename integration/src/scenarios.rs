@@ -1,4 +1,4 @@
-//! The twelve scenarios. Each one states its fault, the evidence it records that the fault
+//! The thirteen scenarios. Each one states its fault, the evidence it records that the fault
 //! happened as described (the scenario fails without it, in every [`Run`]), and what it checks
 //! of the pipeline's behaviour; then loadgen's verdict judges the records.
 
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use spillway_harness::postgres::connect;
 use spillway_harness::{Faults, KafkaBroker, PostgresServer, ProcessState};
-use spillway_loadgen::payload::PayloadSpec;
+use spillway_loadgen::payload::{typed_columns, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
 
 use crate::cluster::{
@@ -761,6 +761,102 @@ pub async fn postgres_unreachable_alert_fires_and_resolves(run: Run) -> Result<(
             ctx.check(resolved.is_ok(), || {
                 format!("{ALERT} did not resolve after the restart: {resolved:?}")
             })
+        },
+    )
+    .await
+}
+
+/// 13. Fault: typed columns under a crash. The consumer maps each record into typed columns
+///     (`payload::typed_columns`: bigint, text, timestamptz, double precision, boolean, jsonb
+///     and the id) with `--keep-data false`; 3% of the records carry a string where the bigint
+///     goes; and the backend running a flush's COPY is SIGKILLed (Postgres drops every
+///     connection and recovers).
+///     Evidence: that backend is seen in `pg_stat_activity` in a COPY, stalled (the link is
+///     held) when the kill lands; records with a bad value were acknowledged.
+///     Checks: exactly the bad records are dead-lettered, each with the column and the reason;
+///     every other acknowledged record is in the table exactly once (the verdict reads the id
+///     column) with typed values and no `data` column; the consumer rode it out.
+pub async fn typed_columns_through_a_backend_crash(run: Run) -> Result<()> {
+    chaos(
+        "typed_columns_through_a_backend_crash",
+        run,
+        Duration::from_secs(150),
+        |ctx| async move {
+            let mut args = vec!["--keep-data".to_string(), "false".to_string()];
+            for column in typed_columns("id") {
+                args.push("--column".into());
+                args.push(column);
+            }
+            let opts = Opts {
+                consumer_args: args,
+                ..Opts::slow_link()
+            };
+            let mut c = Cluster::start(&ctx, opts).await?;
+            let pid = c.consumers[0].process.pid();
+            let mut spec = PayloadSpec::generated((1, 5), (180, 220));
+            spec.typed = true;
+            spec.poison_rate = 0.03;
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(10), Some(spec));
+            pause(Duration::from_secs(2)).await;
+            let copy = c.stall_a_copy().await?;
+            let at_the_kill = copy.at_the_fault();
+            blocking(|| c.pg.crash_backend(copy.copy.pid))?;
+            c.tl.note(format!("SIGKILLed the {at_the_kill}"));
+            c.release_link();
+            let done = traffic.done().await?;
+            let bad: Vec<u64> = done
+                .result
+                .acked
+                .iter()
+                .filter(|s| done.spec.is_poison(*s))
+                .collect();
+            ensure!(!bad.is_empty(), "no record with a bad value was acknowledged");
+            let v = c.verdict(&ctx, &done).await?;
+            ctx.check(v.dead_lettered_seqs == bad, || {
+                format!(
+                    "dead letters differ from the records with a bad value: {} dead-lettered, {} bad",
+                    v.dead_lettered_seqs.len(),
+                    bad.len()
+                )
+            })?;
+            let db = connect(&c.pg.url()).await?;
+            let reasons: Vec<String> = db
+                .query("SELECT DISTINCT error FROM records_dead_letters", &[])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            ctx.check(
+                !reasons.is_empty()
+                    && reasons
+                        .iter()
+                        .all(|r| r.contains("column n (bigint from /n)") && r.contains("\"poison\"")),
+                || format!("each dead letter must name the column and the value: {reasons:?}"),
+            )?;
+            let typed: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM records WHERE n IS NOT NULL AND at IS NOT NULL \
+                     AND score IS NOT NULL AND ok IS NOT NULL AND doc ? 'k'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let data: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM information_schema.columns \
+                     WHERE table_name = 'records' AND column_name = 'data'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            ctx.check(typed as u64 == v.found && data == 0, || {
+                format!("{typed} fully typed rows of {} found; data columns: {data}", v.found)
+            })?;
+            c.tl.note(format!(
+                "{} records with a bad value dead-lettered; {typed} typed rows",
+                bad.len()
+            ));
+            c.consumer_rode_it_out(&ctx, pid).await
         },
     )
     .await

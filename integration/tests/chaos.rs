@@ -1,4 +1,4 @@
-//! The chaos suite: `cargo test --test chaos`. Twelve faults on real processes; after each,
+//! The chaos suite: `cargo test --test chaos`. Thirteen faults on real processes; after each,
 //! the fault's evidence and loadgen's verdict (no acknowledged record lost, none duplicated).
 //! The scenarios live in `spillway_integration::scenarios`; each prints its seed, and
 //! `SPILLWAY_CHAOS_SEED=<seed> cargo test --test chaos <name>` replays it.
@@ -73,4 +73,9 @@ async fn producer_killed_under_load() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_unreachable_alert_fires_and_resolves() -> Result<()> {
     scenarios::postgres_unreachable_alert_fires_and_resolves(Proof).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_columns_through_a_backend_crash() -> Result<()> {
+    scenarios::typed_columns_through_a_backend_crash(Proof).await
 }

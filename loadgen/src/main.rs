@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use spillway_loadgen::payload::{read_records_file, PayloadGen, PayloadSpec};
+use spillway_loadgen::payload::{read_records_file, typed_columns, PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::{parse_duration, RateProfile};
 use spillway_loadgen::report::Report;
 use spillway_loadgen::runner::{self, Live, RunConfig};
@@ -85,6 +85,16 @@ struct Args {
     /// JSON field that carries each record's unique id.
     #[arg(long, default_value = "id")]
     id_field: String,
+    /// Generate records for typed columns (the id, and n bigint, name text, at timestamptz,
+    /// score double precision, ok boolean, doc jsonb; about 200 bytes). The local stack's
+    /// consumer then maps them (`--column id:text!=/id ...`) with --keep-data false and the
+    /// verdict reads the id column; a poison record has a string for the bigint.
+    #[arg(long)]
+    typed: bool,
+    /// The verdict reads each row's id from this column instead of data->>id-field (a
+    /// deployment whose consumer maps the id to a column; implied by --typed on the local stack).
+    #[arg(long)]
+    id_column: Option<String>,
     /// Gzip request bodies.
     #[arg(long)]
     gzip: bool,
@@ -281,6 +291,12 @@ async fn run(a: Args) -> Result<bool> {
         gzip: a.gzip,
         id_field: a.id_field.clone(),
         poison_rate: a.poison_rate,
+        typed: a.typed,
+    };
+    let id_column = match (&a.id_column, a.typed && a.target.is_none()) {
+        (Some(c), _) => Some(c.clone()),
+        (None, true) => Some("id".to_string()),
+        (None, false) => None,
     };
     let schedule = profile.schedule(a.duration);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -290,8 +306,21 @@ async fn run(a: Args) -> Result<bool> {
         Some(_) => None,
         None => {
             eprintln!("loadgen: no --target: starting a local stack (private Postgres, Kafka broker, producer, consumer)");
+            let mapping = if a.typed {
+                let columns = typed_columns(&a.id_field)
+                    .iter()
+                    .map(|c| c.parse())
+                    .collect::<Result<Vec<_>, _>>()?;
+                eprintln!(
+                    "loadgen: typed records; the consumer maps them with --keep-data false --column {}",
+                    typed_columns(&a.id_field).join(" --column ")
+                );
+                spillway_core::Mapping::new(columns, false)?
+            } else {
+                spillway_core::Mapping::default()
+            };
             Some(
-                LocalStack::start(a.partitions)
+                LocalStack::start_with(a.partitions, mapping)
                     .await
                     .context("starting the local stack")?,
             )
@@ -318,16 +347,21 @@ async fn run(a: Args) -> Result<bool> {
     live.rows.store(-1, Ordering::Relaxed);
     live.lag.store(-1, Ordering::Relaxed);
     let sampler = verify_url.clone().map(|url| {
-        let (live, table, id_field, run_id) = (
+        let (live, table, id_field, id_column, run_id) = (
             live.clone(),
             a.table.clone(),
             a.id_field.clone(),
+            id_column.clone(),
             run_id.clone(),
         );
         let consumer_metrics = stack.as_ref().map(|s| s.consumer.metrics().clone());
         tokio::spawn(async move {
             loop {
-                if let Ok(n) = verify::count_rows(&url, &table, &id_field, &run_id).await {
+                let id = match &id_column {
+                    Some(c) => verify::IdSource::Column(c),
+                    None => verify::IdSource::Field(&id_field),
+                };
+                if let Ok(n) = verify::count_rows(&url, &table, id, &run_id).await {
                     live.rows.store(n, Ordering::Relaxed);
                 }
                 if let Some(m) = &consumer_metrics {
@@ -382,6 +416,7 @@ async fn run(a: Args) -> Result<bool> {
             let live2 = live.clone();
             let cfg = VerifyConfig {
                 id_field: a.id_field.clone(),
+                id_column: id_column.clone(),
                 settle: a.settle,
                 ..VerifyConfig::new(url, &a.table, &run_id, &brokers, &topic, a.drain_timeout)
             };

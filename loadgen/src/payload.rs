@@ -21,7 +21,26 @@ pub struct PayloadSpec {
     /// Fraction (0..=1) of records made unstorable on purpose: valid JSON that Postgres's jsonb
     /// refuses (a `"poison": "\u0000"` field), to exercise the dead-letter path. Which records
     /// is fixed by their sequence number: see [`PayloadSpec::is_poison`].
+    /// With `typed`, a poison record has a string where the mapping wants a bigint instead.
     pub poison_rate: f64,
+    /// Generate records that fit [`typed_columns`] (ignored with `file_records`).
+    pub typed: bool,
+}
+
+/// The consumer mapping typed records fit: the id (as text, from `id_field`) and six typed
+/// columns, `n` bigint, `name` text, `at` timestamptz, `score` double precision, `ok` boolean
+/// and `doc` jsonb.
+pub fn typed_columns(id_field: &str) -> Vec<String> {
+    let pointer = id_field.replace('~', "~0").replace('/', "~1");
+    vec![
+        format!("id:text!=/{pointer}"),
+        "n:bigint!=/n".into(),
+        "name:text=/name".into(),
+        "at:timestamptz=/at".into(),
+        "score:double precision=/score".into(),
+        "ok:boolean=/ok".into(),
+        "doc:jsonb=/doc".into(),
+    ]
 }
 
 impl PayloadSpec {
@@ -35,6 +54,7 @@ impl PayloadSpec {
             gzip: false,
             id_field: "id".into(),
             poison_rate: 0.0,
+            typed: false,
         }
     }
 
@@ -130,6 +150,7 @@ impl PayloadGen {
                 }
                 serde_json::to_vec(&Value::Array(records)).unwrap_or_default()
             }
+            _ if self.spec.typed => self.typed_records(n),
             _ => self.generated_records(n),
         };
         let body = if self.spec.gzip {
@@ -170,6 +191,58 @@ impl PayloadGen {
             } else {
                 out.extend_from_slice(b"\"}");
             }
+        }
+        out.push(b']');
+        out
+    }
+
+    /// `n` records that fit [`typed_columns`]:
+    /// `{"id":"<run>-<seq>","n":<i64>,"name":"<text>","at":"<RFC 3339>","score":<f64>,
+    /// "ok":<bool>,"doc":{"k":"<text>","v":[<u8>,<u8>]}}`, padded in `name` and `doc` to the
+    /// record size. A poison record has `"n":"poison"`, which the bigint column refuses.
+    fn typed_records(&mut self, n: usize) -> Vec<u8> {
+        let (lo, hi) = self.spec.record_size;
+        let mut out = Vec::with_capacity(n * (hi.max(lo) + 16) + 2);
+        out.push(b'[');
+        for i in 0..n {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'{');
+            out.extend_from_slice(&self.id_prefix);
+            let _ = write!(out, "{seq}\"");
+            if self.spec.is_poison(seq) {
+                out.extend_from_slice(br#","n":"poison""#);
+            } else {
+                let _ = write!(out, ",\"n\":{}", self.rng.i64(..));
+            }
+            let size = self.rng.usize(lo..=hi.max(lo));
+            // About 150 bytes besides the padding, which goes half to name, half to doc.
+            let pad = size.saturating_sub(150).clamp(2, self.pad.len() / 2);
+            let at = self.rng.usize(0..=self.pad.len() - 2 * pad);
+            out.extend_from_slice(br#","name":""#);
+            out.extend_from_slice(&self.pad[at..at + pad / 2 + 1]);
+            let micros = self.rng.u64(..86_400_000_000);
+            let secs = micros / 1_000_000;
+            let _ = write!(
+                out,
+                "\",\"at\":\"2026-11-27T{:02}:{:02}:{:02}.{:06}Z\",\"score\":{},\"ok\":{},\"doc\":{{\"k\":\"",
+                secs / 3600,
+                secs / 60 % 60,
+                secs % 60,
+                micros % 1_000_000,
+                self.rng.f64() * 1000.0,
+                self.rng.bool(),
+            );
+            out.extend_from_slice(&self.pad[at + pad..at + pad + pad / 2 + 1]);
+            let _ = write!(
+                out,
+                "\",\"v\":[{},{}]}}}}",
+                self.rng.u8(..),
+                self.rng.u8(..)
+            );
         }
         out.push(b']');
         out
@@ -237,12 +310,49 @@ mod tests {
             gzip: false,
             id_field: "uid".into(),
             poison_rate: 0.0,
+            typed: false,
         };
         let p = PayloadGen::new(spec, "r", 1).next_payload();
         let v: Vec<Value> = serde_json::from_slice(&p.body).unwrap();
         assert_eq!(v[2]["a"], 1);
         assert_eq!(v[2]["uid"], "r-2");
         assert!(read_records_file("[1]").is_err());
+    }
+
+    #[test]
+    fn typed_records_fit_the_typed_mapping_and_poison_breaks_only_the_bigint() {
+        let mut spec = PayloadSpec::generated((1, 5), (180, 220));
+        spec.typed = true;
+        spec.poison_rate = 0.1;
+        let mut g = PayloadGen::new(spec.clone(), "t", 5);
+        let (mut sizes, mut poison) = (vec![], 0);
+        for _ in 0..100 {
+            let p = g.next_payload();
+            let v: Vec<Value> = serde_json::from_slice(&p.body).unwrap();
+            for (i, r) in v.iter().enumerate() {
+                let seq = p.first_seq + i as u64;
+                assert_eq!(r["id"], format!("t-{seq}"));
+                if spec.is_poison(seq) {
+                    assert_eq!(r["n"], "poison");
+                    poison += 1;
+                } else {
+                    assert!(r["n"].is_i64(), "{r}");
+                }
+                assert!(r["name"].is_string() && r["score"].is_number() && r["ok"].is_boolean());
+                assert!(r["doc"]["v"].is_array(), "{r}");
+                let at = r["at"].as_str().unwrap();
+                assert!(
+                    at.starts_with("2026-11-27T") && at.ends_with('Z') && at.len() == 27,
+                    "{at}"
+                );
+                sizes.push(serde_json::to_string(r).unwrap().len());
+            }
+        }
+        assert!(poison > 0);
+        let mean = sizes.iter().sum::<usize>() / sizes.len();
+        assert!((170..=240).contains(&mean), "mean record size {mean}");
+        assert_eq!(typed_columns("id")[0], "id:text!=/id");
+        assert_eq!(typed_columns("a/b")[0], "id:text!=/a~1b");
     }
 
     #[test]

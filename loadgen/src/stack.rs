@@ -36,6 +36,14 @@ pub const TABLE: &str = "records";
 impl LocalStack {
     /// Starts everything; `partitions` for the topic.
     pub async fn start(partitions: i32) -> anyhow::Result<Self> {
+        Self::start_with(partitions, spillway_core::Mapping::default()).await
+    }
+
+    /// Starts everything, the consumer with `mapping` (typed columns, keep-data).
+    pub async fn start_with(
+        partitions: i32,
+        mapping: spillway_core::Mapping,
+    ) -> anyhow::Result<Self> {
         let pg = tokio::task::spawn_blocking(postgres_from_env).await??;
         let broker = tokio::task::block_in_place(kafka::from_env)?;
         broker.create_topic(TOPIC, partitions).await?;
@@ -47,6 +55,7 @@ impl LocalStack {
         cs.listen = "127.0.0.1:0".parse()?;
         cs.group = "loadgen".into();
         cs.batcher.max_age = Duration::from_millis(200);
+        cs.mapping = mapping;
         let consumer = spillway_consumer::start(cs).await?;
         Ok(LocalStack {
             pg,

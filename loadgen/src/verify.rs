@@ -34,6 +34,9 @@ pub struct VerifyConfig {
     pub table: String,
     /// The JSON field carrying each record's id.
     pub id_field: String,
+    /// A column holding the id (a typed column of the consumer's mapping) to read instead of
+    /// `data->>id_field`, e.g. when the consumer runs with `--keep-data false`.
+    pub id_column: Option<String>,
     /// The run's id: this run's records have ids `<run_id>-<sequence>`.
     pub run_id: String,
     /// Kafka's bootstrap servers, to read the topic's high watermarks.
@@ -61,6 +64,7 @@ impl VerifyConfig {
             database_url: database_url.into(),
             table: table.into(),
             id_field: "id".into(),
+            id_column: None,
             run_id: run_id.into(),
             brokers: brokers.into(),
             topic: topic.into(),
@@ -172,18 +176,60 @@ impl Settle {
     }
 }
 
+/// Where a row's id is: the JSON field `data->>id_field`, or a column.
+#[derive(Clone, Copy, Debug)]
+pub enum IdSource<'a> {
+    /// `data->>field`.
+    Field(&'a str),
+    /// A column of the table (a typed column).
+    Column(&'a str),
+}
+
+impl IdSource<'_> {
+    /// The id as text, for `SELECT`, and the query parameters it needs first.
+    fn select(&self) -> (String, Vec<String>) {
+        match self {
+            IdSource::Field(f) => ("data->>$1".into(), vec![f.to_string()]),
+            IdSource::Column(c) => (format!("\"{}\"::text", c.replace('"', "\"\"")), vec![]),
+        }
+    }
+
+    /// Rows of this run: `(SELECT id, WHERE clause, parameters)`.
+    fn of_run(&self, run_id: &str) -> (String, String, Vec<String>) {
+        let (id, mut params) = self.select();
+        params.push(format!("{run_id}-%"));
+        let clause = format!("{id} LIKE ${}", params.len());
+        (id, clause, params)
+    }
+}
+
+impl VerifyConfig {
+    /// Where the ids are.
+    pub fn id_source(&self) -> IdSource<'_> {
+        match &self.id_column {
+            Some(c) => IdSource::Column(c),
+            None => IdSource::Field(&self.id_field),
+        }
+    }
+}
+
+fn params(p: &[String]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    p.iter()
+        .map(|s| s as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect()
+}
+
 /// Rows of this run in the table (ids start with `run_id-`).
 pub async fn count_rows(
     url: &str,
     table: &str,
-    id_field: &str,
+    id: IdSource<'_>,
     run_id: &str,
 ) -> Result<i64, HarnessError> {
     let c = connect(url).await?;
-    let q = format!("SELECT count(*) FROM {table} WHERE data->>$1 LIKE $2");
-    let row = c
-        .query_one(&q, &[&id_field, &format!("{run_id}-%")])
-        .await?;
+    let (_, clause, p) = id.of_run(run_id);
+    let q = format!("SELECT count(*) FROM {table} WHERE {clause}");
+    let row = c.query_one(&q, &params(&p)).await?;
     Ok(row.get(0))
 }
 
@@ -264,14 +310,7 @@ pub async fn verify(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let mut v = compare(
-        &cfg.database_url,
-        &cfg.table,
-        &cfg.id_field,
-        &cfg.run_id,
-        acked,
-    )
-    .await?;
+    let mut v = compare(cfg, acked).await?;
     v.quiet = quiet;
     v.waited_seconds = started.elapsed().as_secs_f64();
     if !quiet {
@@ -419,16 +458,12 @@ impl<'a> Looker<'a> {
 }
 
 /// One comparison of the acknowledged ids with the tables, as they are now.
-async fn compare(
-    url: &str,
-    table: &str,
-    id_field: &str,
-    run_id: &str,
-    acked: &AckSet,
-) -> Result<Verdict, HarnessError> {
+async fn compare(cfg: &VerifyConfig, acked: &AckSet) -> Result<Verdict, HarnessError> {
+    let (url, table, run_id) = (&cfg.database_url, &cfg.table, &cfg.run_id);
     let c = connect(url).await?;
-    let q = format!("SELECT data->>$1 FROM {table} WHERE data->>$1 LIKE $2");
-    let rows = c.query(&q, &[&id_field, &format!("{run_id}-%")]).await?;
+    let (id, clause, p) = cfg.id_source().of_run(run_id);
+    let q = format!("SELECT {id} FROM {table} WHERE {clause}");
+    let rows = c.query(&q, &params(&p)).await?;
     let prefix = format!("{run_id}-");
     let mut counts: std::collections::HashMap<u64, u32> =
         std::collections::HashMap::with_capacity(rows.len());
@@ -442,7 +477,7 @@ async fn compare(
             *counts.entry(seq).or_insert(0) += 1;
         }
     }
-    let dead = dead_lettered(url, table, id_field, run_id).await?;
+    let dead = dead_lettered(url, table, &cfg.id_field, run_id).await?;
     let dead_set: std::collections::HashSet<u64> = dead.iter().copied().collect();
     let mut v = Verdict {
         acknowledged: acked.len(),

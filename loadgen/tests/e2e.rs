@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use spillway_harness::postgres::connect;
-use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
+use spillway_loadgen::payload::{typed_columns, PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
 use spillway_loadgen::runner::{self, Live, RunConfig};
 use spillway_loadgen::stack::{LocalStack, TABLE, TOPIC};
@@ -84,6 +84,71 @@ async fn a_spiky_run_on_the_local_stack_loses_and_duplicates_nothing_and_the_che
     let v = verify(&cfg, &result.acked, |_| {}).await?;
     assert_eq!((v.lost, v.lost_sample.clone()), (1, vec![3]), "{v:?}");
     assert!(!v.passed());
+    stack.shutdown().await;
+    Ok(())
+}
+
+/// Typed records on a consumer that maps them (and drops `data`): the verdict reads the ids
+/// from the id column and passes; the poison records (a string for the bigint) are
+/// dead-lettered, not lost; the rows hold typed values. A deleted row is still reported lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_run_lands_in_typed_columns_and_the_verdict_reads_the_id_column() -> Result<()> {
+    let seed = 12;
+    let columns = typed_columns("id")
+        .iter()
+        .map(|c| c.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    let stack = LocalStack::start_with(2, spillway_core::Mapping::new(columns, false)?).await?;
+    let schedule = RateProfile::Constant { rate: 100.0 }.schedule(Duration::from_secs(3));
+    let mut spec = PayloadSpec::generated((1, 5), (180, 220));
+    spec.typed = true;
+    spec.poison_rate = 0.02;
+    let result = runner::run(
+        RunConfig::new(stack.producer.store_url(), schedule),
+        PayloadGen::new(spec, "typed", seed),
+        Arc::new(Live::default()),
+        |_, _, _| {},
+    )
+    .await;
+    ensure!(
+        result.acked.len() > 300,
+        "{} acknowledged",
+        result.acked.len()
+    );
+    let url = stack.database_url();
+    let cfg = VerifyConfig {
+        id_column: Some("id".into()),
+        ..VerifyConfig::new(
+            &url,
+            TABLE,
+            "typed",
+            stack.broker.bootstrap(),
+            TOPIC,
+            Duration::from_secs(60),
+        )
+    };
+    let v = verify(&cfg, &result.acked, |_| {}).await?;
+    ensure!(v.passed() && v.dead_lettered > 0, "{v:?}");
+    assert_eq!(v.found + v.dead_lettered, v.acknowledged, "{v:?}");
+    let c = connect(&url).await?;
+    let typed: i64 = c
+        .query_one(
+            "SELECT count(*) FROM records WHERE n IS NOT NULL AND at >= '2026-11-27' \
+             AND score IS NOT NULL AND ok IS NOT NULL AND doc ? 'k' AND name IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(typed as u64, v.found);
+    let reason: String = c
+        .query_one("SELECT error FROM records_dead_letters LIMIT 1", &[])
+        .await?
+        .get(0);
+    assert!(reason.contains("column n (bigint from /n)"), "{reason}");
+    c.batch_execute("DELETE FROM records WHERE id = 'typed-0' OR id = 'typed-1'")
+        .await?;
+    let v = verify(&cfg, &result.acked, |_| {}).await?;
+    assert!(v.lost >= 1 && !v.passed(), "{v:?}");
     stack.shutdown().await;
     Ok(())
 }

@@ -31,6 +31,8 @@ fn rec(partition: Partition, offset: i64, index: u32, last: bool) -> Record {
         index,
         last_in_message: last,
         received_at_micros: 0,
+        request_id: RequestId::from_u128(0),
+        kafka: None,
         payload: format!("{{\"o\":{offset},\"i\":{index}}}").into_bytes(),
     }
 }
@@ -126,6 +128,57 @@ fn a_failed_flush_is_retried_with_the_same_records_after_backoff() {
         vec![2, 3],
         "order kept"
     );
+}
+
+/// Records whose values do not convert are dead-lettered in place, with their reasons, and
+/// the same batch is flushed again at once without them (no backoff, no bisection); an answer
+/// that names no live record is retried with a backoff rather than spun on.
+#[test]
+fn unconvertible_records_are_dead_lettered_and_the_rest_flushed_again_at_once() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(config(4, 100)).unwrap();
+    b.assign(0, Position::BEGINNING);
+    push_messages(&mut b, 0, 4, t0);
+    let first = b.poll_batch(t0).unwrap();
+    let outcome = FlushOutcome::Unconvertible {
+        records: vec![(1, "column n: bad".into()), (3, "column m: bad".into())],
+    };
+    assert_eq!(b.on_flush_result(first, outcome, t0), AfterFlush::Isolating);
+    let again = b.poll_batch(t0).expect("flushed again at once");
+    assert_eq!((offsets(&again), again.attempt), (vec![0, 1, 2, 3], 1));
+    let dead: Vec<_> = again
+        .dead_letters()
+        .map(|(r, why)| (r.offset, why.to_string()))
+        .collect();
+    assert_eq!(
+        dead,
+        [
+            (1, "column n: bad".into()),
+            (3, "column m: bad".to_string())
+        ]
+    );
+    assert_eq!(again.row_count(), 2);
+
+    let names_nothing = FlushOutcome::Unconvertible {
+        records: vec![(1, "already dead".into()), (9, "no such entry".into())],
+    };
+    assert!(matches!(
+        b.on_flush_result(again, names_nothing, t0),
+        AfterFlush::RetryAt { .. }
+    ));
+    let retry = b.poll_batch(t0 + Duration::from_millis(10)).unwrap();
+    assert_eq!(retry.dead_letters().count(), 2, "nothing else marked");
+    let done = b.on_flush_result(retry, FlushOutcome::Written, t0);
+    assert_eq!(
+        done,
+        AfterFlush::Committed {
+            partition: 0,
+            position: Position::new(4, 0),
+            rows: 2,
+            dead_letters: 2
+        }
+    );
+    assert_eq!(b.stats().dead_lettered, 2);
 }
 
 /// Flushes everything with a sink that rejects the records whose offsets are in `bad`,
@@ -580,6 +633,8 @@ fn a_record_counts_its_payload_and_overhead() {
         index: 0,
         last_in_message: true,
         received_at_micros: 0,
+        request_id: RequestId::from_u128(0),
+        kafka: None,
         payload: vec![b'x'; 100],
     };
     assert_eq!(r.size(), 100 + RECORD_OVERHEAD);

@@ -1,0 +1,1436 @@
+//! Typed columns: where a value comes from (a JSON Pointer into the record, or a piece of
+//! metadata), which Postgres type it lands in, and the conversion of one value straight into
+//! that type's COPY BINARY field.
+//!
+//! A mapping is written `NAME:TYPE=SOURCE` (`--column user_id:bigint=/user/id`):
+//! - `NAME`: `[a-z_][a-z0-9_]*`, at most 63 bytes, not one of the columns Spillway always
+//!   writes (`kafka_partition`, `kafka_offset`, `record_index`, `received_at`, `data`). It is
+//!   always double-quoted in SQL; lowercase only, so that unquoted queries find it.
+//! - `TYPE`: one of [`ColumnType`]'s names; a `!` suffix (`bigint!`) makes a missing or null
+//!   value an error (the record is dead-lettered) instead of a NULL.
+//! - `SOURCE`: an RFC 6901 JSON Pointer (`/user/id`, `""` for the whole record, `~1` for `/`
+//!   and `~0` for `~` inside a name), or `@` and a metadata name ([`Meta`]).
+//!
+//! Conversions are strict: a value is converted only when its JSON type is the one the column
+//! takes (a string `"42"` never becomes a bigint), with one lenient exception, `text`, which
+//! stores any non-string value as its JSON text. The rules per type are on [`ColumnType`].
+//!
+//! This module does no IO; the consumer's shell sends the bytes it writes.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserializer as _;
+use serde_json::value::RawValue;
+
+use crate::batcher::{KafkaMeta, Record};
+
+/// Columns Spillway always writes; a mapping cannot reuse their names.
+pub const BASE_COLUMNS: [&str; 5] = [
+    "kafka_partition",
+    "kafka_offset",
+    "record_index",
+    "received_at",
+    "data",
+];
+
+/// Microseconds between the Unix epoch and Postgres' epoch (2000-01-01).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+/// Days between the Unix epoch and Postgres' epoch.
+const PG_EPOCH_OFFSET_DAYS: i64 = 10_957;
+/// Postgres' smallest timestamp (4714-11-24 BC), microseconds since 2000-01-01.
+const PG_MIN_TIMESTAMP: i64 = -211_813_488_000_000_000;
+/// The first timestamp Postgres refuses (294277-01-01), microseconds since 2000-01-01.
+const PG_END_TIMESTAMP: i64 = 9_223_371_331_200_000_000;
+/// Postgres' type oid of `text` (the element type of `text[]`).
+const TEXT_OID: i32 = 25;
+/// How much of a value an error message shows.
+const SHOWN_VALUE_CHARS: usize = 80;
+
+/// A column's Postgres type, and what each accepts. JSON `null` or a missing value is NULL for
+/// every type (an error with `!`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ColumnType {
+    /// A JSON string, stored as is; any other value is stored as its JSON text (`42` → `'42'`).
+    Text,
+    /// A JSON number with an integral value in range (`42`, `42.0`, `4.2e1`); no strings.
+    Bigint,
+    /// As `Bigint`, within -2^31..2^31.
+    Integer,
+    /// As `Bigint`, within -2^15..2^15.
+    Smallint,
+    /// A JSON number, read as the nearest double (integers above 2^53 lose precision); a
+    /// number too large for a double is an error.
+    Double,
+    /// A JSON number, exactly as written (no rounding through a double; `1.50` keeps its scale).
+    Numeric,
+    /// `true` or `false`.
+    Boolean,
+    /// An RFC 3339 string (`2026-11-27T16:03:18.123456Z`, an offset or `Z` required; `T`, `t` or
+    /// a space between date and time); fractions past the microsecond are rounded.
+    Timestamptz,
+    /// A JSON number of seconds since the Unix epoch, fractions allowed (rounded to the µs).
+    TimestamptzSeconds,
+    /// A JSON number of milliseconds since the Unix epoch, fractions allowed.
+    TimestamptzMillis,
+    /// A `YYYY-MM-DD` string.
+    Date,
+    /// A string of 32 hex digits in the 8-4-4-4-12 hyphenated form, any case.
+    Uuid,
+    /// Any JSON value, stored as the JSON text that was sent.
+    Jsonb,
+    /// An array of strings and nulls.
+    TextArray,
+}
+
+impl ColumnType {
+    const ALL: [ColumnType; 14] = [
+        ColumnType::Text,
+        ColumnType::Bigint,
+        ColumnType::Integer,
+        ColumnType::Smallint,
+        ColumnType::Double,
+        ColumnType::Numeric,
+        ColumnType::Boolean,
+        ColumnType::Timestamptz,
+        ColumnType::TimestamptzSeconds,
+        ColumnType::TimestamptzMillis,
+        ColumnType::Date,
+        ColumnType::Uuid,
+        ColumnType::Jsonb,
+        ColumnType::TextArray,
+    ];
+
+    /// The name in a mapping.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Bigint => "bigint",
+            ColumnType::Integer => "integer",
+            ColumnType::Smallint => "smallint",
+            ColumnType::Double => "double precision",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamptz => "timestamptz",
+            ColumnType::TimestamptzSeconds => "timestamptz(s)",
+            ColumnType::TimestamptzMillis => "timestamptz(ms)",
+            ColumnType::Date => "date",
+            ColumnType::Uuid => "uuid",
+            ColumnType::Jsonb => "jsonb",
+            ColumnType::TextArray => "text[]",
+        }
+    }
+
+    /// The type in `CREATE TABLE` / `ADD COLUMN`.
+    pub fn sql(self) -> &'static str {
+        match self {
+            ColumnType::Timestamptz
+            | ColumnType::TimestamptzSeconds
+            | ColumnType::TimestamptzMillis => "timestamptz",
+            other => other.name(),
+        }
+    }
+
+    /// The type as Postgres' `format_type(atttypid, NULL)` shows an existing column's.
+    pub fn catalog_name(self) -> &'static str {
+        match self {
+            ColumnType::Timestamptz
+            | ColumnType::TimestamptzSeconds
+            | ColumnType::TimestamptzMillis => "timestamp with time zone",
+            other => other.name(),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let s = s.to_ascii_lowercase();
+        let alias = match s.as_str() {
+            "int8" => "bigint",
+            "int" | "int4" => "integer",
+            "int2" => "smallint",
+            "float8" | "double" => "double precision",
+            "bool" => "boolean",
+            other => other,
+        };
+        Self::ALL.into_iter().find(|t| t.name() == alias)
+    }
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Metadata a column can take instead of a field of the record (`@name` in a mapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Meta {
+    /// `@request_id`: the id the producer gave the request (`text`: 32 hex digits, or `uuid`).
+    RequestId,
+    /// `@received_at`: when the producer accepted the request (`timestamptz`).
+    ReceivedAt,
+    /// `@kafka_key`: the Kafka message's key (`text`, which must be UTF-8, or `jsonb`); NULL
+    /// when the message has none.
+    KafkaKey,
+    /// `@kafka_timestamp`: the Kafka message's timestamp (`timestamptz`); NULL when it has none.
+    KafkaTimestamp,
+    /// `@kafka_partition` (`integer` or `bigint`).
+    KafkaPartition,
+    /// `@kafka_offset` (`bigint`).
+    KafkaOffset,
+    /// `@record_index`: the record's index inside its request (`integer` or `bigint`).
+    RecordIndex,
+    /// `@headers`: the Kafka message's headers as a JSON object of strings (`jsonb`; a value
+    /// that is not UTF-8 has its bad bytes replaced, a header without a value is `null`).
+    Headers,
+}
+
+impl Meta {
+    const ALL: [Meta; 8] = [
+        Meta::RequestId,
+        Meta::ReceivedAt,
+        Meta::KafkaKey,
+        Meta::KafkaTimestamp,
+        Meta::KafkaPartition,
+        Meta::KafkaOffset,
+        Meta::RecordIndex,
+        Meta::Headers,
+    ];
+
+    /// The name after `@`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Meta::RequestId => "request_id",
+            Meta::ReceivedAt => "received_at",
+            Meta::KafkaKey => "kafka_key",
+            Meta::KafkaTimestamp => "kafka_timestamp",
+            Meta::KafkaPartition => "kafka_partition",
+            Meta::KafkaOffset => "kafka_offset",
+            Meta::RecordIndex => "record_index",
+            Meta::Headers => "headers",
+        }
+    }
+
+    /// The column types this metadata can land in.
+    pub fn types(self) -> &'static [ColumnType] {
+        use ColumnType::*;
+        match self {
+            Meta::RequestId => &[Text, Uuid],
+            Meta::ReceivedAt | Meta::KafkaTimestamp => &[Timestamptz],
+            Meta::KafkaKey => &[Text, Jsonb],
+            Meta::KafkaPartition | Meta::RecordIndex => &[Integer, Bigint],
+            Meta::KafkaOffset => &[Bigint],
+            Meta::Headers => &[Jsonb],
+        }
+    }
+
+    /// Whether it comes from the Kafka message rather than the envelope.
+    pub fn from_kafka_message(self) -> bool {
+        matches!(self, Meta::KafkaKey | Meta::KafkaTimestamp | Meta::Headers)
+    }
+}
+
+/// Where a column's value comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A JSON Pointer into the record.
+    Pointer(Pointer),
+    /// Metadata.
+    Meta(Meta),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Pointer(p) => write!(f, "{p}"),
+            Source::Meta(m) => write!(f, "@{}", m.name()),
+        }
+    }
+}
+
+/// An RFC 6901 JSON Pointer, parsed into its reference tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pointer {
+    text: String,
+    tokens: Vec<String>,
+}
+
+impl Pointer {
+    /// Parses `""` (the whole document) or `/token/token...`, unescaping `~1` and `~0`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Ok(Pointer {
+                text: String::new(),
+                tokens: vec![],
+            });
+        }
+        let Some(rest) = s.strip_prefix('/') else {
+            return Err(format!(
+                "{s:?} is not a JSON Pointer: it must start with / (or be empty for the whole record)"
+            ));
+        };
+        let mut tokens = Vec::new();
+        for raw in rest.split('/') {
+            let mut token = String::with_capacity(raw.len());
+            let mut chars = raw.chars();
+            while let Some(c) = chars.next() {
+                if c != '~' {
+                    token.push(c);
+                    continue;
+                }
+                match chars.next() {
+                    Some('0') => token.push('~'),
+                    Some('1') => token.push('/'),
+                    _ => {
+                        return Err(format!(
+                        "{s:?} is not a JSON Pointer: ~ must be followed by 0 (for ~) or 1 (for /)"
+                    ))
+                    }
+                }
+            }
+            tokens.push(token);
+        }
+        Ok(Pointer {
+            text: s.to_string(),
+            tokens,
+        })
+    }
+
+    /// The reference tokens, unescaped.
+    pub fn tokens(&self) -> &[String] {
+        &self.tokens
+    }
+}
+
+impl fmt::Display for Pointer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.text.is_empty() {
+            f.write_str("\"\" (the whole record)")
+        } else {
+            f.write_str(&self.text)
+        }
+    }
+}
+
+/// One mapped column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnSpec {
+    /// The column's name (validated: needs no quoting, but is quoted anyway).
+    pub name: String,
+    /// Its type.
+    pub ty: ColumnType,
+    /// Missing or null is an error rather than NULL.
+    pub not_null: bool,
+    /// Where its value comes from.
+    pub source: Source,
+}
+
+/// Why a mapping is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("column mapping {spec:?}: {problem}")]
+pub struct SpecError {
+    /// The mapping as written.
+    pub spec: String,
+    /// What is wrong and how to write it.
+    pub problem: String,
+}
+
+impl ColumnSpec {
+    /// The name, double-quoted for SQL.
+    pub fn quoted_name(&self) -> String {
+        format!("\"{}\"", self.name)
+    }
+}
+
+impl FromStr for ColumnSpec {
+    type Err = SpecError;
+
+    /// Parses `NAME:TYPE[!]=SOURCE`.
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let err = |problem: String| SpecError {
+            spec: spec.to_string(),
+            problem,
+        };
+        let shape = "write NAME:TYPE=POINTER, e.g. user_id:bigint=/user/id";
+        let (name, rest) = spec
+            .split_once(':')
+            .ok_or_else(|| err(format!("no ':' after the column name: {shape}")))?;
+        let (ty, source) = rest
+            .split_once('=')
+            .ok_or_else(|| err(format!("no '=' after the type: {shape}")))?;
+        let name = name.trim();
+        let name_ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == b'_')
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_');
+        if !name_ok {
+            return Err(err(format!(
+                "{name:?} is not a column name: use lowercase letters, digits and _ (not first), at most 63"
+            )));
+        }
+        if BASE_COLUMNS.contains(&name) {
+            return Err(err(format!(
+                "{name:?} is a column Spillway always writes; pick another name (the metadata is also available as @{name} where it exists)"
+            )));
+        }
+        let ty = ty.trim();
+        let (ty, not_null) = match ty.strip_suffix('!') {
+            Some(t) => (t, true),
+            None => (ty, false),
+        };
+        let ty = ColumnType::parse(ty).ok_or_else(|| {
+            let names: Vec<_> = ColumnType::ALL.iter().map(|t| t.name()).collect();
+            err(format!(
+                "unknown type {ty:?}: use one of {}",
+                names.join(", ")
+            ))
+        })?;
+        let source = match source.strip_prefix('@') {
+            Some(meta) => {
+                let m = Meta::ALL
+                    .into_iter()
+                    .find(|m| m.name() == meta)
+                    .ok_or_else(|| {
+                        let names: Vec<_> =
+                            Meta::ALL.iter().map(|m| format!("@{}", m.name())).collect();
+                        err(format!(
+                            "unknown metadata @{meta}: use one of {}",
+                            names.join(", ")
+                        ))
+                    })?;
+                if !m.types().contains(&ty) {
+                    let names: Vec<_> = m.types().iter().map(|t| t.name()).collect();
+                    return Err(err(format!(
+                        "@{} cannot be stored as {ty}: use {}",
+                        m.name(),
+                        names.join(" or ")
+                    )));
+                }
+                Source::Meta(m)
+            }
+            None => Source::Pointer(Pointer::parse(source).map_err(err)?),
+        };
+        Ok(ColumnSpec {
+            name: name.to_string(),
+            ty,
+            not_null,
+            source,
+        })
+    }
+}
+
+impl fmt::Display for ColumnSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bang = if self.not_null { "!" } else { "" };
+        match &self.source {
+            Source::Pointer(p) => write!(f, "{}:{}{bang}={}", self.name, self.ty, p.text),
+            Source::Meta(m) => write!(f, "{}:{}{bang}=@{}", self.name, self.ty, m.name()),
+        }
+    }
+}
+
+/// The columns of the records table: the base columns (with or without `data`) and the
+/// mapped ones, compiled for extraction in one pass over each record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    columns: Vec<ColumnSpec>,
+    keep_data: bool,
+    tree: Node,
+}
+
+impl Default for Mapping {
+    /// No typed columns, the record kept in `data`: the table as before typed columns.
+    fn default() -> Self {
+        Mapping {
+            columns: vec![],
+            keep_data: true,
+            tree: Node::default(),
+        }
+    }
+}
+
+/// The pointers of a mapping as a tree of tokens, walked once per record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Node {
+    /// Columns whose pointer ends here.
+    slots: Vec<usize>,
+    children: Vec<(String, Option<usize>, Node)>,
+}
+
+impl Node {
+    fn child(&self, key: &str) -> Option<&Node> {
+        self.children
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, _, n)| n)
+    }
+
+    fn element(&self, index: usize) -> Option<&Node> {
+        self.children
+            .iter()
+            .find(|(_, i, _)| *i == Some(index))
+            .map(|(_, _, n)| n)
+    }
+}
+
+/// An array index token: `0`, or digits without a leading zero (RFC 6901).
+fn array_index(token: &str) -> Option<usize> {
+    let ok = !token.is_empty()
+        && token.bytes().all(|b| b.is_ascii_digit())
+        && (token == "0" || !token.starts_with('0'));
+    ok.then(|| token.parse().ok()).flatten()
+}
+
+impl Mapping {
+    /// Checks the columns together (no name twice) and compiles their pointers.
+    pub fn new(columns: Vec<ColumnSpec>, keep_data: bool) -> Result<Self, SpecError> {
+        let mut tree = Node::default();
+        for (i, c) in columns.iter().enumerate() {
+            if columns[..i].iter().any(|o| o.name == c.name) {
+                return Err(SpecError {
+                    spec: c.to_string(),
+                    problem: format!("column {:?} is mapped twice", c.name),
+                });
+            }
+            if let Source::Pointer(p) = &c.source {
+                let mut node = &mut tree;
+                for t in &p.tokens {
+                    let at = match node.children.iter().position(|(k, _, _)| k == t) {
+                        Some(at) => at,
+                        None => {
+                            node.children
+                                .push((t.clone(), array_index(t), Node::default()));
+                            node.children.len() - 1
+                        }
+                    };
+                    node = &mut node.children[at].2;
+                }
+                node.slots.push(i);
+            }
+        }
+        Ok(Mapping {
+            columns,
+            keep_data,
+            tree,
+        })
+    }
+
+    /// The mapped columns, in the order they are written.
+    pub fn columns(&self) -> &[ColumnSpec] {
+        &self.columns
+    }
+
+    /// Whether the whole record is kept in `data jsonb`.
+    pub fn keep_data(&self) -> bool {
+        self.keep_data
+    }
+
+    /// Whether some column needs the Kafka message's key, timestamp or headers (the source
+    /// copies them only then).
+    pub fn needs_kafka_meta(&self) -> bool {
+        self.columns
+            .iter()
+            .any(|c| matches!(c.source, Source::Meta(m) if m.from_kafka_message()))
+    }
+
+    /// The COPY column list, quoted, in the order [`crate::pgcopy`] writes the fields.
+    pub fn copy_columns(&self) -> String {
+        let mut out = String::from("kafka_partition, kafka_offset, record_index, received_at");
+        if self.keep_data {
+            out.push_str(", data");
+        }
+        for c in &self.columns {
+            out.push_str(", ");
+            out.push_str(&c.quoted_name());
+        }
+        out
+    }
+
+    /// Fields per row.
+    pub fn field_count(&self) -> usize {
+        4 + usize::from(self.keep_data) + self.columns.len()
+    }
+
+    fn needs_record(&self) -> bool {
+        !self.tree.children.is_empty() || !self.tree.slots.is_empty()
+    }
+
+    /// Finds every pointed-to value of `json` in one pass: `found[i]` is column i's raw value,
+    /// `None` when its pointer does not resolve. Allocates only for keys with escapes.
+    pub(crate) fn extract<'a>(
+        &self,
+        json: &'a [u8],
+        found: &mut [Option<&'a RawValue>],
+    ) -> Result<(), String> {
+        found.iter_mut().for_each(|f| *f = None);
+        if !self.needs_record() {
+            return Ok(());
+        }
+        let text = std::str::from_utf8(json).map_err(|_| "the record is not UTF-8".to_string())?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        Walk {
+            node: &self.tree,
+            found,
+            capture: true,
+        }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| format!("the record is not valid JSON: {e}"))
+    }
+}
+
+/// Walks one JSON value along a [`Node`], capturing the raw values its columns point at.
+struct Walk<'n, 'f, 'a> {
+    node: &'n Node,
+    found: &'f mut [Option<&'a RawValue>],
+    capture: bool,
+}
+
+impl<'de, 'n, 'f> DeserializeSeed<'de> for Walk<'n, 'f, 'de> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        if self.capture && !self.node.slots.is_empty() {
+            let raw: &'de RawValue = de::Deserialize::deserialize(d)?;
+            for &s in &self.node.slots {
+                self.found[s] = Some(raw);
+            }
+            if !self.node.children.is_empty() {
+                // A pointer and a longer one through it: walk the captured value again (rare).
+                let mut inner = serde_json::Deserializer::from_str(raw.get());
+                Walk {
+                    node: self.node,
+                    found: self.found,
+                    capture: false,
+                }
+                .deserialize(&mut inner)
+                .map_err(de::Error::custom)?;
+            }
+            return Ok(());
+        }
+        d.deserialize_any(WalkVisitor {
+            node: self.node,
+            found: self.found,
+        })
+    }
+}
+
+struct WalkVisitor<'n, 'f, 'a> {
+    node: &'n Node,
+    found: &'f mut [Option<&'a RawValue>],
+}
+
+/// A map key, borrowed from the input unless it has escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(StrVisitor).map(Key)
+    }
+}
+
+struct StrVisitor;
+
+impl<'de> Visitor<'de> for StrVisitor {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+}
+
+impl<'de, 'n, 'f> Visitor<'de> for WalkVisitor<'n, 'f, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match self.node.child(&key) {
+                Some(node) => map.next_value_seed(Walk {
+                    node,
+                    found: &mut *self.found,
+                    capture: true,
+                })?,
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        loop {
+            let more = match self.node.element(i) {
+                Some(node) => seq
+                    .next_element_seed(Walk {
+                        node,
+                        found: &mut *self.found,
+                        capture: true,
+                    })?
+                    .is_some(),
+                None => seq.next_element::<IgnoredAny>()?.is_some(),
+            };
+            if !more {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+
+    // A scalar where the pointer wants to go deeper: it does not resolve.
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// A value that does not fit its column: the record is dead-lettered with this text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("column {column} ({ty} from {from}): {reason}; value: {value}")]
+pub struct ConvertError {
+    /// The column's name.
+    pub column: String,
+    /// Its type, as mapped.
+    pub ty: ColumnType,
+    /// Where the value came from (the pointer or the metadata).
+    pub from: String,
+    /// The value, truncated, or `(missing)`.
+    pub value: String,
+    /// Why it does not convert.
+    pub reason: String,
+}
+
+/// Shows at most [`SHOWN_VALUE_CHARS`] characters of a value.
+fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_VALUE_CHARS) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &value[..cut], value.len()),
+        None => value.to_string(),
+    }
+}
+
+/// Writes the COPY BINARY field of one column for one record.
+pub(crate) fn encode_field(
+    spec: &ColumnSpec,
+    raw: Option<&RawValue>,
+    record: &Record,
+    out: &mut Vec<u8>,
+) -> Result<(), ConvertError> {
+    match &spec.source {
+        Source::Pointer(_) => match raw {
+            None => put_null(spec, out, "missing"),
+            Some(raw) if raw.get() == "null" => put_null(spec, out, "null"),
+            Some(raw) => {
+                convert(spec.ty, raw.get(), out).map_err(|reason| refusal(spec, raw.get(), reason))
+            }
+        },
+        Source::Meta(m) => encode_meta(spec, *m, record, out),
+    }
+}
+
+fn refusal(spec: &ColumnSpec, value: &str, reason: String) -> ConvertError {
+    ConvertError {
+        column: spec.name.clone(),
+        ty: spec.ty,
+        from: spec.source.to_string(),
+        value: shown(value),
+        reason,
+    }
+}
+
+/// NULL, or the refusal of a NOT NULL column's missing value.
+fn put_null(spec: &ColumnSpec, out: &mut Vec<u8>, value: &str) -> Result<(), ConvertError> {
+    if spec.not_null {
+        Err(refusal(
+            spec,
+            value,
+            format!("{} is required (NOT NULL) but is {value}", spec.source),
+        ))
+    } else {
+        out.extend_from_slice(&(-1i32).to_be_bytes());
+        Ok(())
+    }
+}
+
+fn encode_meta(
+    spec: &ColumnSpec,
+    m: Meta,
+    record: &Record,
+    out: &mut Vec<u8>,
+) -> Result<(), ConvertError> {
+    let ty = spec.ty;
+    let null = |out: &mut Vec<u8>, value: &str| put_null(spec, out, value);
+    let fail = |value: &str, reason: String| refusal(spec, value, reason);
+    let kafka: Option<&KafkaMeta> = record.kafka.as_deref();
+    match (m, ty) {
+        (Meta::RequestId, ColumnType::Uuid) => put_field(out, &record.request_id.0),
+        (Meta::RequestId, _) => {
+            let start = begin_field(out);
+            for b in record.request_id.0 {
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 15)]);
+            }
+            end_field(out, start);
+        }
+        (Meta::ReceivedAt, _) => put_timestamp(out, record.received_at_micros)
+            .map_err(|r| fail(&record.received_at_micros.to_string(), r))?,
+        (Meta::KafkaPartition, ColumnType::Bigint) => {
+            put_field(out, &i64::from(record.partition).to_be_bytes())
+        }
+        (Meta::KafkaPartition, _) => put_field(out, &record.partition.to_be_bytes()),
+        (Meta::KafkaOffset, _) => put_field(out, &record.offset.to_be_bytes()),
+        (Meta::RecordIndex, ColumnType::Bigint) => {
+            put_field(out, &i64::from(record.index).to_be_bytes())
+        }
+        (Meta::RecordIndex, _) => match i32::try_from(record.index) {
+            Ok(i) => put_field(out, &i.to_be_bytes()),
+            Err(_) => return Err(fail(&record.index.to_string(), "out of range".into())),
+        },
+        (Meta::KafkaKey, ty) => match kafka.and_then(|k| k.key.as_deref()) {
+            None => return null(out, "missing (the message has no key)"),
+            Some(key) if ty == ColumnType::Jsonb => {
+                let start = begin_field(out);
+                out.push(1);
+                out.extend_from_slice(key);
+                end_field(out, start);
+            }
+            Some(key) => match std::str::from_utf8(key) {
+                Ok(s) => put_field(out, s.as_bytes()),
+                Err(_) => {
+                    return Err(fail(
+                        &String::from_utf8_lossy(key),
+                        "the key is not UTF-8 text".into(),
+                    ))
+                }
+            },
+        },
+        (Meta::KafkaTimestamp, _) => match kafka.and_then(|k| k.timestamp_millis) {
+            None => return null(out, "missing (the message has no timestamp)"),
+            Some(ms) => {
+                let micros = ms
+                    .checked_mul(1000)
+                    .ok_or_else(|| fail(&ms.to_string(), "out of range for timestamptz".into()))?;
+                put_timestamp(out, micros).map_err(|r| fail(&ms.to_string(), r))?
+            }
+        },
+        (Meta::Headers, _) => match kafka {
+            None => return null(out, "missing (the message has no headers)"),
+            Some(k) => {
+                let start = begin_field(out);
+                out.push(1);
+                out.push(b'{');
+                for (i, (name, value)) in k.headers.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    put_json_string(out, name);
+                    out.push(b':');
+                    match value {
+                        Some(v) => put_json_string(out, &String::from_utf8_lossy(v)),
+                        None => out.extend_from_slice(b"null"),
+                    }
+                }
+                out.push(b'}');
+                end_field(out, start);
+            }
+        },
+    }
+    Ok(())
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn put_json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            // jsonb refuses \u0000: a NUL in a header becomes U+FFFD.
+            '\0' => out.extend_from_slice("\u{fffd}".as_bytes()),
+            c if (c as u32) < 0x20 => {
+                let n = c as u32;
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(n >> 4) as usize]);
+                out.push(HEX[(n & 15) as usize]);
+            }
+            c => {
+                let mut b = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// Reserves a field's length; [`end_field`] fills it in.
+fn begin_field(out: &mut Vec<u8>) -> usize {
+    out.extend_from_slice(&[0; 4]);
+    out.len()
+}
+
+fn end_field(out: &mut [u8], start: usize) {
+    let len = (out.len() - start) as i32;
+    out[start - 4..start].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_field(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A timestamptz field from Unix microseconds, refused outside Postgres' range.
+fn put_timestamp(out: &mut Vec<u8>, unix_micros: i64) -> Result<(), String> {
+    let pg = unix_micros
+        .checked_sub(PG_EPOCH_OFFSET_MICROS)
+        .filter(|t| (PG_MIN_TIMESTAMP..PG_END_TIMESTAMP).contains(t))
+        .ok_or("out of range for timestamptz (4713 BC to 294276 AD)")?;
+    put_field(out, &pg.to_be_bytes());
+    Ok(())
+}
+
+/// The JSON type of a raw value, for messages.
+fn json_type(raw: &str) -> &'static str {
+    match raw.as_bytes().first() {
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+fn is_number(raw: &str) -> bool {
+    matches!(raw.as_bytes().first(), Some(b'-' | b'0'..=b'9'))
+}
+
+/// Converts one non-null raw JSON value into `ty`'s COPY BINARY field.
+fn convert(ty: ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), String> {
+    use ColumnType::*;
+    let want = |what: &str| format!("{ty} takes {what}, not {}", json_type(raw));
+    match ty {
+        Text => {
+            if raw.starts_with('"') {
+                let s = json_str(raw)?;
+                put_field(out, s.as_bytes());
+            } else {
+                put_field(out, raw.as_bytes());
+            }
+        }
+        Bigint | Integer | Smallint => {
+            if !is_number(raw) {
+                let hint = if raw.starts_with('"') {
+                    " (strings are not converted: send 42, not \"42\")"
+                } else {
+                    ""
+                };
+                return Err(format!("{}{hint}", want("a JSON number")));
+            }
+            let d = Decimal::parse(raw)?;
+            let v = d.integer(0, false)?;
+            match ty {
+                Bigint => put_field(
+                    out,
+                    &i64::try_from(v)
+                        .map_err(|_| "out of range for bigint".to_string())?
+                        .to_be_bytes(),
+                ),
+                Integer => put_field(
+                    out,
+                    &i32::try_from(v)
+                        .map_err(|_| "out of range for integer".to_string())?
+                        .to_be_bytes(),
+                ),
+                _ => put_field(
+                    out,
+                    &i16::try_from(v)
+                        .map_err(|_| "out of range for smallint".to_string())?
+                        .to_be_bytes(),
+                ),
+            }
+        }
+        Double => {
+            if !is_number(raw) {
+                return Err(want("a JSON number"));
+            }
+            let v: f64 = raw.parse().map_err(|_| format!("{raw} is not a number"))?;
+            if !v.is_finite() {
+                return Err("out of range for double precision".into());
+            }
+            put_field(out, &v.to_be_bytes());
+        }
+        Numeric => {
+            if !is_number(raw) {
+                return Err(want("a JSON number"));
+            }
+            Decimal::parse(raw)?.put_numeric(out)?;
+        }
+        Boolean => match raw {
+            "true" => put_field(out, &[1]),
+            "false" => put_field(out, &[0]),
+            _ => return Err(want("true or false")),
+        },
+        Timestamptz => {
+            if !raw.starts_with('"') {
+                let hint = if is_number(raw) {
+                    " (for epoch numbers map the column as timestamptz(s) or timestamptz(ms))"
+                } else {
+                    ""
+                };
+                return Err(format!("{}{hint}", want("an RFC 3339 string")));
+            }
+            let micros = parse_rfc3339(&json_str(raw)?)?;
+            put_timestamp(out, micros)?;
+        }
+        TimestamptzSeconds | TimestamptzMillis => {
+            if !is_number(raw) {
+                return Err(want("a JSON number"));
+            }
+            let scale = if ty == TimestamptzSeconds { 6 } else { 3 };
+            let micros = Decimal::parse(raw)?.integer(scale, true)?;
+            let micros =
+                i64::try_from(micros).map_err(|_| "out of range for timestamptz".to_string())?;
+            put_timestamp(out, micros)?;
+        }
+        Date => {
+            if !raw.starts_with('"') {
+                return Err(want("a YYYY-MM-DD string"));
+            }
+            let days = parse_date(json_str(raw)?.as_bytes())?;
+            put_field(out, &((days - PG_EPOCH_OFFSET_DAYS) as i32).to_be_bytes());
+        }
+        Uuid => {
+            if !raw.starts_with('"') {
+                return Err(want("a UUID string"));
+            }
+            put_field(out, &parse_uuid(json_str(raw)?.as_bytes())?);
+        }
+        Jsonb => {
+            let start = begin_field(out);
+            out.push(1);
+            out.extend_from_slice(raw.as_bytes());
+            end_field(out, start);
+        }
+        TextArray => {
+            if !raw.starts_with('[') {
+                return Err(want("an array of strings"));
+            }
+            put_text_array(raw, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// A JSON string's content, borrowed unless it has escapes.
+fn json_str(raw: &str) -> Result<Cow<'_, str>, String> {
+    let mut de = serde_json::Deserializer::from_str(raw);
+    de.deserialize_str(StrVisitor)
+        .map_err(|e| format!("not a JSON string: {e}"))
+}
+
+/// `text[]`'s binary form: ndim, has-nulls, element oid, (length, lower bound) per dimension,
+/// then each element as length + bytes, or -1 for NULL.
+fn put_text_array(raw: &str, out: &mut Vec<u8>) -> Result<(), String> {
+    let start = begin_field(out);
+    let header = out.len();
+    out.extend_from_slice(&1i32.to_be_bytes());
+    out.extend_from_slice(&0i32.to_be_bytes());
+    out.extend_from_slice(&TEXT_OID.to_be_bytes());
+    out.extend_from_slice(&0i32.to_be_bytes());
+    out.extend_from_slice(&1i32.to_be_bytes());
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let (count, nulls) = de
+        .deserialize_seq(TextElements { out: &mut *out })
+        .map_err(|e| e.to_string())?;
+    if count == 0 {
+        // An empty array has no dimensions.
+        out.truncate(header);
+        out.extend_from_slice(&0i32.to_be_bytes());
+        out.extend_from_slice(&0i32.to_be_bytes());
+        out.extend_from_slice(&TEXT_OID.to_be_bytes());
+    } else {
+        out[header + 4..header + 8].copy_from_slice(&i32::from(nulls).to_be_bytes());
+        out[header + 12..header + 16].copy_from_slice(&(count as i32).to_be_bytes());
+    }
+    end_field(out, start);
+    Ok(())
+}
+
+struct TextElements<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+struct TextElement<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+impl<'de> Visitor<'de> for TextElements<'_> {
+    type Value = (usize, bool);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of strings")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let (mut count, mut nulls) = (0usize, false);
+        while let Some(is_null) = seq
+            .next_element_seed(TextElement {
+                out: &mut *self.out,
+            })
+            .map_err(|e| de::Error::custom(format!("element {count}: {e}")))?
+        {
+            nulls |= is_null;
+            count += 1;
+        }
+        Ok((count, nulls))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for TextElement<'_> {
+    type Value = bool;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TextElement<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or null (text[] takes only those)")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        put_field(self.out, v.as_bytes());
+        Ok(false)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        self.out.extend_from_slice(&(-1i32).to_be_bytes());
+        Ok(true)
+    }
+}
+
+/// A JSON number as written: sign, integer and fraction digits, exponent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Decimal<'a> {
+    negative: bool,
+    int: &'a [u8],
+    frac: &'a [u8],
+    exp: i64,
+}
+
+impl<'a> Decimal<'a> {
+    fn parse(raw: &'a str) -> Result<Self, String> {
+        let bad = || format!("{raw} is not a JSON number");
+        let b = raw.as_bytes();
+        let mut i = 0;
+        let negative = b.first() == Some(&b'-');
+        if negative {
+            i += 1;
+        }
+        let digits = |i: usize| b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+        let n = digits(i);
+        if n == 0 {
+            return Err(bad());
+        }
+        let int = &b[i..i + n];
+        i += n;
+        let mut frac: &[u8] = &[];
+        if b.get(i) == Some(&b'.') {
+            let n = digits(i + 1);
+            if n == 0 {
+                return Err(bad());
+            }
+            frac = &b[i + 1..i + 1 + n];
+            i += 1 + n;
+        }
+        let mut exp = 0i64;
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            let sign = match b.get(i) {
+                Some(b'-') => {
+                    i += 1;
+                    -1
+                }
+                Some(b'+') => {
+                    i += 1;
+                    1
+                }
+                _ => 1,
+            };
+            let n = digits(i);
+            if n == 0 {
+                return Err(bad());
+            }
+            for &c in &b[i..i + n] {
+                // Saturates: an exponent this large is out of every type's range anyway.
+                exp = exp.saturating_mul(10).saturating_add(i64::from(c - b'0'));
+            }
+            exp *= sign;
+            i += n;
+        }
+        if i != b.len() {
+            return Err(bad());
+        }
+        Ok(Decimal {
+            negative,
+            int,
+            frac,
+            exp,
+        })
+    }
+
+    fn len(&self) -> i64 {
+        (self.int.len() + self.frac.len()) as i64
+    }
+
+    /// The digit at position `i` of int ++ frac (0 outside).
+    fn digit(&self, i: i64) -> u8 {
+        if i < 0 {
+            return 0;
+        }
+        let i = i as usize;
+        match i.checked_sub(self.int.len()) {
+            None => self.int[i] - b'0',
+            Some(j) => self.frac.get(j).map_or(0, |c| c - b'0'),
+        }
+    }
+
+    /// Where the decimal point sits in int ++ frac.
+    fn point(&self) -> i64 {
+        (self.int.len() as i64).saturating_add(self.exp)
+    }
+
+    fn first_nonzero(&self) -> Option<i64> {
+        (0..self.len()).find(|&i| self.digit(i) != 0)
+    }
+
+    fn last_nonzero(&self) -> Option<i64> {
+        (0..self.len()).rev().find(|&i| self.digit(i) != 0)
+    }
+
+    /// The value times 10^`scale` as an integer. A fraction left over is an error, or, with
+    /// `round`, rounded half away from zero.
+    fn integer(self, scale: i64, round: bool) -> Result<i128, String> {
+        let Some(first) = self.first_nonzero() else {
+            return Ok(0);
+        };
+        let point = self.point().saturating_add(scale);
+        if point - first > 38 {
+            return Err("out of range".into());
+        }
+        let mut v: i128 = 0;
+        for i in first..point {
+            v = v * 10 + i128::from(self.digit(i));
+        }
+        let has_fraction = self.last_nonzero().is_some_and(|l| l >= point);
+        if has_fraction {
+            if !round {
+                return Err("has a fraction, and an integer column takes whole numbers".into());
+            }
+            if self.digit(point) >= 5 && point >= 0 {
+                v += 1;
+            }
+        }
+        Ok(if self.negative { -v } else { v })
+    }
+
+    /// numeric's binary form: ndigits, weight, sign, dscale (each 16 bits), then base-10000
+    /// digits, most significant first; the value is sum(digit[i] * 10000^(weight - i)).
+    fn put_numeric(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        let range = "out of range for numeric".to_string();
+        let dscale = (self.frac.len() as i64).saturating_sub(self.exp).max(0);
+        if dscale > 0x3FFF {
+            return Err(range);
+        }
+        let (Some(first), Some(last)) = (self.first_nonzero(), self.last_nonzero()) else {
+            let start = begin_field(out);
+            for v in [0u16, 0, 0, dscale as u16] {
+                out.extend_from_slice(&v.to_be_bytes());
+            }
+            end_field(out, start);
+            return Ok(());
+        };
+        let point = self.point();
+        // The decimal exponent of a position: 10^(point - 1 - i).
+        let weight = (point - 1 - first).div_euclid(4);
+        let last_group = (point - 1 - last).div_euclid(4);
+        let ndigits = weight - last_group + 1;
+        if !(i64::from(i16::MIN)..=i64::from(i16::MAX)).contains(&weight) || ndigits > 3000 {
+            return Err(range);
+        }
+        let start = begin_field(out);
+        out.extend_from_slice(&(ndigits as i16).to_be_bytes());
+        out.extend_from_slice(&(weight as i16).to_be_bytes());
+        let sign: u16 = if self.negative { 0x4000 } else { 0 };
+        out.extend_from_slice(&sign.to_be_bytes());
+        out.extend_from_slice(&(dscale as u16).to_be_bytes());
+        for g in (last_group..=weight).rev() {
+            let mut group = 0u16;
+            for k in (0..4).rev() {
+                group = group * 10 + u16::from(self.digit(point - 1 - (4 * g + k)));
+            }
+            out.extend_from_slice(&group.to_be_bytes());
+        }
+        end_field(out, start);
+        Ok(())
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+fn number(b: &[u8], what: &str) -> Result<i64, String> {
+    if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
+        return Err(format!("bad {what}"));
+    }
+    Ok(b.iter().fold(0, |v, c| v * 10 + i64::from(c - b'0')))
+}
+
+/// `YYYY-MM-DD` → days since 1970-01-01.
+fn parse_date(b: &[u8]) -> Result<i64, String> {
+    let shape = "not a date: write YYYY-MM-DD";
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return Err(shape.into());
+    }
+    let y = number(&b[0..4], "year").map_err(|_| shape)?;
+    let m = number(&b[5..7], "month").map_err(|_| shape)?;
+    let d = number(&b[8..10], "day").map_err(|_| shape)?;
+    if !(1..=12).contains(&m) || !(1..=days_in_month(y, m)).contains(&d) {
+        return Err(format!("no such date: month {m}, day {d} of {y}"));
+    }
+    Ok(days_from_civil(y, m, d))
+}
+
+/// An RFC 3339 date-time → microseconds since the Unix epoch.
+fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    let shape = || {
+        "not an RFC 3339 timestamp: write 2026-11-27T16:03:18Z or 2026-11-27T16:03:18.5+01:00"
+            .to_string()
+    };
+    let b = s.as_bytes();
+    if b.len() < 20 || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+        return Err(shape());
+    }
+    let days =
+        parse_date(&b[..10]).map_err(|e| if e.starts_with("no such") { e } else { shape() })?;
+    let hh = number(&b[11..13], "hour").map_err(|_| shape())?;
+    let mm = number(&b[14..16], "minute").map_err(|_| shape())?;
+    let ss = number(&b[17..19], "second").map_err(|_| shape())?;
+    if hh > 23 || mm > 59 || ss > 60 {
+        return Err(format!("no such time: {hh:02}:{mm:02}:{ss:02}"));
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if b[i] == b'.' {
+        let n = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return Err(shape());
+        }
+        let frac = &b[i + 1..i + 1 + n];
+        for k in 0..6 {
+            micros = micros * 10 + frac.get(k).map_or(0, |c| i64::from(c - b'0'));
+        }
+        if frac.get(6).is_some_and(|&c| c >= b'5') {
+            micros += 1;
+        }
+        i += 1 + n;
+    }
+    let offset = match &b[i..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let oh = number(&[*h1, *h2], "offset").map_err(|_| shape())?;
+            let om = number(&[*m1, *m2], "offset").map_err(|_| shape())?;
+            if oh > 23 || om > 59 {
+                return Err(format!("no such offset: {}", &s[i..]));
+            }
+            let o = oh * 3600 + om * 60;
+            if *sign == b'-' {
+                -o
+            } else {
+                o
+            }
+        }
+        _ => return Err(shape()),
+    };
+    // A leap second (:60) counts as the next minute's first, as Postgres reads it.
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss - offset;
+    Ok(secs * 1_000_000 + micros)
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (any case) → 16 bytes.
+fn parse_uuid(b: &[u8]) -> Result<[u8; 16], String> {
+    let shape =
+        "not a UUID: write 8-4-4-4-12 hex digits, e.g. 3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return Err(shape.into());
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 16];
+    let hex = (0..36).filter(|i| ![8, 13, 18, 23].contains(i));
+    for (n, i) in hex.enumerate() {
+        let v = nibble(b[i]).ok_or(shape)?;
+        out[n / 2] |= if n % 2 == 0 { v << 4 } else { v };
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
