@@ -60,10 +60,11 @@ ensure_tansu() {
 }
 
 # The fast broker for benchmarks only (issue 15): Tansu's successor, renamed nisshi, with its
-# in-memory storage engine. Several times faster than SQLite, and it loses everything on
-# restart, so no fault test uses it. 0.7.0-pre.2 is the last release that builds on rustc 1.95
-# and has the fix for 0.6.0's in-memory fetch bug (a fetch from an offset inside a stored batch
-# skipped that batch). Built once and cached like Tansu; the test command does not build it.
+# in-memory storage engine. It loses everything on restart, so no fault test uses it.
+# 0.7.0-pre.2 builds on rustc 1.95 (about 50 minutes here at low priority beside other builds)
+# and serves a fetch from inside a stored batch (0.6.0's in-memory engine skipped that batch),
+# but reports a high watermark short of its last batch: ci/fast-broker.sh shows both. Built
+# once and cached like Tansu; the test command does not build it.
 FAST_BROKER_VERSION=0.7.0-pre.2
 fast_broker_bin() {
   if [[ -n "${SPILLWAY_FAST_BROKER_BIN:-}" ]]; then echo "$SPILLWAY_FAST_BROKER_BIN"; return; fi

@@ -865,9 +865,10 @@ impl Pipeline {
         let pool = self.pool.clone();
         let table = self.settings.table.clone();
         let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
+        let every = self.machine.config().view_interval;
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(every).await;
                 let stored = async {
                     let turn = pool.wait_turn().await;
                     let conn = pool.open(turn?).await?;

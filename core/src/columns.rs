@@ -822,12 +822,19 @@ fn encode_meta(
         (Meta::KafkaKey, ty) => match kafka.and_then(|k| k.key.as_deref()) {
             None => return null(out, "missing (the message has no key)"),
             Some(key) if ty == ColumnType::Jsonb => {
+                if serde_json::from_slice::<IgnoredAny>(key).is_err() {
+                    return Err(fail(
+                        &String::from_utf8_lossy(key),
+                        "the key is not JSON (map it to a text column instead)".into(),
+                    ));
+                }
                 let start = begin_field(out);
                 out.push(1);
                 out.extend_from_slice(key);
                 end_field(out, start);
             }
             Some(key) => match std::str::from_utf8(key) {
+                Ok(s) if s.contains('\0') => return Err(fail(s, NUL_IN_TEXT.into())),
                 Ok(s) => put_field(out, s.as_bytes()),
                 Err(_) => {
                     return Err(fail(
@@ -872,6 +879,9 @@ fn encode_meta(
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Postgres text cannot hold U+0000: refused here, before anything is sent.
+const NUL_IN_TEXT: &str = "text cannot hold the character U+0000 (Postgres refuses it)";
 
 fn put_json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
@@ -946,6 +956,9 @@ fn convert(ty: ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), String> {
         Text => {
             if raw.starts_with('"') {
                 let s = json_str(raw)?;
+                if s.contains('\0') {
+                    return Err(NUL_IN_TEXT.into());
+                }
                 put_field(out, s.as_bytes());
             } else {
                 put_field(out, raw.as_bytes());
@@ -1136,6 +1149,9 @@ impl<'de> Visitor<'de> for TextElement<'_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        if v.contains('\0') {
+            return Err(E::custom(NUL_IN_TEXT));
+        }
         put_field(self.out, v.as_bytes());
         Ok(false)
     }
@@ -1252,7 +1268,7 @@ impl<'a> Decimal<'a> {
             return Ok(0);
         };
         let point = self.point().saturating_add(scale);
-        if point - first > 38 {
+        if point.saturating_sub(first) > 38 {
             return Err("out of range".into());
         }
         let mut v: i128 = 0;
@@ -1289,8 +1305,8 @@ impl<'a> Decimal<'a> {
         };
         let point = self.point();
         // The decimal exponent of a position: 10^(point - 1 - i).
-        let weight = (point - 1 - first).div_euclid(4);
-        let last_group = (point - 1 - last).div_euclid(4);
+        let weight = point.saturating_sub(1).saturating_sub(first).div_euclid(4);
+        let last_group = point.saturating_sub(1).saturating_sub(last).div_euclid(4);
         let ndigits = weight - last_group + 1;
         if !(i64::from(i16::MIN)..=i64::from(i16::MAX)).contains(&weight) || ndigits > 3000 {
             return Err(range);

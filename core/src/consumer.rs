@@ -102,6 +102,10 @@ pub struct ConsumerConfig {
     /// while rejoining changes nothing, it waits twice as long before each next rejoin, up to
     /// [`MAX_REJOIN_BACKOFF`] times this.
     pub orphan_timeout: Duration,
+    /// How often the shell sends a group view ([`ConsumerMachine::on_group_view`]). A gap of
+    /// three or more means views were missed (Postgres unreachable): positions are then
+    /// watched afresh, since not seen is not standing still.
+    pub view_interval: Duration,
     /// A known bug to run with (tests only).
     #[cfg(feature = "mutations")]
     pub mutation: Option<Mutation>,
@@ -113,6 +117,7 @@ impl Default for ConsumerConfig {
             batcher: BatcherConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
             orphan_timeout: Duration::from_secs(20),
+            view_interval: Duration::from_secs(2),
             #[cfg(feature = "mutations")]
             mutation: None,
         }
@@ -132,6 +137,12 @@ impl ConsumerConfig {
         if self.orphan_timeout.is_zero() {
             return Err(ConfigError::new(
                 "orphan-rejoin-ms",
+                "must be greater than zero",
+            ));
+        }
+        if self.view_interval.is_zero() {
+            return Err(ConfigError::new(
+                "view-interval",
                 "must be greater than zero",
             ));
         }
@@ -448,7 +459,7 @@ pub struct ConsumerMachine {
     watch: BTreeMap<Partition, (Position, Instant)>,
     orphaned: Vec<Partition>,
     next_rejoin: Option<Instant>,
-    /// Rejoins since the last assignment or the last view with nothing stalled: each one waits
+    /// Rejoins since the last view with nothing stalled: each one waits
     /// twice as long as the one before (up to [`MAX_REJOIN_BACKOFF`] times `orphan_timeout`),
     /// so a rejoin never interrupts the rebalance the one before started.
     rejoins_in_a_row: u32,
@@ -577,9 +588,6 @@ impl ConsumerMachine {
             self.commands.push_back(Command::ReadPositions(read));
         }
         self.orphaned.clear();
-        if !self.partitions.is_empty() {
-            self.rejoins_in_a_row = 0;
-        }
         self.settle(now);
     }
 
@@ -869,15 +877,16 @@ impl ConsumerMachine {
     /// group (it is orphaned, and not ready); so does a consumer that owns other partitions
     /// (their owner is gone but still holds them: a broker that kept a dead member's
     /// assignment). At most one rejoin per `orphan_timeout`, backing off to one per
-    /// `MAX_REJOIN_BACKOFF` times that while rejoining changes nothing. After no view for `orphan_timeout`
-    /// (Postgres unreachable), positions are watched afresh: not seen is not standing still.
+    /// `MAX_REJOIN_BACKOFF` times that while partitions stay stalled (the count starts again
+    /// once a view shows none). After three `view_interval`s without a view (Postgres
+    /// unreachable), positions are watched afresh: not seen is not standing still.
     pub fn on_group_view(&mut self, view: &[PartitionLag], now: Instant) {
         if self.exited {
             return;
         }
-        let resumed = self
-            .last_view
-            .is_some_and(|t| now.saturating_duration_since(t) >= self.config.orphan_timeout);
+        let resumed = self.last_view.is_some_and(|t| {
+            now.saturating_duration_since(t) >= self.config.view_interval.saturating_mul(3)
+        });
         self.last_view = Some(now);
         let mut stalled = Vec::new();
         for lag in view {
@@ -909,8 +918,8 @@ impl ConsumerMachine {
                 << self
                     .rejoins_in_a_row
                     .min(MAX_REJOIN_BACKOFF.trailing_zeros());
-            self.rejoins_in_a_row += 1;
-            self.next_rejoin = Some(now + self.config.orphan_timeout * backoff);
+            self.rejoins_in_a_row = self.rejoins_in_a_row.saturating_add(1);
+            self.next_rejoin = Some(now + self.config.orphan_timeout.saturating_mul(backoff));
             let notice = if idle {
                 Notice::Orphaned {
                     partitions: self.orphaned.clone(),
@@ -1284,6 +1293,55 @@ mod tests {
         assert!(batch.entries[0].dead_reason.is_some());
         assert!(batch.entries[1].dead_reason.is_none());
         assert_eq!(batch.end, Position::new(2, 0));
+    }
+
+    /// A consumer that owns nothing while a partition has lag nobody writes rejoins after
+    /// `orphan_timeout`, then at 2, 4, 8 and 8 times that while it stays stalled; a view with
+    /// nothing stalled starts the count again. Views every `view_interval` keep the watch (a
+    /// short `orphan_timeout` still rejoins); a gap of three views starts it afresh.
+    #[test]
+    fn rejoins_back_off_while_nothing_changes_and_start_again_once_it_does() {
+        let start = Instant::now();
+        let config = ConsumerConfig {
+            orphan_timeout: Duration::from_secs(1),
+            ..ConsumerConfig::default()
+        };
+        let mut m = ConsumerMachine::new(config).unwrap();
+        m.on_assigned(&[], start);
+        let lag = |stored: u64| {
+            [PartitionLag {
+                partition: 0,
+                stored: Position::new(stored as i64, 0),
+                high_watermark: 100,
+            }]
+        };
+        let mut rejoins = Vec::new();
+        let mut t = start;
+        let view = |m: &mut ConsumerMachine, t: Instant, stored: u64| {
+            m.on_group_view(&lag(stored), t);
+            std::iter::from_fn(|| m.poll_command())
+                .any(|c| matches!(c, Command::Kafka(KafkaCommand::Rejoin)))
+        };
+        // Views every 500 ms (under orphan_timeout's 1 s, over nothing): 40 s of them.
+        while t < start + Duration::from_secs(40) {
+            if view(&mut m, t, 0) {
+                rejoins.push(t.duration_since(start).as_millis());
+            }
+            t += Duration::from_millis(500);
+        }
+        assert_eq!(rejoins, vec![1000, 2000, 4000, 8000, 16000, 24000, 32000]);
+        // The partition moves: the count starts again, and the next stall rejoins after 1 s.
+        assert!(!view(&mut m, t, 1));
+        let moved = t;
+        t += Duration::from_millis(500);
+        assert!(!view(&mut m, t, 1));
+        t += Duration::from_millis(500);
+        assert!(view(&mut m, t, 1));
+        assert_eq!(t.duration_since(moved), Duration::from_secs(1));
+        // Postgres unreachable for 6 s (three view intervals of 2 s): no view, then a view of
+        // the same position is a fresh start, not a stall.
+        t += Duration::from_secs(6);
+        assert!(!view(&mut m, t, 1));
     }
 
     /// A message whose offset jumps past the next expected one stops the partition: nothing

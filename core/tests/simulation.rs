@@ -304,6 +304,7 @@ impl Sim {
             },
             shutdown_timeout: Duration::from_secs(30),
             orphan_timeout: Duration::from_secs(5),
+            view_interval: Duration::from_secs(2),
             mutation,
         };
         let start = Instant::now();

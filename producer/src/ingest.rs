@@ -106,27 +106,22 @@ pub fn records(kind: BodyKind, body: &[u8], max_depth: usize) -> Result<Vec<&[u8
     split(kind, text)
 }
 
-/// A record both as the client sent it and as a tree, for `--schema`.
-#[derive(Debug)]
-pub struct ParsedRecord<'a> {
-    /// The record's bytes, exactly as sent.
-    pub raw: &'a [u8],
-    /// The record, parsed.
-    pub value: Value,
-}
-
 /// As [`records`], but parses each record into a [`Value`] too, in the same single pass over
 /// the body (a record is never parsed twice). `max_depth` bounds the trees built, so keep it
 /// small (the schema check caps it at [`crate::schema::MAX_DEPTH`]).
+///
+/// Each record's tree is handed to `each` and dropped before the next is parsed, so a request
+/// never holds more than one tree (a tree takes many times its record's bytes).
 pub fn parsed_records(
     kind: BodyKind,
     body: &[u8],
     max_depth: usize,
-) -> Result<Vec<ParsedRecord<'_>>, Rejection> {
+    mut each: impl FnMut(&Value),
+) -> Result<Vec<&[u8]>, Rejection> {
     let text = checked_text(kind, body, max_depth)?;
     let parsed = match kind {
-        BodyKind::Json => json_values(text),
-        BodyKind::NdJson => ndjson_values(text),
+        BodyKind::Json => json_values(text, &mut each),
+        BodyKind::NdJson => ndjson_values(text, &mut each),
     };
     if let Some(parsed) = parsed {
         return Ok(parsed);
@@ -241,16 +236,15 @@ fn leading_value(text: &str) -> Option<(Value, usize)> {
 
 /// One parse of a JSON body into records, each with its raw span; `None` on anything
 /// [`json_records`] would refuse (it then names the error).
-fn json_values(text: &str) -> Option<Vec<ParsedRecord<'_>>> {
+fn json_values<'b>(text: &'b str, each: &mut dyn FnMut(&Value)) -> Option<Vec<&'b [u8]>> {
     let body = text.trim_matches(JSON_WHITESPACE);
     if !body.starts_with('[') {
         let value = whole_value(body.as_bytes()).ok()?;
-        return value.is_object().then(|| {
-            vec![ParsedRecord {
-                raw: body.as_bytes(),
-                value,
-            }]
-        });
+        if !value.is_object() {
+            return None;
+        }
+        each(&value);
+        return Some(vec![body.as_bytes()]);
     }
     let bytes = body.as_bytes();
     let skip = |mut at: usize| {
@@ -264,10 +258,9 @@ fn json_values(text: &str) -> Option<Vec<ParsedRecord<'_>>> {
     loop {
         at = skip(at);
         let (value, len) = leading_value(body.get(at..)?)?;
-        out.push(ParsedRecord {
-            raw: bytes.get(at..at + len)?,
-            value,
-        });
+        each(&value);
+        drop(value);
+        out.push(bytes.get(at..at + len)?);
         at = skip(at + len);
         match bytes.get(at)? {
             b',' => at += 1,
@@ -278,17 +271,15 @@ fn json_values(text: &str) -> Option<Vec<ParsedRecord<'_>>> {
     (at + 1 == bytes.len()).then_some(out)
 }
 
-fn ndjson_values(text: &str) -> Option<Vec<ParsedRecord<'_>>> {
+fn ndjson_values<'b>(text: &'b str, each: &mut dyn FnMut(&Value)) -> Option<Vec<&'b [u8]>> {
     let mut out = Vec::new();
     for line in text.split('\n') {
         if line.trim().is_empty() {
             continue;
         }
         let raw = line.trim_matches(JSON_WHITESPACE).as_bytes();
-        out.push(ParsedRecord {
-            raw,
-            value: whole_value(raw).ok()?,
-        });
+        each(&whole_value(raw).ok()?);
+        out.push(raw);
     }
     Some(out)
 }
@@ -358,12 +349,12 @@ mod tests {
 
     /// Checks both ways of reading a body: [`records`] and [`parsed_records`] must agree.
     fn check(kind: BodyKind, body: &str, want: Result<Vec<&str>, &str>) {
-        let parsed = parsed_records(kind, body.as_bytes(), 128).map(|p| {
-            for r in &p {
-                assert_eq!(r.value, whole_value(r.raw).unwrap(), "body {body:?}");
-            }
-            p.into_iter().map(|r| r.raw).collect::<Vec<_>>()
-        });
+        let mut trees = Vec::new();
+        let parsed = parsed_records(kind, body.as_bytes(), 128, |v| trees.push(v.clone()));
+        if let Ok(raws) = &parsed {
+            let reparsed: Vec<Value> = raws.iter().map(|r| whole_value(r).unwrap()).collect();
+            assert_eq!(trees, reparsed, "body {body:?}");
+        }
         let got = records(kind, body.as_bytes(), 128);
         assert_eq!(
             parsed, got,
@@ -463,7 +454,7 @@ mod tests {
     fn a_number_no_tree_can_hold_is_named_for_the_schema_check() {
         let body = br#"[{"a": 1}, {"big": 1e400}]"#;
         assert!(records(BodyKind::Json, body, 128).is_ok());
-        let err = parsed_records(BodyKind::Json, body, 128).unwrap_err();
+        let err = parsed_records(BodyKind::Json, body, 128, |_| {}).unwrap_err();
         assert!(
             err.to_string().contains("record 1 cannot be checked"),
             "{err}"

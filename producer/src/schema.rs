@@ -140,43 +140,74 @@ impl RecordSchema {
     /// Checks every record; lists the first [`MAX_LISTED_ERRORS`] errors and counts the
     /// failing records (past the listed errors, only whether a record is valid is asked).
     pub fn check<'v>(&self, records: impl IntoIterator<Item = &'v Value>) -> Result<(), Mismatch> {
-        let mut mismatch = Mismatch {
-            records: 0,
-            failing_records: 0,
-            errors: Vec::new(),
-            truncated: false,
-        };
-        for (index, record) in records.into_iter().enumerate() {
-            mismatch.records += 1;
-            if mismatch.errors.len() >= MAX_LISTED_ERRORS {
-                if !self.validator.is_valid(record) {
-                    mismatch.failing_records += 1;
-                    mismatch.truncated = true;
-                }
-                continue;
-            }
-            let mut errors = self.validator.iter_errors(record).peekable();
-            if errors.peek().is_none() {
-                continue;
-            }
-            mismatch.failing_records += 1;
-            for e in errors {
-                if mismatch.errors.len() == MAX_LISTED_ERRORS {
-                    mismatch.truncated = true;
-                    break;
-                }
-                mismatch.errors.push(RecordError {
-                    record: index,
-                    instance_path: e.instance_path().as_str().to_string(),
-                    schema_path: e.schema_path().as_str().to_string(),
-                    reason: describe(&e),
-                });
-            }
+        let mut check = self.begin();
+        for record in records {
+            check.record(record);
         }
-        if mismatch.failing_records == 0 {
+        check.finish()
+    }
+
+    /// A check fed one record at a time, so that each record's tree can be dropped as soon as
+    /// it is checked: a request holds one tree at a time, never all of them.
+    pub fn begin(&self) -> Check<'_> {
+        Check {
+            schema: self,
+            mismatch: Mismatch {
+                records: 0,
+                failing_records: 0,
+                errors: Vec::new(),
+                truncated: false,
+            },
+        }
+    }
+}
+
+/// A request's records being checked against the schema ([`RecordSchema::begin`]).
+#[derive(Debug)]
+pub struct Check<'s> {
+    schema: &'s RecordSchema,
+    mismatch: Mismatch,
+}
+
+impl Check<'_> {
+    /// Checks the next record.
+    pub fn record(&mut self, record: &Value) {
+        let mismatch = &mut self.mismatch;
+        let index = mismatch.records;
+        mismatch.records += 1;
+        let validator = &self.schema.validator;
+        if mismatch.errors.len() >= MAX_LISTED_ERRORS {
+            if !validator.is_valid(record) {
+                mismatch.failing_records += 1;
+                mismatch.truncated = true;
+            }
+            return;
+        }
+        let mut errors = validator.iter_errors(record).peekable();
+        if errors.peek().is_none() {
+            return;
+        }
+        mismatch.failing_records += 1;
+        for e in errors {
+            if mismatch.errors.len() == MAX_LISTED_ERRORS {
+                mismatch.truncated = true;
+                break;
+            }
+            mismatch.errors.push(RecordError {
+                record: index,
+                instance_path: e.instance_path().as_str().to_string(),
+                schema_path: e.schema_path().as_str().to_string(),
+                reason: describe(&e),
+            });
+        }
+    }
+
+    /// The verdict over every record checked.
+    pub fn finish(self) -> Result<(), Mismatch> {
+        if self.mismatch.failing_records == 0 {
             Ok(())
         } else {
-            Err(mismatch)
+            Err(self.mismatch)
         }
     }
 }

@@ -40,6 +40,9 @@ const FRAMING_MARGIN: usize = 1024;
 const DISCARD_BYTES: usize = 64 << 20;
 /// ... and for at most this long.
 const DISCARD_TIME: Duration = Duration::from_secs(10);
+/// At most this many refused bodies are read and thrown away at once; past it, the 413 is
+/// answered without reading (a client that writes first may then see a reset).
+const MAX_DISCARDS: usize = 16;
 
 /// Why the producer could not start. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +226,8 @@ struct State {
     requests: Arc<Semaphore>,
     /// Request bytes, in KiB permits.
     kib: Arc<Semaphore>,
+    /// Refused bodies being read and thrown away ([`MAX_DISCARDS`]).
+    discards: Arc<Semaphore>,
     metrics: Metrics,
     readiness: Mutex<Option<(Instant, Result<(), String>)>>,
 }
@@ -412,6 +417,7 @@ pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
     let state = Arc::new(State {
         requests: Arc::new(Semaphore::new(settings.max_in_flight_requests)),
         kib: Arc::new(Semaphore::new(settings.max_in_flight_bytes.div_ceil(1024))),
+        discards: Arc::new(Semaphore::new(MAX_DISCARDS)),
         metrics: Metrics::new(),
         readiness: Mutex::new(None),
         max_message_bytes,
@@ -734,7 +740,9 @@ where
         let waits =
             header(headers, "expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue"));
         if !waits && declared <= DISCARD_BYTES {
-            discard(body.as_mut(), DISCARD_BYTES).await;
+            if let Ok(_discarding) = state.discards.clone().try_acquire_owned() {
+                discard(body.as_mut(), DISCARD_BYTES).await;
+            }
         }
         return Err(too_large(limit));
     }
@@ -764,7 +772,9 @@ where
         Err(Unread::OverLimit { read }) => {
             // Nothing is held while the rest is thrown away: this request no longer counts.
             drop((request_permit, byte_permits));
-            discard(body, DISCARD_BYTES.saturating_sub(read)).await;
+            if let Ok(_discarding) = state.discards.clone().try_acquire_owned() {
+                discard(body, DISCARD_BYTES.saturating_sub(read)).await;
+            }
             return Err(too_large(limit));
         }
     };
@@ -773,9 +783,10 @@ where
     let records = match &state.schema {
         None => ingest::records(kind, &decoded, max_depth)?,
         Some(schema) => {
-            let parsed = ingest::parsed_records(kind, &decoded, max_depth)?;
-            schema.check(parsed.iter().map(|r| &r.value))?;
-            parsed.into_iter().map(|r| r.raw).collect()
+            let mut check = schema.begin();
+            let raws = ingest::parsed_records(kind, &decoded, max_depth, |r| check.record(r))?;
+            check.finish()?;
+            raws
         }
     };
     let received_at_micros = SystemTime::now()

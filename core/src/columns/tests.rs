@@ -650,3 +650,36 @@ proptest! {
         }
     }
 }
+
+/// Exponents at the ends of i64 saturate instead of overflowing (a panic in the flush task
+/// would block the partition), and a U+0000, which Postgres text refuses, is refused here
+/// with the reason rather than found by bisection after a failed COPY.
+#[test]
+fn extreme_exponents_and_nul_characters_are_refused_not_panics() {
+    use ColumnType::*;
+    for raw in [
+        "0.001e-99999999999999999999",
+        "1e99999999999999999999",
+        "-7.5e-9223372036854775808",
+        "1e9223372036854775807",
+    ] {
+        for ty in [
+            Bigint,
+            Integer,
+            Smallint,
+            Numeric,
+            Double,
+            TimestamptzSeconds,
+            TimestamptzMillis,
+        ] {
+            let _ = conv(ty, raw);
+        }
+    }
+    assert!(conv(Bigint, "0.001e-99999999999999999999").is_err());
+    assert!(conv(Bigint, "1e99999999999999999999").is_err());
+    assert!(conv(Text, r#""a\u0000b""#).unwrap_err().contains("U+0000"));
+    assert!(conv(TextArray, r#"["a", "b\u0000"]"#)
+        .unwrap_err()
+        .contains("U+0000"));
+    assert_eq!(conv(Text, r#""a\u0001b""#), Ok(b"a\x01b".to_vec()));
+}

@@ -26,8 +26,9 @@ use crate::{io_err, HarnessError, Result};
 pub const TANSU_VERSION: &str = "0.6.0";
 
 /// The release of Tansu's successor (renamed nisshi) that `ci/lib.sh` builds with the in-memory
-/// storage engine for benchmarks: the last that builds on rustc 1.95, and free of 0.6.0's bug
-/// where a fetch from an offset inside a stored batch skips that batch.
+/// storage engine for benchmarks: the last that builds on rustc 1.95. Free of 0.6.0's bug where
+/// a fetch from an offset inside a stored batch skips that batch, but its high watermark falls
+/// short of the last batch (`tests/fast_broker.rs`).
 pub const FAST_BROKER_VERSION: &str = "0.7.0-pre.2";
 
 /// Where a Tansu-family broker keeps its records.
