@@ -280,21 +280,41 @@ pub async fn produce_backlog_of(
 /// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux; in
 /// clock ticks of 10 ms). Zero where that file is not readable.
 pub fn process_cpu() -> std::time::Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return std::time::Duration::ZERO;
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    std::time::Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    stat_ticks("self", &[11, 12]).map_or(std::time::Duration::ZERO, ticks)
+}
+
+/// CPU time (user + system) of process `root` and of every process it started: its own, its
+/// reaped children's (`cutime`, `cstime`) and its live children's. For a Postgres cluster,
+/// `root` is the postmaster and this is the whole server's CPU so far (backends that exited
+/// were reaped by it). Linux only; zero where `/proc` is not readable.
+pub fn process_tree_cpu(root: i32) -> std::time::Duration {
+    let own = stat_ticks(&root.to_string(), &[11, 12, 13, 14]).unwrap_or(0);
+    let children: u64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| stat_ticks(&pid.to_string(), &[1]) == Some(root as u64))
+        .filter_map(|pid| stat_ticks(&pid.to_string(), &[11, 12]))
+        .sum();
+    ticks(own + children)
+}
+
+/// The sum of some numeric fields of `/proc/<pid>/stat`, counted from the first field after
+/// the command name (which may hold spaces): 1 is the parent's pid, 11 and 12 utime and stime,
+/// 13 and 14 the reaped children's.
+fn stat_ticks(pid: &str, fields: &[usize]) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    fields
+        .iter()
+        .map(|i| rest.get(*i)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Clock ticks of 10 ms.
+fn ticks(n: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(n * 10)
 }
 
 /// Samples `written()` until it reaches `total`; returns the time to write `total` rows at the

@@ -3,16 +3,17 @@
 //! The drain is timed from the first row written to the last (group join excluded).
 //!
 //! Typed (issue 16): the same drain of ~200-byte records mapped into six typed columns
-//! (`--keep-data false`) beside a raw COPY BINARY of the same typed rows, and the consumer's
-//! CPU per record (this process's, while it drains) typed vs jsonb only.
+//! (`--keep-data false`) beside a raw COPY BINARY of the same typed rows, and the CPU per
+//! record while it drains, typed vs jsonb only: the consumer's (this process's) and Postgres's
+//! (the postmaster and its backends).
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use spillway_benches::{
     copy_encoded, create_table, create_typed_table, drain_time, encode_batches, print_ratios,
-    process_cpu, produce_backlog, produce_backlog_of, raw_copy, rows, typed_mapping, typed_record,
-    typed_rows,
+    process_cpu, process_tree_cpu, produce_backlog, produce_backlog_of, raw_copy, rows,
+    typed_mapping, typed_record, typed_rows,
 };
 use spillway_harness::postgres::connect;
 use spillway_harness::{kafka, LocalPostgres, PostgresServer};
@@ -48,8 +49,10 @@ fn pipeline(c: &mut Criterion) {
     let rows = rows(RECORDS);
     let typed = encode_batches(&typed_rows(RECORDS), 10_000, &typed_mapping());
     let typed_columns = typed_mapping().copy_columns();
-    // CPU time and records drained, per consumer case.
-    let cpu = std::cell::RefCell::new(std::collections::BTreeMap::<&str, (Duration, u64)>::new());
+    // CPU time (this process's, Postgres's) and records drained, per consumer case.
+    type Cpu = (Duration, Duration, u64);
+    let cpu = std::cell::RefCell::new(std::collections::BTreeMap::<&str, Cpu>::new());
+    let postmaster = pg.pid().expect("postgres pid");
     let mut g = c.benchmark_group(GROUP);
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
@@ -132,20 +135,23 @@ fn pipeline(c: &mut Criterion) {
                         let consumer = spillway_consumer::start(s).await.expect("consumer");
                         let metrics = consumer.metrics().clone();
                         let cpu_before = process_cpu();
+                        let pg_before = process_tree_cpu(postmaster);
                         let elapsed = drain_time(RECORDS, move || {
                             let n = metrics.rows_written();
                             Box::pin(async move { n })
                         })
                         .await;
                         let used = process_cpu().saturating_sub(cpu_before);
+                        let pg_used = process_tree_cpu(postmaster).saturating_sub(pg_before);
                         consumer.shutdown().await.expect("shutdown");
-                        (elapsed, used)
+                        (elapsed, (used, pg_used))
                     });
                     total += elapsed;
                     let mut cpu = cpu.borrow_mut();
                     let entry = cpu.entry(name).or_default();
-                    entry.0 += used;
-                    entry.1 += RECORDS;
+                    entry.0 += used.0;
+                    entry.1 += used.1;
+                    entry.2 += RECORDS;
                 }
                 total
             })
@@ -168,13 +174,17 @@ fn pipeline(c: &mut Criterion) {
         ],
         "raw_copy_binary_typed",
     );
+    // µs per record: this process's, and Postgres's (the postmaster and its backends).
     let per_record = |name: &str| {
         cpu.borrow()
             .get(name)
-            .filter(|(_, n)| *n > 0)
-            .map(|(t, n)| t.as_secs_f64() * 1e6 / *n as f64)
+            .filter(|(_, _, n)| *n > 0)
+            .map(|(own, pg, n)| {
+                let per = |t: &Duration| t.as_secs_f64() * 1e6 / *n as f64;
+                (per(own), per(pg))
+            })
     };
-    if let (Some(jsonb), Some(typed)) = (
+    if let (Some((jsonb, jsonb_pg)), Some((typed, typed_pg))) = (
         per_record("consumer_drain_backlog"),
         per_record("consumer_drain_typed"),
     ) {
@@ -182,6 +192,13 @@ fn pipeline(c: &mut Criterion) {
             "\nconsumer CPU per record while draining (this process): jsonb only {jsonb:.2} µs, \
              typed {typed:.2} µs, typed/jsonb {:.3}",
             typed / jsonb
+        );
+        println!(
+            "Postgres CPU per record meanwhile: jsonb only {jsonb_pg:.2} µs, typed {typed_pg:.2} µs; \
+             consumer + Postgres: jsonb only {:.2} µs, typed {:.2} µs, typed/jsonb {:.3}",
+            jsonb + jsonb_pg,
+            typed + typed_pg,
+            (typed + typed_pg) / (jsonb + jsonb_pg)
         );
     }
     drop(broker);
