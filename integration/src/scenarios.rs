@@ -266,7 +266,8 @@ pub async fn postgres_down_for_a_minute_under_a_spike(run: Run) -> Result<()> {
 ///    fast shutdown or a SIGKILL (seeded), during spiky load.
 ///    Evidence: eleven distinct `pg_postmaster_start_time()`s (each restart happened); records
 ///    are acknowledged across the restarts.
-///    Checks: the consumer retried.
+///    Checks: the verdict alone; the consumer's flush retries are noted, not required (a
+///    restart between two flushes costs none).
 pub async fn postgres_restarted_ten_times(run: Run) -> Result<()> {
     chaos(
         "postgres_restarted_ten_times",
@@ -299,12 +300,14 @@ pub async fn postgres_restarted_ten_times(run: Run) -> Result<()> {
             );
             let done = traffic.done().await?;
             c.verdict(&ctx, &done).await?;
+            // Counted, not required: a restart that lands between two flushes costs no retry
+            // (the pool opens a fresh connection for the next one), and a run whose ten
+            // restarts all did so is not a failure (seen once in CI, seed 111766951713294).
             let retries = c
                 .consumer_metric(0, "spillway_consumer_flush_retries_total")
                 .await?;
-            ctx.check(retries >= 1.0, || {
-                "no flush was retried across ten restarts".into()
-            })
+            c.tl.note(format!("consumer 0 counted {retries} flush retries"));
+            Ok(())
         },
     )
     .await
