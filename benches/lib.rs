@@ -280,7 +280,9 @@ pub async fn produce_backlog_of(
 /// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux; in
 /// clock ticks of 10 ms). Zero where that file is not readable.
 pub fn process_cpu() -> std::time::Duration {
-    stat_ticks("self", &[11, 12]).map_or(std::time::Duration::ZERO, ticks)
+    stat_fields("self").map_or(std::time::Duration::ZERO, |f| {
+        ticks(field(&f, 11) + field(&f, 12))
+    })
 }
 
 /// CPU time (user + system) of process `root` and of every process it started: its own, its
@@ -288,28 +290,37 @@ pub fn process_cpu() -> std::time::Duration {
 /// `root` is the postmaster and this is the whole server's CPU so far (backends that exited
 /// were reaped by it). Linux only; zero where `/proc` is not readable.
 pub fn process_tree_cpu(root: i32) -> std::time::Duration {
-    let own = stat_ticks(&root.to_string(), &[11, 12, 13, 14]).unwrap_or(0);
+    let own = stat_fields(&root.to_string()).map_or(0, |f| {
+        field(&f, 11) + field(&f, 12) + field(&f, 13) + field(&f, 14)
+    });
     let children: u64 = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| stat_ticks(&pid.to_string(), &[1]) == Some(root as u64))
-        .filter_map(|pid| stat_ticks(&pid.to_string(), &[11, 12]))
+        .filter_map(|pid| stat_fields(&pid.to_string()))
+        .filter(|f| field(f, 1) == root as u64)
+        .map(|f| field(&f, 11) + field(&f, 12))
         .sum();
     ticks(own + children)
 }
 
-/// The sum of some numeric fields of `/proc/<pid>/stat`, counted from the first field after
-/// the command name (which may hold spaces): 1 is the parent's pid, 11 and 12 utime and stime,
-/// 13 and 14 the reaped children's.
-fn stat_ticks(pid: &str, fields: &[usize]) -> Option<u64> {
+/// The fields of `/proc/<pid>/stat` from the first after the command name (which may hold
+/// spaces): 1 is the parent's pid, 11 and 12 utime and stime, 13 and 14 the reaped children's.
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    fields
-        .iter()
-        .map(|i| rest.get(*i)?.parse::<u64>().ok())
-        .sum()
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// A numeric field of [`stat_fields`], 0 when missing.
+fn field(fields: &[String], i: usize) -> u64 {
+    fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0)
 }
 
 /// Clock ticks of 10 ms.

@@ -47,16 +47,21 @@ tansu_bin() {
   echo "$SPILLWAY_CACHE/tansu-$TANSU_VERSION/bin/tansu"
 }
 
+# A broker built once from crates.io into $SPILLWAY_CACHE/CRATE-VERSION (its build directory
+# removed after), unless BIN is already there: cargo_install_cached BIN CRATE VERSION FEATURES.
+cargo_install_cached() {
+  local bin="$1" crate="$2" version="$3" features="$4"
+  if [[ -x "$bin" ]]; then return; fi
+  step "cargo install $crate $version --features $features (first run only, long: ~15 min for tansu)"
+  mkdir -p "$SPILLWAY_CACHE"
+  CARGO_TARGET_DIR="$SPILLWAY_CACHE/$crate-target" cargo install "$crate" --version "$version" \
+    --locked --no-default-features --features "$features" --root "$SPILLWAY_CACHE/$crate-$version"
+  rm -rf "$SPILLWAY_CACHE/$crate-target"
+}
+
 # The Tansu broker, built once from crates.io and cached (about 15 minutes on 2 cores).
 ensure_tansu() {
-  local bin
-  bin="$(tansu_bin)"
-  if [[ -x "$bin" ]]; then return; fi
-  step "cargo install tansu $TANSU_VERSION (first run only, ~15 min)"
-  mkdir -p "$SPILLWAY_CACHE"
-  CARGO_TARGET_DIR="$SPILLWAY_CACHE/tansu-target" cargo install tansu --version "$TANSU_VERSION" \
-    --locked --no-default-features --features libsql --root "$SPILLWAY_CACHE/tansu-$TANSU_VERSION"
-  rm -rf "$SPILLWAY_CACHE/tansu-target"
+  cargo_install_cached "$(tansu_bin)" tansu "$TANSU_VERSION" libsql
 }
 
 # The fast broker for benchmarks only (issue 15): Tansu's successor, renamed nisshi, with its
@@ -71,14 +76,7 @@ fast_broker_bin() {
   echo "$SPILLWAY_CACHE/nisshi-$FAST_BROKER_VERSION/bin/nisshi"
 }
 ensure_fast_broker() {
-  local bin
-  bin="$(fast_broker_bin)"
-  if [[ -x "$bin" ]]; then return; fi
-  step "cargo install nisshi $FAST_BROKER_VERSION --features libsql,dynostore (first run only, long)"
-  mkdir -p "$SPILLWAY_CACHE"
-  CARGO_TARGET_DIR="$SPILLWAY_CACHE/nisshi-target" cargo install nisshi --version "$FAST_BROKER_VERSION" \
-    --locked --no-default-features --features libsql,dynostore --root "$SPILLWAY_CACHE/nisshi-$FAST_BROKER_VERSION"
-  rm -rf "$SPILLWAY_CACHE/nisshi-target"
+  cargo_install_cached "$(fast_broker_bin)" nisshi "$FAST_BROKER_VERSION" libsql,dynostore
 }
 
 SPILLWAY_PG_IMAGE="${SPILLWAY_DOCKER_PG_IMAGE:-spillway-postgres:15}"

@@ -42,10 +42,7 @@ async fn start(cfg: Settings) -> Result<RunningConsumer, spillway_consumer::Cons
     static LOGS: std::sync::Once = std::sync::Once::new();
     LOGS.call_once(|| {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG")
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-            )
+            .with_env_filter(spillway_consumer::log_filter())
             .with_test_writer()
             .try_init();
     });

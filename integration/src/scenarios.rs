@@ -12,8 +12,8 @@ use spillway_loadgen::payload::{typed_columns, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
 
 use crate::cluster::{
-    blocking, chaos, pause, slow_link, spiky, strings, Cluster, Opts, Traffic, SESSION_TIMEOUT,
-    STATEMENT_TIMEOUT,
+    blocking, chaos, pause, slow_link, spiky, strings, Cluster, Done, Opts, Traffic,
+    SESSION_TIMEOUT, STATEMENT_TIMEOUT,
 };
 use crate::prometheus::Prometheus;
 use crate::Run;
@@ -66,11 +66,7 @@ pub async fn backend_killed_mid_flush(run: Run) -> Result<()> {
             let pid = c.consumers[0].process.pid();
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(10), None);
             pause(Duration::from_secs(2)).await;
-            let copy = c.stall_a_copy().await?;
-            let at_the_kill = copy.at_the_fault();
-            blocking(|| c.pg.crash_backend(copy.copy.pid))?;
-            c.tl.note(format!("SIGKILLed the {at_the_kill}"));
-            c.release_link();
+            crash_a_copying_backend(&mut c).await?;
             let done = traffic.done().await?;
             c.verdict(&ctx, &done).await?;
             c.consumer_rode_it_out(&ctx, pid).await
@@ -605,12 +601,7 @@ pub async fn records_postgres_rejects_go_to_the_dead_letter_table(run: Run) -> R
             spec.poison_rate = 0.03;
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(10), Some(spec));
             let done = traffic.done().await?;
-            let poison: Vec<u64> = done
-                .result
-                .acked
-                .iter()
-                .filter(|s| done.spec.is_poison(*s))
-                .collect();
+            let poison = acknowledged_poison(&done);
             ensure!(!poison.is_empty(), "no poison record was acknowledged");
             let v = c.verdict(&ctx, &done).await?;
             let wrong: Vec<_> = v
@@ -626,12 +617,7 @@ pub async fn records_postgres_rejects_go_to_the_dead_letter_table(run: Run) -> R
                 format!("dead letters differ from the poison records: good records dead-lettered {wrong:?}, poison records not there {missing:?}")
             })?;
             let db = connect(&c.pg.url()).await?;
-            let reasons: Vec<String> = db
-                .query("SELECT DISTINCT error FROM records_dead_letters", &[])
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let reasons = dead_letter_reasons(&db).await?;
             ctx.check(
                 !reasons.is_empty() && reasons.iter().all(|r| r.contains("\\u0000")),
                 || format!("each dead letter must carry Postgres's reason: {reasons:?}"),
@@ -807,18 +793,9 @@ pub async fn typed_columns_through_a_backend_crash(run: Run) -> Result<()> {
             spec.poison_rate = 0.03;
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(10), Some(spec));
             pause(Duration::from_secs(2)).await;
-            let copy = c.stall_a_copy().await?;
-            let at_the_kill = copy.at_the_fault();
-            blocking(|| c.pg.crash_backend(copy.copy.pid))?;
-            c.tl.note(format!("SIGKILLed the {at_the_kill}"));
-            c.release_link();
+            crash_a_copying_backend(&mut c).await?;
             let done = traffic.done().await?;
-            let bad: Vec<u64> = done
-                .result
-                .acked
-                .iter()
-                .filter(|s| done.spec.is_poison(*s))
-                .collect();
+            let bad = acknowledged_poison(&done);
             ensure!(!bad.is_empty(), "no record with a bad value was acknowledged");
             let v = c.verdict(&ctx, &done).await?;
             ctx.check(v.dead_lettered_seqs == bad, || {
@@ -829,12 +806,7 @@ pub async fn typed_columns_through_a_backend_crash(run: Run) -> Result<()> {
                 )
             })?;
             let db = connect(&c.pg.url()).await?;
-            let reasons: Vec<String> = db
-                .query("SELECT DISTINCT error FROM records_dead_letters", &[])
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let reasons = dead_letter_reasons(&db).await?;
             ctx.check(
                 !reasons.is_empty()
                     && reasons
@@ -869,4 +841,34 @@ pub async fn typed_columns_through_a_backend_crash(run: Run) -> Result<()> {
         },
     )
     .await
+}
+
+/// Stalls a flush's COPY (the link held), SIGKILLs the backend running it (Postgres then drops
+/// every connection and recovers), notes it, and releases the link: scenarios 2 and 13.
+async fn crash_a_copying_backend(c: &mut Cluster) -> Result<()> {
+    let copy = c.stall_a_copy().await?;
+    let at_the_kill = copy.at_the_fault();
+    blocking(|| c.pg.crash_backend(copy.copy.pid))?;
+    c.tl.note(format!("SIGKILLed the {at_the_kill}"));
+    c.release_link();
+    Ok(())
+}
+
+/// The acknowledged records the payload made poison, in order.
+fn acknowledged_poison(done: &Done) -> Vec<u64> {
+    done.result
+        .acked
+        .iter()
+        .filter(|s| done.spec.is_poison(*s))
+        .collect()
+}
+
+/// Every distinct reason in the records' dead-letter table.
+async fn dead_letter_reasons(db: &tokio_postgres::Client) -> Result<Vec<String>> {
+    Ok(db
+        .query("SELECT DISTINCT error FROM records_dead_letters", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }

@@ -150,8 +150,8 @@ impl PayloadGen {
                 }
                 serde_json::to_vec(&Value::Array(records)).unwrap_or_default()
             }
-            _ if self.spec.typed => self.typed_records(n),
-            _ => self.generated_records(n),
+            _ if self.spec.typed => self.records(n, Self::typed_record),
+            _ => self.records(n, Self::generated_record),
         };
         let body = if self.spec.gzip {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -167,40 +167,9 @@ impl PayloadGen {
         }
     }
 
-    /// `n` generated records as a JSON array: `{"id":"<run>-<seq>","n":<u32>,"pad":"<text>"}`,
-    /// written straight into the buffer (this is the hot path of a high-rate run).
-    fn generated_records(&mut self, n: usize) -> Vec<u8> {
-        let (lo, hi) = self.spec.record_size;
-        let mut out = Vec::with_capacity(n * (hi.max(lo) + 16) + 2);
-        out.push(b'[');
-        for i in 0..n {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            if i > 0 {
-                out.push(b',');
-            }
-            out.push(b'{');
-            out.extend_from_slice(&self.id_prefix);
-            let _ = write!(out, "{seq}\",\"n\":{},\"pad\":\"", self.rng.u32(..));
-            let size = self.rng.usize(lo..=hi.max(lo));
-            let len = size.saturating_sub(60).min(self.pad.len());
-            let at = self.rng.usize(0..=self.pad.len() - len);
-            out.extend_from_slice(&self.pad[at..at + len]);
-            if self.spec.is_poison(seq) {
-                out.extend_from_slice(br#"","poison":"\u0000"}"#);
-            } else {
-                out.extend_from_slice(b"\"}");
-            }
-        }
-        out.push(b']');
-        out
-    }
-
-    /// `n` records that fit [`typed_columns`]:
-    /// `{"id":"<run>-<seq>","n":<i64>,"name":"<text>","at":"<RFC 3339>","score":<f64>,
-    /// "ok":<bool>,"doc":{"k":"<text>","v":[<u8>,<u8>]}}`, padded in `name` and `doc` to the
-    /// record size. A poison record has `"n":"poison"`, which the bigint column refuses.
-    fn typed_records(&mut self, n: usize) -> Vec<u8> {
+    /// `n` records as a JSON array, written straight into the buffer (this is the hot path of
+    /// a high-rate run): each `{"id":"<run>-<seq>` and what `rest` writes after it.
+    fn records(&mut self, n: usize, rest: fn(&mut Self, &mut Vec<u8>, u64)) -> Vec<u8> {
         let (lo, hi) = self.spec.record_size;
         let mut out = Vec::with_capacity(n * (hi.max(lo) + 16) + 2);
         out.push(b'[');
@@ -213,39 +182,63 @@ impl PayloadGen {
             out.push(b'{');
             out.extend_from_slice(&self.id_prefix);
             let _ = write!(out, "{seq}\"");
-            if self.spec.is_poison(seq) {
-                out.extend_from_slice(br#","n":"poison""#);
-            } else {
-                let _ = write!(out, ",\"n\":{}", self.rng.i64(..));
-            }
-            let size = self.rng.usize(lo..=hi.max(lo));
-            // About 150 bytes besides the padding, which goes half to name, half to doc.
-            let pad = size.saturating_sub(150).clamp(2, self.pad.len() / 2);
-            let at = self.rng.usize(0..=self.pad.len() - 2 * pad);
-            out.extend_from_slice(br#","name":""#);
-            out.extend_from_slice(&self.pad[at..at + pad / 2 + 1]);
-            let micros = self.rng.u64(..86_400_000_000);
-            let secs = micros / 1_000_000;
-            let _ = write!(
-                out,
-                "\",\"at\":\"2026-11-27T{:02}:{:02}:{:02}.{:06}Z\",\"score\":{},\"ok\":{},\"doc\":{{\"k\":\"",
-                secs / 3600,
-                secs / 60 % 60,
-                secs % 60,
-                micros % 1_000_000,
-                self.rng.f64() * 1000.0,
-                self.rng.bool(),
-            );
-            out.extend_from_slice(&self.pad[at + pad..at + pad + pad / 2 + 1]);
-            let _ = write!(
-                out,
-                "\",\"v\":[{},{}]}}}}",
-                self.rng.u8(..),
-                self.rng.u8(..)
-            );
+            rest(self, &mut out, seq);
         }
         out.push(b']');
         out
+    }
+
+    /// The rest of a generated record: `{"id":"<run>-<seq>","n":<u32>,"pad":"<text>"}`.
+    fn generated_record(&mut self, out: &mut Vec<u8>, seq: u64) {
+        let (lo, hi) = self.spec.record_size;
+        let _ = write!(out, ",\"n\":{},\"pad\":\"", self.rng.u32(..));
+        let size = self.rng.usize(lo..=hi.max(lo));
+        let len = size.saturating_sub(60).min(self.pad.len());
+        let at = self.rng.usize(0..=self.pad.len() - len);
+        out.extend_from_slice(&self.pad[at..at + len]);
+        if self.spec.is_poison(seq) {
+            out.extend_from_slice(br#"","poison":"\u0000"}"#);
+        } else {
+            out.extend_from_slice(b"\"}");
+        }
+    }
+
+    /// The rest of a record that fits [`typed_columns`]:
+    /// `{"id":"<run>-<seq>","n":<i64>,"name":"<text>","at":"<RFC 3339>","score":<f64>,
+    /// "ok":<bool>,"doc":{"k":"<text>","v":[<u8>,<u8>]}}`, padded in `name` and `doc` to the
+    /// record size. A poison record has `"n":"poison"`, which the bigint column refuses.
+    fn typed_record(&mut self, out: &mut Vec<u8>, seq: u64) {
+        let (lo, hi) = self.spec.record_size;
+        if self.spec.is_poison(seq) {
+            out.extend_from_slice(br#","n":"poison""#);
+        } else {
+            let _ = write!(out, ",\"n\":{}", self.rng.i64(..));
+        }
+        let size = self.rng.usize(lo..=hi.max(lo));
+        // About 150 bytes besides the padding, which goes half to name, half to doc.
+        let pad = size.saturating_sub(150).clamp(2, self.pad.len() / 2);
+        let at = self.rng.usize(0..=self.pad.len() - 2 * pad);
+        out.extend_from_slice(br#","name":""#);
+        out.extend_from_slice(&self.pad[at..at + pad / 2 + 1]);
+        let micros = self.rng.u64(..86_400_000_000);
+        let secs = micros / 1_000_000;
+        let _ = write!(
+            out,
+            "\",\"at\":\"2026-11-27T{:02}:{:02}:{:02}.{:06}Z\",\"score\":{},\"ok\":{},\"doc\":{{\"k\":\"",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            micros % 1_000_000,
+            self.rng.f64() * 1000.0,
+            self.rng.bool(),
+        );
+        out.extend_from_slice(&self.pad[at + pad..at + pad + pad / 2 + 1]);
+        let _ = write!(
+            out,
+            "\",\"v\":[{},{}]}}}}",
+            self.rng.u8(..),
+            self.rng.u8(..)
+        );
     }
 
     /// Records generated so far.

@@ -54,6 +54,24 @@ fn produce(bootstrap: &str, partition: i32, from: u64, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// A plain consumer reading `from` (partition, offset) of the topic, outside any group's
+/// assignment and committing nothing.
+fn reader(broker: &Tansu, from: &[(i32, Offset)]) -> Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", "fast-broker-check")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    if !from.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in from {
+            tpl.add_partition_offset(TOPIC, *partition, *offset)?;
+        }
+        consumer.assign(&tpl)?;
+    }
+    Ok(consumer)
+}
+
 fn start() -> Result<(Tansu, tokio::runtime::Runtime)> {
     let broker = Tansu::start_in_memory()?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -69,14 +87,7 @@ fn start() -> Result<(Tansu, tokio::runtime::Runtime)> {
 fn a_fetch_from_inside_a_batch_reads_the_rest_of_it() -> Result<()> {
     let (broker, _rt) = start()?;
     produce(&broker.bootstrap(), 0, 0, 100)?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("group.id", "fast-broker-check")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(TOPIC, 0, Offset::Offset(37))?;
-    consumer.assign(&tpl)?;
+    let consumer = reader(&broker, &[(0, Offset::Offset(37))])?;
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen.len() < 63 && Instant::now() < deadline {
@@ -112,16 +123,7 @@ fn a_backlog_drains_completely() -> Result<()> {
             PER_PARTITION,
         )?;
     }
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("group.id", "fast-broker-backlog")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition_offset(TOPIC, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+    let consumer = reader(&broker, &[(0, Offset::Beginning), (1, Offset::Beginning)])?;
     let mut read: BTreeMap<i32, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
     let mut last: BTreeMap<i32, i64> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -195,10 +197,7 @@ fn the_in_memory_broker_refuses_a_restart() -> Result<()> {
 fn the_high_watermark_counts_every_message() -> Result<()> {
     let (broker, _rt) = start()?;
     produce(&broker.bootstrap(), 0, 0, 100_000)?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("group.id", "fast-broker-watermarks")
-        .create()?;
+    let consumer = reader(&broker, &[])?;
     let watermarks = consumer.fetch_watermarks(TOPIC, 0, Duration::from_secs(10))?;
     ensure!(
         watermarks == (0, 100_000),
