@@ -678,6 +678,13 @@ impl Pipeline {
                     "Kafka's offsets jumped past records this consumer never read (retention deleted them, or the topic is compacted): the partition is stopped at its last written record and nothing after the gap is written. Restart to retry; the records in the gap are gone from Kafka"
                 );
             }
+            Notice::GapClosed { partition, stored } => {
+                tracing::warn!(
+                    partition,
+                    stored = ?stored,
+                    "the partition stopped at a gap was written past it by another writer (a late commit held the missing records): reading it again from the stored position"
+                );
+            }
             Notice::BufferFull { records, bytes } => {
                 tracing::info!(records, bytes, "buffer full: pausing Kafka")
             }

@@ -176,8 +176,8 @@ pub enum Phase {
     Waiting,
     /// A seek failed: paused, tried again at this time.
     SeekRetry(Instant),
-    /// The offsets jumped past a record that was never read: stopped for good (until the
-    /// partition is assigned again).
+    /// The offsets jumped past a record that was never read: stopped (until the partition is
+    /// assigned again, or another writer's commit moves its stored position past the gap).
     Stopped,
 }
 
@@ -323,6 +323,14 @@ pub enum Notice {
         expected: i64,
         /// The offset it had.
         got: i64,
+    },
+    /// A partition stopped at a gap was written past it by someone else (a zombie's or a hung
+    /// transaction's late commit held the missing records): it is read afresh from there.
+    GapClosed {
+        /// Partition.
+        partition: Partition,
+        /// Its stored position now.
+        stored: Position,
     },
     /// The buffer is full: reading partitions are paused.
     BufferFull {
@@ -857,16 +865,7 @@ impl ConsumerMachine {
                 });
             }
             AfterFlush::Isolating | AfterFlush::Stale => {}
-            AfterFlush::Fenced { partition } => {
-                if let Some(s) = self.partitions.get_mut(&partition) {
-                    s.phase = Phase::Positioning;
-                }
-                self.sync_pause(partition);
-                if self.draining_until.is_none() {
-                    self.commands
-                        .push_back(Command::ReadPositions(vec![partition]));
-                }
-            }
+            AfterFlush::Fenced { partition } => self.reposition(partition),
         }
         self.settle(now);
     }
@@ -890,6 +889,7 @@ impl ConsumerMachine {
         self.last_view = Some(now);
         let mut stalled = Vec::new();
         for lag in view {
+            self.reopen_if_written_past(lag.partition, lag.stored);
             let since = match self.watch.get(&lag.partition) {
                 Some((pos, since)) if *pos == lag.stored && !resumed => *since,
                 _ => now,
@@ -931,6 +931,40 @@ impl ConsumerMachine {
             };
             self.notice(notice);
             self.kafka(KafkaCommand::Rejoin);
+        }
+    }
+
+    /// A partition stopped at a gap (Phase::Stopped) whose stored position is now past the
+    /// next record this consumer holds: someone else wrote the missing records, so the gap is
+    /// gone. What it buffered before the gap is stale (any flush of it would be fenced): it is
+    /// dropped and the partition read afresh from its stored position, as after a fence.
+    fn reopen_if_written_past(&mut self, partition: Partition, stored: Position) {
+        let stopped = self
+            .partitions
+            .get(&partition)
+            .is_some_and(|s| s.phase == Phase::Stopped);
+        let passed = self
+            .batcher
+            .next_position(partition)
+            .is_some_and(|next| stored > next);
+        if !(stopped && passed) {
+            return;
+        }
+        self.batcher.revoke(partition);
+        self.reposition(partition);
+        self.notice(Notice::GapClosed { partition, stored });
+    }
+
+    /// Reads the partition's stored position again (paused meanwhile): after a fence, or a gap
+    /// someone else wrote past.
+    fn reposition(&mut self, partition: Partition) {
+        if let Some(s) = self.partitions.get_mut(&partition) {
+            s.phase = Phase::Positioning;
+        }
+        self.sync_pause(partition);
+        if self.draining_until.is_none() {
+            self.commands
+                .push_back(Command::ReadPositions(vec![partition]));
         }
     }
 
@@ -1342,6 +1376,46 @@ mod tests {
         // the same position is a fresh start, not a stall.
         t += Duration::from_secs(6);
         assert!(!view(&mut m, t, 1));
+    }
+
+    /// A partition stopped at a gap stays stopped while its stored position stands at the gap;
+    /// once another writer's late commit moves it past (the group view shows it), the partition
+    /// is read afresh from there (found by the simulator, seed 10135).
+    #[test]
+    fn a_gap_written_past_by_another_writer_reopens_the_partition() {
+        let now = Instant::now();
+        let mut m = ConsumerMachine::new(ConsumerConfig::default()).unwrap();
+        let epoch = reading(&mut m, 0, now);
+        m.on_message(
+            Message {
+                partition: 0,
+                offset: 3,
+                epoch,
+                kafka: None,
+                payload: Some(envelope(&[b"{}"])),
+            },
+            now,
+        );
+        assert_eq!(m.phase(0), Some(Phase::Stopped));
+        while m.poll_command().is_some() {}
+        let view = |stored| {
+            [PartitionLag {
+                partition: 0,
+                stored,
+                high_watermark: 10,
+            }]
+        };
+        m.on_group_view(&view(Position::BEGINNING), now);
+        assert_eq!(m.phase(0), Some(Phase::Stopped));
+        m.on_group_view(&view(Position::new(3, 0)), now + Duration::from_secs(2));
+        assert_eq!(m.phase(0), Some(Phase::Positioning));
+        let commands: Vec<Command> = std::iter::from_fn(|| m.poll_command()).collect();
+        assert!(commands
+            .iter()
+            .any(|c| matches!(c, Command::ReadPositions(p) if p == &vec![0])));
+        assert!(commands
+            .iter()
+            .any(|c| matches!(c, Command::Notice(Notice::GapClosed { partition: 0, .. }))));
     }
 
     /// A message whose offset jumps past the next expected one stops the partition: nothing
