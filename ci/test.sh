@@ -17,6 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/lib.sh
+# A failing test's own message must stay readable in a CI log: panics keep their backtraces
+# (RUST_BACKTRACE, if the CI sets it), errors returned by tests (anyhow) do not capture one.
+export RUST_LIB_BACKTRACE=0
 
 if [[ "${SPILLWAY_SKIP_INSTALL:-0}" != 1 ]]; then
   ensure_build_tools

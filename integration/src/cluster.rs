@@ -779,28 +779,43 @@ impl Cluster {
     }
 
     /// Holds consumer `n`'s own link to Postgres until a flush of it is held there before it
-    /// opened a transaction: its BEGIN (or its first statement) has not reached Postgres, and
-    /// none of its transactions is open, so no row lock is held. The flush's compare-and-set
+    /// opened a transaction: its START TRANSACTION is held (seen in the held bytes) and none of its
+    /// transactions is open, so no row lock is held. The flush's compare-and-set
     /// will run when the link is released and the consumer answers. Returns the number of
     /// messages held. Lift with `consumer_links[n].heal()`.
     pub(crate) async fn hold_a_flush(&self, n: usize) -> Result<usize> {
+        // The simple-query message that opens tokio-postgres's transactions: tag, length
+        // (4 + 18), text, NUL.
+        const BEGIN: &[u8] = b"Q\0\0\0\x16START TRANSACTION\0";
         let link = self
             .consumer_links
             .get(n)
             .with_context(|| format!("consumer {n} has no link of its own"))?;
         let db = connect(&self.pg.url()).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Why each attempt was let go: nothing held, no transaction's start among what was
+        // held, a transaction of the consumer open.
+        let (mut nothing, mut no_begin, mut open_tx) = (0, 0, 0);
         loop {
             ensure!(
                 Instant::now() < deadline,
-                "no flush of consumer {n} could be held before its transaction within 30 s"
+                "no flush of consumer {n} could be held before its transaction within 30 s \
+                 (attempts: {nothing} held nothing, {no_begin} held no transaction's start, \
+                 {open_tx} found a transaction of it open)"
             );
             link.set(Faults {
                 hold: true,
                 ..Faults::default()
             });
+            // A flush starts with its START TRANSACTION; anything else held (the group watch's query of the
+            // positions, an answer on its way back) would leave no stale flush to fence.
+            let a_begin = || {
+                link.held_towards_server()
+                    .iter()
+                    .any(|head| head.windows(BEGIN.len()).any(|w| w == BEGIN))
+            };
             let waiting = Instant::now() + Duration::from_secs(2);
-            while link.held() == 0 && Instant::now() < waiting {
+            while !a_begin() && Instant::now() < waiting {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let ports: Vec<i32> = link.upstream_ports().into_iter().map(i32::from).collect();
@@ -812,12 +827,14 @@ impl Cluster {
                 )
                 .await?
                 .get(0);
-            let held = link.held();
-            if held > 0 && open == 0 {
-                return Ok(held);
+            match (link.held(), a_begin(), open) {
+                (0, _, _) => nothing += 1,
+                (_, false, _) => no_begin += 1,
+                (held, true, 0) => return Ok(held),
+                _ => open_tx += 1,
             }
-            // A transaction of it was open when the hold began (it would keep its row lock
-            // while frozen): let it finish and try again.
+            // No flush was caught, or a transaction of it was open when the hold began (it
+            // would keep its row lock while frozen): let it finish and try again.
             link.heal();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -45,6 +45,8 @@ struct Shared {
     upstream_ports: Mutex<HashMap<u64, u16>>,
     /// Chunks read and waiting for a `hold` to be lifted.
     held: AtomicUsize,
+    /// The first bytes of each held client-to-server chunk, by a number of its own.
+    held_heads: Mutex<HashMap<u64, Vec<u8>>>,
     next_id: AtomicU64,
     accepted: AtomicU64,
 }
@@ -88,6 +90,7 @@ impl FaultProxy {
             connections: Mutex::new(HashMap::new()),
             upstream_ports: Mutex::new(HashMap::new()),
             held: AtomicUsize::new(0),
+            held_heads: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
         });
@@ -145,6 +148,13 @@ impl FaultProxy {
     /// sent that has not reached the other side.
     pub fn held(&self) -> usize {
         self.shared.held.load(Ordering::Relaxed)
+    }
+
+    /// The first bytes (at most [`HELD_HEAD`]) of each client-to-server chunk held now: which
+    /// messages a hold caught, for example a PostgreSQL client's `BEGIN` rather than a query of
+    /// its own.
+    pub fn held_towards_server(&self) -> Vec<Vec<u8>> {
+        locked(&self.shared.held_heads).values().cloned().collect()
     }
 
     /// The local ports of the open connections towards the server: the client ports the
@@ -254,7 +264,7 @@ async fn pump(
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        released(&shared).await;
+        released(&shared, upstream.then_some(chunk)).await;
         if to.write_all(chunk).await.is_err() {
             return;
         }
@@ -265,14 +275,24 @@ async fn pump(
     }
 }
 
+/// How many leading bytes of a held client-to-server chunk
+/// [`FaultProxy::held_towards_server`] shows.
+pub const HELD_HEAD: usize = 64;
+
 /// Returns once no `hold` is in force (at once if none is), counting the chunk as held
-/// meanwhile.
-async fn released(shared: &Shared) {
+/// meanwhile (and keeping its head when it goes towards the server).
+async fn released(shared: &Shared, towards_server: Option<&[u8]>) {
     if !locked(&shared.faults).hold {
         return;
     }
     shared.held.fetch_add(1, Ordering::Relaxed);
-    let _counted = HeldChunk(shared);
+    let head = towards_server.map(|chunk| {
+        let key = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let head = chunk[..chunk.len().min(HELD_HEAD)].to_vec();
+        locked(&shared.held_heads).insert(key, head);
+        key
+    });
+    let _counted = HeldChunk(shared, head);
     loop {
         let changed = shared.changed.notified();
         tokio::pin!(changed);
@@ -285,11 +305,15 @@ async fn released(shared: &Shared) {
     }
 }
 
-/// Uncounts a held chunk when its wait ends, also when the connection is reset meanwhile.
-struct HeldChunk<'a>(&'a Shared);
+/// Uncounts a held chunk (and forgets its head) when its wait ends, also when the connection
+/// is reset meanwhile.
+struct HeldChunk<'a>(&'a Shared, Option<u64>);
 
 impl Drop for HeldChunk<'_> {
     fn drop(&mut self) {
+        if let Some(key) = self.1 {
+            locked(&self.0.held_heads).remove(&key);
+        }
         self.0.held.fetch_sub(1, Ordering::Relaxed);
     }
 }
