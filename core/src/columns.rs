@@ -21,11 +21,11 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserializer as _;
-use serde_json::value::RawValue;
 
 use crate::batcher::{KafkaMeta, Record};
+use crate::scan;
 
 /// Columns Spillway always writes; a mapping cannot reuse their names.
 pub const BASE_COLUMNS: [&str; 5] = [
@@ -562,77 +562,38 @@ impl Mapping {
         !self.tree.children.is_empty() || !self.tree.slots.is_empty()
     }
 
-    /// Finds every pointed-to value of `json` in one pass: `found[i]` is column i's raw value,
-    /// `None` when its pointer does not resolve. Allocates only for keys with escapes.
+    /// Finds every pointed-to value of `json` in one pass ([`crate::scan`], which also
+    /// validates the whole record): `found[i]` is column i's raw JSON text, `None` when its
+    /// pointer does not resolve.
     pub(crate) fn extract<'a>(
         &self,
         json: &'a [u8],
-        found: &mut [Option<&'a RawValue>],
+        found: &mut [Option<&'a str>],
     ) -> Result<(), String> {
         found.iter_mut().for_each(|f| *f = None);
         if !self.needs_record() {
             return Ok(());
         }
         let text = std::str::from_utf8(json).map_err(|_| "the record is not UTF-8".to_string())?;
-        let mut de = serde_json::Deserializer::from_str(text);
-        Walk {
-            node: &self.tree,
-            found,
-            capture: true,
-        }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| format!("the record is not valid JSON: {e}"))
+        scan::scan(text, &self.tree, found)
     }
 }
 
-/// Walks one JSON value along a [`Node`], capturing the raw values its columns point at.
-struct Walk<'n, 'f, 'a> {
-    node: &'n Node,
-    found: &'f mut [Option<&'a RawValue>],
-    capture: bool,
-}
-
-impl<'de, 'n, 'f> DeserializeSeed<'de> for Walk<'n, 'f, 'de> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        if self.capture && !self.node.slots.is_empty() {
-            let raw: &'de RawValue = de::Deserialize::deserialize(d)?;
-            for &s in &self.node.slots {
-                self.found[s] = Some(raw);
-            }
-            if !self.node.children.is_empty() {
-                // A pointer and a longer one through it: walk the captured value again (rare).
-                let mut inner = serde_json::Deserializer::from_str(raw.get());
-                Walk {
-                    node: self.node,
-                    found: self.found,
-                    capture: false,
-                }
-                .deserialize(&mut inner)
-                .map_err(de::Error::custom)?;
-            }
-            return Ok(());
-        }
-        d.deserialize_any(WalkVisitor {
-            node: self.node,
-            found: self.found,
-        })
+impl scan::PathNode for Node {
+    fn slots(&self) -> &[usize] {
+        &self.slots
     }
-}
 
-struct WalkVisitor<'n, 'f, 'a> {
-    node: &'n Node,
-    found: &'f mut [Option<&'a RawValue>],
-}
+    fn has_children(&self) -> bool {
+        !self.children.is_empty()
+    }
 
-/// A map key, borrowed from the input unless it has escapes.
-struct Key<'a>(Cow<'a, str>);
+    fn member(&self, key: &str) -> Option<&Self> {
+        self.child(key)
+    }
 
-impl<'de> de::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(StrVisitor).map(Key)
+    fn element(&self, index: usize) -> Option<&Self> {
+        Node::element(self, index)
     }
 }
 
@@ -651,70 +612,6 @@ impl<'de> Visitor<'de> for StrVisitor {
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         Ok(Cow::Owned(v.to_string()))
-    }
-}
-
-impl<'de, 'n, 'f> Visitor<'de> for WalkVisitor<'n, 'f, 'de> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-            match self.node.child(&key) {
-                Some(node) => map.next_value_seed(Walk {
-                    node,
-                    found: &mut *self.found,
-                    capture: true,
-                })?,
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
-        loop {
-            let more = match self.node.element(i) {
-                Some(node) => seq
-                    .next_element_seed(Walk {
-                        node,
-                        found: &mut *self.found,
-                        capture: true,
-                    })?
-                    .is_some(),
-                None => seq.next_element::<IgnoredAny>()?.is_some(),
-            };
-            if !more {
-                return Ok(());
-            }
-            i += 1;
-        }
-    }
-
-    // A scalar where the pointer wants to go deeper: it does not resolve.
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
     }
 }
 
@@ -745,17 +642,15 @@ fn shown(value: &str) -> String {
 /// Writes the COPY BINARY field of one column for one record.
 pub(crate) fn encode_field(
     spec: &ColumnSpec,
-    raw: Option<&RawValue>,
+    raw: Option<&str>,
     record: &Record,
     out: &mut Vec<u8>,
 ) -> Result<(), ConvertError> {
     match &spec.source {
         Source::Pointer(_) => match raw {
             None => put_null(spec, out, "missing"),
-            Some(raw) if raw.get() == "null" => put_null(spec, out, "null"),
-            Some(raw) => {
-                convert(spec.ty, raw.get(), out).map_err(|reason| refusal(spec, raw.get(), reason))
-            }
+            Some("null") => put_null(spec, out, "null"),
+            Some(raw) => convert(spec.ty, raw, out).map_err(|reason| refusal(spec, raw, reason)),
         },
         Source::Meta(m) => encode_meta(spec, *m, record, out),
     }
@@ -1070,6 +965,10 @@ fn convert(ty: ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), String> {
 
 /// A JSON string's content, borrowed unless it has escapes.
 fn json_str(raw: &str) -> Result<Cow<'_, str>, String> {
+    // The scanner validated it: without escapes, its content is what lies between the quotes.
+    if let Some(plain) = scan::unescaped(raw) {
+        return Ok(Cow::Borrowed(plain));
+    }
     let mut de = serde_json::Deserializer::from_str(raw);
     de.deserialize_str(StrVisitor)
         .map_err(|e| format!("not a JSON string: {e}"))

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pgcopy;
 pub mod props;
 pub mod retry;
+mod scan;
 
 pub use adaptive::{AdaptiveConfig, BatchSizer};
 pub use batcher::{

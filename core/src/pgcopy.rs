@@ -6,8 +6,6 @@
 //!
 //! No IO: the consumer's shell sends the buffer.
 
-use serde_json::value::RawValue;
-
 use crate::batcher::Record;
 use crate::columns::{encode_field, ConvertError, Mapping, PG_EPOCH_OFFSET_MICROS};
 
@@ -23,7 +21,7 @@ pub struct CopyRows<'m, 'a> {
     buf: Vec<u8>,
     rows: usize,
     /// Each column's value in the row being written (reused: no allocation per row).
-    found: Vec<Option<&'a RawValue>>,
+    found: Vec<Option<&'a str>>,
 }
 
 impl<'m, 'a> CopyRows<'m, 'a> {
