@@ -10,7 +10,9 @@
 //! - Postgres: a positions table with the compare-and-set, rows and dead letters; outages;
 //!   connections lost before or after the commit (the commit's fate unknown to the consumer);
 //!   transactions that hang past the flush deadline and commit (or not) later; records the COPY
-//!   rejects by content, with right, wrong or no hints; a dead-letter insert that fails.
+//!   rejects by content, with right, wrong or no hints; records with a value that does not
+//!   convert to its typed column, which the shell names before it takes a connection; a
+//!   dead-letter insert that fails.
 //! - Consumers: crashes (all state lost, restart from the stored positions), and a member
 //!   stalled (SIGSTOP) while the group gives its partitions to another: two consumers that both
 //!   believe they own a partition.
@@ -73,6 +75,9 @@ struct Faults {
     lost_after_commit: f64,
     hang: f64,
     poison: f64,
+    /// Records with a value that does not convert to its typed column: found by the shell's
+    /// encoding, before a connection is taken.
+    unconvertible: f64,
     wrong_hint: f64,
     dead_letter_insert_fails: f64,
     undecodable: f64,
@@ -99,6 +104,7 @@ impl Faults {
             lost_after_commit: on(0.05),
             hang: on(0.02),
             poison: on(0.03),
+            unconvertible: on(0.03),
             wrong_hint: on(0.3),
             dead_letter_insert_fails: on(0.3),
             undecodable: on(0.03),
@@ -124,6 +130,7 @@ impl Faults {
             lost_after_commit: 0.0,
             hang: 0.0,
             poison: 0.0,
+            unconvertible: 0.0,
             wrong_hint: 0.0,
             dead_letter_insert_fails: 0.0,
             undecodable: 0.0,
@@ -147,6 +154,8 @@ enum Kind {
     Good,
     /// The COPY refuses it.
     Poison,
+    /// A value of it does not convert to its column's type.
+    Unconvertible,
     /// Not a record: an undecodable message, dead-lettered whole.
     Undecodable,
 }
@@ -462,6 +471,8 @@ impl Sim {
                 .map(|_| {
                     if self.rng.chance(self.active.poison) {
                         Kind::Poison
+                    } else if self.rng.chance(self.active.unconvertible) {
+                        Kind::Unconvertible
                     } else {
                         Kind::Good
                     }
@@ -472,6 +483,7 @@ impl Sim {
                 .enumerate()
                 .map(|(i, k)| match k {
                     Kind::Poison => b"poison".to_vec(),
+                    Kind::Unconvertible => b"unconvertible".to_vec(),
                     _ => format!("{{\"n\":{}}}", self.produced * 10 + i).into_bytes(),
                 })
                 .collect();
@@ -601,6 +613,13 @@ impl Sim {
             let key = (r.partition, r.offset, r.index);
             let kind = self.kind(key);
             let dead = e.dead_reason.is_some();
+            if !dead && kind == Some(Kind::Unconvertible) {
+                return Err(Failure {
+                    what: format!(
+                        "record {key:?}, whose value does not convert, was written as a row"
+                    ),
+                });
+            }
             if dead && kind == Some(Kind::Good) {
                 return Err(Failure {
                     what: format!(
@@ -690,6 +709,21 @@ impl Sim {
 
     fn start_transaction(&mut self, member: usize, batch: Arc<Batch>) {
         let incarnation = self.members[member].as_ref().map_or(0, |m| m.incarnation);
+        // The shell converts the rows before it takes a connection (whether Postgres is up or
+        // not): every record that does not convert is named, and nothing is sent.
+        let records: Vec<(usize, String)> = batch
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.dead_reason.is_none() && e.record.payload == b"unconvertible")
+            .map(|(i, _)| (i, "column n (bigint from /n): a string".to_string()))
+            .collect();
+        if !records.is_empty() {
+            self.count("unconvertible batches");
+            let result = FlushResult::Unconvertible { records };
+            self.deliver(member, incarnation, Event::Flushed(batch.id, result));
+            return;
+        }
         let latency = self.rng.millis(1, 80);
         let fate = if self.pg_down() {
             Fate::LostBefore
