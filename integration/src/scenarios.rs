@@ -259,33 +259,46 @@ pub async fn postgres_down_for_a_minute_under_a_spike(run: Run) -> Result<()> {
 }
 
 /// 6. Fault: Postgres restarted ten times, every 1.5 to 3 s (seeded), each time either a clean
-///    fast shutdown or a SIGKILL (seeded), during spiky load.
-///    Evidence: eleven distinct `pg_postmaster_start_time()`s (each restart happened); records
-///    are acknowledged across the restarts.
-///    Checks: the verdict alone; the consumer's flush retries are noted, not required (a
-///    restart between two flushes costs none).
+///    fast shutdown or a SIGKILL (seeded), during spiky load; the first restart lands while a
+///    flush's COPY is stalled on its way (the link held), so at least one flush fails.
+///    Evidence: eleven distinct `pg_postmaster_start_time()`s (each restart happened); the
+///    COPY in progress at the first; records are acknowledged across the restarts.
+///    Checks: the verdict; the consumer counted a flush retry (the stalled COPY's).
 pub async fn postgres_restarted_ten_times(run: Run) -> Result<()> {
     chaos(
         "postgres_restarted_ten_times",
         run,
         Duration::from_secs(200),
         |mut ctx| async move {
-            let mut c = Cluster::start(&ctx, Opts::default()).await?;
+            let mut c = Cluster::start(&ctx, Opts::slow_link()).await?;
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(30), None);
             let mut starts = BTreeSet::new();
             starts.insert(postmaster_start(&*c.pg).await?);
             let window = traffic.window();
             for n in 1..=10 {
                 pause(Duration::from_millis(ctx.rng.u64(1500..=3000))).await;
-                if ctx.rng.bool() {
+                // Between two flushes a restart costs none (the pool opens a fresh connection
+                // for the next): the first one catches a flush in its COPY.
+                let stalled = match n {
+                    1 => Some(c.stall_a_copy().await?.at_the_fault()),
+                    _ => None,
+                };
+                let how = if ctx.rng.bool() {
                     blocking(|| -> Result<()> {
                         c.pg.kill()?;
                         Ok(c.pg.restart()?)
                     })?;
-                    c.tl.note(format!("restart {n}/10: SIGKILL, then start"));
+                    "SIGKILL"
                 } else {
                     blocking(|| c.pg.restart())?;
-                    c.tl.note(format!("restart {n}/10: fast shutdown, then start"));
+                    "fast shutdown"
+                };
+                match stalled {
+                    Some(copy) => {
+                        c.release_link();
+                        c.tl.note(format!("restart {n}/10: {how}, then start, at the {copy}"));
+                    }
+                    None => c.tl.note(format!("restart {n}/10: {how}, then start")),
                 }
                 starts.insert(postmaster_start(&*c.pg).await?);
             }
@@ -296,13 +309,14 @@ pub async fn postgres_restarted_ten_times(run: Run) -> Result<()> {
             );
             let done = traffic.done().await?;
             c.verdict(&ctx, &done).await?;
-            // Counted, not required: a restart that lands between two flushes costs no retry
-            // (the pool opens a fresh connection for the next one), and a run whose ten
-            // restarts all did so is not a failure (seen once in CI, seed 111766951713294).
             let retries = c
                 .consumer_metric(0, "spillway_consumer_flush_retries_total")
                 .await?;
             c.tl.note(format!("consumer 0 counted {retries} flush retries"));
+            ensure!(
+                retries >= 1.0,
+                "the flush whose COPY the first restart cut was not retried (0 retries counted)"
+            );
             Ok(())
         },
     )
