@@ -438,11 +438,11 @@ mod tests {
         }
     }
 
-    fn tree(pointers: &[&[&str]]) -> T {
+    fn tree<S: AsRef<str>>(pointers: &[&[S]]) -> T {
         let mut root = T::default();
         for (slot, tokens) in pointers.iter().enumerate() {
             let mut node = &mut root;
-            for t in *tokens {
+            for t in tokens.iter().map(AsRef::as_ref) {
                 let at = match node.kids.iter().position(|(k, _)| k == t) {
                     Some(at) => at,
                     None => {
@@ -611,24 +611,7 @@ mod tests {
             let mut missing = chosen.clone();
             missing.push("nope".into());
             let pointers: Vec<&[String]> = vec![&chosen, &missing, &all[0]];
-            let t = {
-                let mut root = T::default();
-                for (slot, tokens) in pointers.iter().enumerate() {
-                    let mut node = &mut root;
-                    for tok in tokens.iter() {
-                        let at = match node.kids.iter().position(|(k, _)| k == tok) {
-                            Some(at) => at,
-                            None => {
-                                node.kids.push((tok.clone(), T::default()));
-                                node.kids.len() - 1
-                            }
-                        };
-                        node = &mut node.kids[at].1;
-                    }
-                    node.slots.push(slot);
-                }
-                root
-            };
+            let t = tree(&pointers);
             let mut found = vec![None; 3];
             scan(&text, &t, &mut found).unwrap();
             let got: serde_json::Value = serde_json::from_str(found[0].expect("a path that is there")).unwrap();
