@@ -328,9 +328,6 @@ fn ticks(n: u64) -> std::time::Duration {
     std::time::Duration::from_millis(n * 10)
 }
 
-/// Samples `written()` until it reaches `total`; returns the time to write `total` rows at the
-/// rate observed from the first row to the last, so start-up (joining the group) is not
-/// counted as write time.
 /// Checks that every message of a backlog is still in `topic` (librdkafka's mock cluster
 /// keeps only the newest 5 MiB of each partition): each partition starts at offset 0 and the
 /// partitions hold `messages` in all.
@@ -366,6 +363,9 @@ pub fn backlog_intact(bootstrap: &str, topic: &str, messages: u64) -> Result<(),
     Ok(())
 }
 
+/// Samples `written()` until it reaches `total`; returns the time to write `total` rows at the
+/// rate observed from the first row to the last, so start-up (joining the group) is not
+/// counted as write time.
 pub async fn drain_time(
     total: u64,
     mut written: impl FnMut() -> futures::future::BoxFuture<'static, u64>,

@@ -157,22 +157,16 @@ impl<'a> Scanner<'a> {
         node: &N,
         found: &mut [Option<&'a str>],
     ) -> Result<(), String> {
-        self.i += 1;
-        self.ws();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            return Ok(());
-        }
-        loop {
-            self.ws();
-            if self.peek() != Some(b'"') {
-                return Err(self.err("expected a member name"));
+        self.items(b'}', "expected ',' or '}' in an object", |s, _| {
+            s.ws();
+            if s.peek() != Some(b'"') {
+                return Err(s.err("expected a member name"));
             }
-            let (start, escaped) = self.string()?;
-            let raw = self
+            let (start, escaped) = s.string()?;
+            let raw = s
                 .text
-                .get(start..self.i)
-                .ok_or_else(|| self.err("a member name cut inside a character"))?;
+                .get(start..s.i)
+                .ok_or_else(|| s.err("a member name cut inside a character"))?;
             let key: Cow<'_, str> = if escaped {
                 Cow::Owned(
                     serde_json::from_str::<String>(raw)
@@ -181,21 +175,12 @@ impl<'a> Scanner<'a> {
             } else {
                 Cow::Borrowed(&raw[1..raw.len() - 1])
             };
-            self.expect(b':', "expected ':' after a member name")?;
+            s.expect(b':', "expected ':' after a member name")?;
             match node.member(&key) {
-                Some(child) => self.walk(child, found)?,
-                None => self.skip_value()?,
+                Some(child) => s.walk(child, found),
+                None => s.skip_value(),
             }
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.err("expected ',' or '}' in an object")),
-            }
-        }
+        })
     }
 
     fn walk_array<N: PathNode>(
@@ -203,27 +188,42 @@ impl<'a> Scanner<'a> {
         node: &N,
         found: &mut [Option<&'a str>],
     ) -> Result<(), String> {
+        self.items(
+            b']',
+            "expected ',' or ']' in an array",
+            |s, index| match node.element(index) {
+                Some(child) => s.walk(child, found),
+                None => s.skip_value(),
+            },
+        )
+    }
+
+    /// The members or elements of the container opening here, each read by `item` (with its
+    /// index), up to the `close` byte.
+    fn items(
+        &mut self,
+        close: u8,
+        what: &str,
+        mut item: impl FnMut(&mut Self, usize) -> Result<(), String>,
+    ) -> Result<(), String> {
         self.i += 1;
         self.ws();
-        if self.peek() == Some(b']') {
+        if self.peek() == Some(close) {
             self.i += 1;
             return Ok(());
         }
         let mut index = 0;
         loop {
-            match node.element(index) {
-                Some(child) => self.walk(child, found)?,
-                None => self.skip_value()?,
-            }
+            item(self, index)?;
             index += 1;
             self.ws();
             match self.peek() {
                 Some(b',') => self.i += 1,
-                Some(b']') => {
+                Some(c) if c == close => {
                     self.i += 1;
                     return Ok(());
                 }
-                _ => return Err(self.err("expected ',' or ']' in an array")),
+                _ => return Err(self.err(what)),
             }
         }
     }
