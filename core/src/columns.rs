@@ -461,10 +461,23 @@ impl Default for Mapping {
 struct Node {
     /// Columns whose pointer ends here.
     slots: Vec<usize>,
+    /// Columns whose pointer ends here or below: a duplicate key forgets what an earlier
+    /// member of that name gave them.
+    below: Vec<usize>,
     children: Vec<(String, Option<usize>, Node)>,
 }
 
 impl Node {
+    /// Fills in `below` everywhere under this node; returns this node's.
+    fn settle(&mut self) -> Vec<usize> {
+        let mut below = self.slots.clone();
+        for (_, _, child) in &mut self.children {
+            below.extend(child.settle());
+        }
+        self.below = below.clone();
+        below
+    }
+
     fn child(&self, key: &str) -> Option<&Node> {
         self.children
             .iter()
@@ -515,6 +528,7 @@ impl Mapping {
                 node.slots.push(i);
             }
         }
+        tree.settle();
         Ok(Mapping {
             columns,
             keep_data,
@@ -582,6 +596,10 @@ impl Mapping {
 impl scan::PathNode for Node {
     fn slots(&self) -> &[usize] {
         &self.slots
+    }
+
+    fn slots_below(&self) -> &[usize] {
+        &self.below
     }
 
     fn has_children(&self) -> bool {
@@ -843,7 +861,9 @@ fn is_number(raw: &str) -> bool {
     matches!(raw.as_bytes().first(), Some(b'-' | b'0'..=b'9'))
 }
 
-/// Converts one non-null raw JSON value into `ty`'s COPY BINARY field.
+/// Converts one non-null raw JSON value into `ty`'s COPY BINARY field. `raw` is a value the
+/// scanner ([`crate::scan`]) validated: a string without escapes is taken as the text between
+/// its quotes.
 fn convert(ty: ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), String> {
     use ColumnType::*;
     let want = |what: &str| format!("{ty} takes {what}, not {}", json_type(raw));

@@ -13,6 +13,8 @@ use std::borrow::Cow;
 pub(crate) trait PathNode {
     /// Slots (columns) whose pointer ends at this value.
     fn slots(&self) -> &[usize];
+    /// Slots whose pointer ends at this value or inside it.
+    fn slots_below(&self) -> &[usize];
     /// Whether some pointer goes deeper than this value.
     fn has_children(&self) -> bool;
     /// The node for member `key` of an object here.
@@ -170,14 +172,23 @@ impl<'a> Scanner<'a> {
             let key: Cow<'_, str> = if escaped {
                 Cow::Owned(
                     serde_json::from_str::<String>(raw)
-                        .map_err(|e| format!("the record is not valid JSON: {e}"))?,
+                        .map_err(|e| s.err(&format!("a member name that does not decode ({e})")))?,
                 )
             } else {
                 Cow::Borrowed(&raw[1..raw.len() - 1])
             };
             s.expect(b':', "expected ':' after a member name")?;
             match node.member(&key) {
-                Some(child) => s.walk(child, found),
+                Some(child) => {
+                    // A later member of the same name replaces an earlier one entirely, as in
+                    // jsonb: nothing found under the earlier one stays.
+                    for &slot in child.slots_below() {
+                        if let Some(f) = found.get_mut(slot) {
+                            *f = None;
+                        }
+                    }
+                    s.walk(child, found)
+                }
                 None => s.skip_value(),
             }
         })
@@ -420,12 +431,27 @@ mod tests {
     #[derive(Default)]
     struct T {
         slots: Vec<usize>,
+        below: Vec<usize>,
         kids: Vec<(String, T)>,
+    }
+
+    impl T {
+        fn settle(&mut self) -> Vec<usize> {
+            let mut below = self.slots.clone();
+            for (_, kid) in &mut self.kids {
+                below.extend(kid.settle());
+            }
+            self.below = below.clone();
+            below
+        }
     }
 
     impl PathNode for T {
         fn slots(&self) -> &[usize] {
             &self.slots
+        }
+        fn slots_below(&self) -> &[usize] {
+            &self.below
         }
         fn has_children(&self) -> bool {
             !self.kids.is_empty()
@@ -454,6 +480,7 @@ mod tests {
             }
             node.slots.push(slot);
         }
+        root.settle();
         root
     }
 
@@ -499,6 +526,13 @@ mod tests {
     fn a_key_with_escapes_matches_its_unescaped_pointer_token_and_the_last_duplicate_wins() {
         let found = run(r#"{"a\/b": 1, "x": 1, "x": 2}"#, &[&["a/b"], &["x"]]).unwrap();
         assert_eq!(found, vec![Some("1"), Some("2")]);
+        // The later member replaces the earlier one whole, as jsonb keeps only the last: a
+        // value found inside the earlier one is gone.
+        let text = r#"{"x": {"y": 1, "z": 3}, "x": {"z": 4}}"#;
+        let found = run(text, &[&["x", "y"], &["x", "z"], &["x"]]).unwrap();
+        assert_eq!(found, vec![None, Some("4"), Some(r#"{"z": 4}"#)]);
+        let found = run(r#"{"x": {"y": 1}, "x": 2}"#, &[&["x", "y"]]).unwrap();
+        assert_eq!(found, vec![None]);
     }
 
     #[test]
@@ -603,8 +637,17 @@ mod tests {
         /// What the scanner captures for any path (and a path that is not there) is what
         /// serde_json finds at that pointer, compact or pretty.
         #[test]
-        fn captures_agree_with_serde_json(v in json(), pretty in any::<bool>(), pick in any::<proptest::sample::Index>()) {
-            let text = if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) }.unwrap();
+        fn captures_agree_with_serde_json(
+            v in json(),
+            pretty in any::<bool>(),
+            pick in any::<proptest::sample::Index>(),
+        ) {
+            let text = if pretty {
+                serde_json::to_string_pretty(&v)
+            } else {
+                serde_json::to_string(&v)
+            }
+            .unwrap();
             let mut all = Vec::new();
             paths(&v, vec![], &mut all);
             let chosen = all[pick.index(all.len())].clone();
@@ -614,17 +657,30 @@ mod tests {
             let t = tree(&pointers);
             let mut found = vec![None; 3];
             scan(&text, &t, &mut found).unwrap();
-            let got: serde_json::Value = serde_json::from_str(found[0].expect("a path that is there")).unwrap();
+            let got: serde_json::Value =
+                serde_json::from_str(found[0].expect("a path that is there")).unwrap();
             // Through the same text, so that serde_json's float parsing rounds both alike.
-            let want = v.pointer(&pointer(&chosen)).map(|w| serde_json::from_str::<serde_json::Value>(&w.to_string()).unwrap());
+            let want = v
+                .pointer(&pointer(&chosen))
+                .map(|w| serde_json::from_str::<serde_json::Value>(&w.to_string()).unwrap());
             prop_assert_eq!(Some(got), want);
+            if !pretty {
+                // Compact text: the capture is exactly the value's own compact text.
+                let exact = v.pointer(&pointer(&chosen)).map(|w| w.to_string());
+                prop_assert_eq!(found[0].map(str::to_string), exact);
+            }
             prop_assert_eq!(found[1].is_some(), v.pointer(&pointer(&missing)).is_some());
             prop_assert_eq!(found[2].map(str::trim), Some(text.trim()));
         }
 
         /// Any text, valid or damaged: the scanner accepts it exactly when serde_json does.
         #[test]
-        fn validity_agrees_with_serde_json(v in json(), cut in any::<proptest::sample::Index>(), byte in any::<u8>(), how in 0..3u8) {
+        fn validity_agrees_with_serde_json(
+            v in json(),
+            cut in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+            how in 0..3u8,
+        ) {
             let mut bytes = serde_json::to_string(&v).unwrap().into_bytes();
             let at = cut.index(bytes.len() + 1);
             match how {
@@ -635,7 +691,14 @@ mod tests {
             let Ok(text) = std::str::from_utf8(&bytes) else { return Ok(()) };
             let theirs = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
             let ours = scan(text, &T::default(), &mut []).is_ok();
-            prop_assert_eq!(ours, theirs, "{:?}", text);
+            prop_assert_eq!(ours, theirs, "skipping everything: {:?}", text);
+            // Along mapped paths, where objects and arrays are walked rather than skipped.
+            let mut all = Vec::new();
+            paths(&v, vec![], &mut all);
+            let walked: Vec<&[String]> = all.iter().map(Vec::as_slice).collect();
+            let mut found = vec![None; walked.len()];
+            let ours = scan(text, &tree(&walked), &mut found).is_ok();
+            prop_assert_eq!(ours, theirs, "walking every path: {:?}", text);
         }
     }
 

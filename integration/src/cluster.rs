@@ -786,7 +786,7 @@ impl Cluster {
     pub(crate) async fn hold_a_flush(&self, n: usize) -> Result<usize> {
         // The simple-query message that opens tokio-postgres's transactions: tag, length
         // (4 + 18), text, NUL.
-        const BEGIN: &[u8] = b"Q\0\0\0\x16START TRANSACTION\0";
+        const START: &[u8] = b"Q\0\0\0\x16START TRANSACTION\0";
         let link = self
             .consumer_links
             .get(n)
@@ -807,12 +807,12 @@ impl Cluster {
                 hold: true,
                 ..Faults::default()
             });
-            // A flush starts with its START TRANSACTION; anything else held (the group watch's query of the
-            // positions, an answer on its way back) would leave no stale flush to fence.
+            // A flush starts with its START TRANSACTION; anything else held (the group watch's
+            // query of the positions, an answer on its way back) leaves no stale flush to fence.
             let a_begin = || {
                 link.held_towards_server()
                     .iter()
-                    .any(|head| head.windows(BEGIN.len()).any(|w| w == BEGIN))
+                    .any(|head| head.windows(START.len()).any(|w| w == START))
             };
             let waiting = Instant::now() + Duration::from_secs(2);
             while !a_begin() && Instant::now() < waiting {

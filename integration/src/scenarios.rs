@@ -259,7 +259,8 @@ pub async fn postgres_down_for_a_minute_under_a_spike(run: Run) -> Result<()> {
 }
 
 /// 6. Fault: Postgres restarted ten times, every 1.5 to 3 s (seeded), each time either a clean
-///    fast shutdown or a SIGKILL (seeded), during spiky load; the first restart lands while a
+///    fast shutdown or a SIGKILL (seeded), during spiky load, the consumer on a slow link
+///    (512 KB/s, so COPYs last long enough to be caught); the first restart lands while a
 ///    flush's COPY is stalled on its way (the link held), so at least one flush fails.
 ///    Evidence: eleven distinct `pg_postmaster_start_time()`s (each restart happened); the
 ///    COPY in progress at the first; records are acknowledged across the restarts.

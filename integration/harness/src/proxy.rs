@@ -151,8 +151,8 @@ impl FaultProxy {
     }
 
     /// The first bytes (at most [`HELD_HEAD`]) of each client-to-server chunk held now: which
-    /// messages a hold caught, for example a PostgreSQL client's `BEGIN` rather than a query of
-    /// its own.
+    /// messages a hold caught, for example a PostgreSQL client's `START TRANSACTION` rather
+    /// than a query of its own.
     pub fn held_towards_server(&self) -> Vec<Vec<u8>> {
         locked(&self.shared.held_heads).values().cloned().collect()
     }
