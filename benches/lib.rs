@@ -332,30 +332,16 @@ fn ticks(n: u64) -> std::time::Duration {
 /// keeps only the newest 5 MiB of each partition): each partition starts at offset 0 and the
 /// partitions hold `messages` in all.
 pub fn backlog_intact(bootstrap: &str, topic: &str, messages: u64) -> Result<(), String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .map_err(|e| e.to_string())?;
-    let timeout = std::time::Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| e.to_string())?;
+    let marks = spillway_harness::kafka::watermarks(bootstrap, topic).map_err(|e| e.to_string())?;
     let mut held = 0u64;
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p.id(), timeout)
-                .map_err(|e| e.to_string())?;
-            if low != 0 {
-                return Err(format!(
-                    "{topic}[{}] starts at offset {low}: the broker dropped the oldest messages \
-                     (use more partitions or smaller records)",
-                    p.id()
-                ));
-            }
-            held += high as u64;
+    for (partition, (low, high)) in marks {
+        if low != 0 {
+            return Err(format!(
+                "{topic}[{partition}] starts at offset {low}: the broker dropped the oldest \
+                 messages (use more partitions or smaller records)"
+            ));
         }
+        held += high as u64;
     }
     if held != messages {
         return Err(format!("{topic} holds {held} messages, not {messages}"));

@@ -1378,12 +1378,8 @@ mod tests {
         assert!(!view(&mut m, t, 1));
     }
 
-    /// A partition stopped at a gap stays stopped while its stored position stands at the gap;
-    /// once another writer's late commit moves it past (the group view shows it), the partition
-    /// is read afresh from there (found by the simulator, seed 10135).
-    #[test]
-    fn a_gap_written_past_by_another_writer_reopens_the_partition() {
-        let now = Instant::now();
+    /// A machine reading partition 0 from offset 0 that was handed offset 3: stopped at the gap.
+    fn stopped_at_a_gap(now: Instant) -> ConsumerMachine {
         let mut m = ConsumerMachine::new(ConsumerConfig::default()).unwrap();
         let epoch = reading(&mut m, 0, now);
         m.on_message(
@@ -1397,6 +1393,16 @@ mod tests {
             now,
         );
         assert_eq!(m.phase(0), Some(Phase::Stopped));
+        m
+    }
+
+    /// A partition stopped at a gap stays stopped while its stored position stands at the gap;
+    /// once another writer's late commit moves it past (the group view shows it), the partition
+    /// is read afresh from there (found by the simulator, seed 10135).
+    #[test]
+    fn a_gap_written_past_by_another_writer_reopens_the_partition() {
+        let now = Instant::now();
+        let mut m = stopped_at_a_gap(now);
         while m.poll_command().is_some() {}
         let view = |stored| {
             [PartitionLag {
@@ -1423,19 +1429,7 @@ mod tests {
     #[test]
     fn a_jump_in_offsets_stops_the_partition() {
         let now = Instant::now();
-        let mut m = ConsumerMachine::new(ConsumerConfig::default()).unwrap();
-        let epoch = reading(&mut m, 0, now);
-        m.on_message(
-            Message {
-                partition: 0,
-                offset: 3,
-                epoch,
-                kafka: None,
-                payload: Some(envelope(&[b"{}"])),
-            },
-            now,
-        );
-        assert_eq!(m.phase(0), Some(Phase::Stopped));
+        let mut m = stopped_at_a_gap(now);
         assert_eq!(m.stats().buffered_records, 0);
         let commands: Vec<Command> = std::iter::from_fn(|| m.poll_command()).collect();
         assert!(commands

@@ -527,18 +527,26 @@ pub fn read_all(
     Ok(out)
 }
 
-/// The sum of the high watermarks of a topic's partitions: how many messages it ever held.
-pub fn message_count(bootstrap: &str, topic: &str) -> Result<i64> {
+/// Each partition of `topic` with its low and high watermarks.
+pub fn watermarks(bootstrap: &str, topic: &str) -> Result<BTreeMap<i32, (i64, i64)>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut total = 0;
+    let mut out = BTreeMap::new();
     for t in md.topics() {
         for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-            total += high - low;
+            let marks = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            out.insert(p.id(), marks);
         }
     }
-    Ok(total)
+    Ok(out)
+}
+
+/// The sum of the high watermarks of a topic's partitions: how many messages it ever held.
+pub fn message_count(bootstrap: &str, topic: &str) -> Result<i64> {
+    Ok(watermarks(bootstrap, topic)?
+        .values()
+        .map(|(low, high)| high - low)
+        .sum())
 }
