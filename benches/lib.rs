@@ -201,6 +201,37 @@ pub async fn copy_encoded(
     tx.commit().await
 }
 
+/// Drops `tables` once a case has measured them, so that autovacuum working through earlier
+/// iterations' rows does not count against later ones (CPU from /proc included).
+pub async fn drop_tables(client: &tokio_postgres::Client, tables: &[&str]) {
+    let sql = format!("DROP TABLE IF EXISTS {}", tables.join(", "));
+    client
+        .batch_execute(&sql)
+        .await
+        .expect("drop the measured tables");
+}
+
+/// [`copy_encoded`] of `batches` over all of `clients` at once (batch i on client i mod n): the
+/// raw write at the consumer's parallelism (its pool of connections).
+pub async fn copy_encoded_parallel(
+    clients: &mut [tokio_postgres::Client],
+    table: &str,
+    columns: &str,
+    batches: &[bytes::Bytes],
+) -> Result<(), tokio_postgres::Error> {
+    let n = clients.len();
+    let writers = clients
+        .iter_mut()
+        .enumerate()
+        .map(|(i, client)| async move {
+            for data in batches.iter().skip(i).step_by(n) {
+                copy_encoded(client, table, columns, data.clone()).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        });
+    futures::future::try_join_all(writers).await.map(|_| ())
+}
+
 /// Produces a backlog of `records` records, `per_message` per envelope, to `topic`; with
 /// `json_topic`, the same records also as the Python original's messages
 /// (`{"data": [...], "received": ...}`).

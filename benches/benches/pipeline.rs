@@ -1,6 +1,9 @@
 //! End to end: a backlog already in Kafka drained by the consumer into Postgres, as a ratio
-//! to a raw COPY BINARY of the same rows from memory into the same server, in the same run.
-//! The drain is timed from the first row written to the last (group join excluded).
+//! to a raw COPY BINARY of the same rows from memory into the same server, in the same run:
+//! pre-encoded batches of 10,000 rows, one transaction each, over one connection and over as
+//! many as the consumer's pool (`_pool`), as the consumer flushes partitions in parallel.
+//! The drain is timed from the first row written to the last (group join excluded). Each
+//! case drops its table once measured, so autovacuum on earlier rows does not count later.
 //!
 //! Typed (issue 16): the same drain of ~200-byte records mapped into six typed columns
 //! (`--keep-data false`) beside a raw COPY BINARY of the same typed rows, and the CPU per
@@ -15,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use spillway_benches::{
-    backlog_intact, copy_encoded, create_table, create_typed_table, drain_time, encode_batches,
-    print_ratios, process_cpu, process_tree_cpu, produce_backlog, produce_backlog_of, raw_copy,
-    rows, typed_mapping, typed_record, typed_rows,
+    backlog_intact, copy_encoded_parallel, create_table, create_typed_table, drain_time,
+    drop_tables, encode_batches, print_ratios, process_cpu, process_tree_cpu, produce_backlog,
+    produce_backlog_of, rows, typed_mapping, typed_record, typed_rows,
 };
 use spillway_harness::postgres::connect;
 use spillway_harness::{kafka, LocalPostgres, PostgresServer};
@@ -63,7 +66,8 @@ fn pipeline(c: &mut Criterion) {
         "backlogs of {RECORDS} records on {} ({partitions} partitions each)",
         broker.kind()
     );
-    let rows = rows(RECORDS);
+    let jsonb = encode_batches(&rows(RECORDS), 10_000, &spillway_core::Mapping::default());
+    let jsonb_columns = spillway_core::Mapping::default().copy_columns();
     let typed = encode_batches(&typed_rows(RECORDS), 10_000, &typed_mapping());
     let typed_columns = typed_mapping().copy_columns();
     // CPU time (this process's, Postgres's) and records drained, per consumer case.
@@ -78,52 +82,70 @@ fn pipeline(c: &mut Criterion) {
     g.throughput(Throughput::Elements(RECORDS));
     let url = pg.url();
     let mut run = 0u32;
-    g.bench_function("raw_copy_binary", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                run += 1;
-                total += rt.block_on(async {
-                    let table = format!("raw_{run}");
-                    let mut client = connect(&url).await.expect("connect");
-                    client
-                        .batch_execute(&create_table(&table))
-                        .await
-                        .expect("create");
-                    let t = Instant::now();
-                    raw_copy(&mut client, &table, &rows, 10_000)
-                        .await
-                        .expect("copy");
-                    t.elapsed()
-                });
-            }
-            total
-        })
-    });
-    g.bench_function("raw_copy_binary_typed", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                run += 1;
-                total += rt.block_on(async {
-                    let table = format!("raw_typed_{run}");
-                    let mut client = connect(&url).await.expect("connect");
-                    client
-                        .batch_execute(&create_typed_table(&table))
-                        .await
-                        .expect("create");
-                    let t = Instant::now();
-                    for data in &typed {
-                        copy_encoded(&mut client, &table, &typed_columns, data.clone())
+    // The raw COPYs: pre-encoded batches of 10,000 rows, over one connection and over as
+    // many as the consumer's pool (its partitions flush in parallel over them).
+    let pool = spillway_consumer::Settings::new(String::new(), "", url.clone()).pool_size;
+    // (case, CREATE TABLE for a name, batches, columns, connections)
+    type RawCase<'a> = (
+        &'a str,
+        fn(&str) -> String,
+        &'a [bytes::Bytes],
+        &'a str,
+        usize,
+    );
+    let raw_cases: [RawCase; 4] = [
+        ("raw_copy_binary", create_table, &jsonb, &jsonb_columns, 1),
+        (
+            "raw_copy_binary_pool",
+            create_table,
+            &jsonb,
+            &jsonb_columns,
+            pool,
+        ),
+        (
+            "raw_copy_binary_typed",
+            create_typed_table,
+            &typed,
+            &typed_columns,
+            1,
+        ),
+        (
+            "raw_copy_binary_typed_pool",
+            create_typed_table,
+            &typed,
+            &typed_columns,
+            pool,
+        ),
+    ];
+    for (name, create, batches, columns, connections) in raw_cases {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    run += 1;
+                    total += rt.block_on(async {
+                        let table = format!("raw_{run}");
+                        let mut clients = Vec::with_capacity(connections);
+                        for _ in 0..connections {
+                            clients.push(connect(&url).await.expect("connect"));
+                        }
+                        clients[0]
+                            .batch_execute(&create(&table))
+                            .await
+                            .expect("create");
+                        let t = Instant::now();
+                        copy_encoded_parallel(&mut clients, &table, columns, batches)
                             .await
                             .expect("copy");
-                    }
-                    t.elapsed()
-                });
-            }
-            total
-        })
-    });
+                        let elapsed = t.elapsed();
+                        drop_tables(&clients[0], &[&table]).await;
+                        elapsed
+                    });
+                }
+                total
+            })
+        });
+    }
     for (name, topic, mapping) in [
         (
             "consumer_drain_backlog",
@@ -161,6 +183,9 @@ fn pipeline(c: &mut Criterion) {
                         let used = process_cpu().saturating_sub(cpu_before);
                         let pg_used = process_tree_cpu(postmaster).saturating_sub(pg_before);
                         consumer.shutdown().await.expect("shutdown");
+                        let client = connect(&url).await.expect("connect");
+                        let table = format!("drained_{run}");
+                        drop_tables(&client, &[&table, &format!("{table}_dead_letters")]).await;
                         (elapsed, (used, pg_used))
                     });
                     total += elapsed;
@@ -175,22 +200,23 @@ fn pipeline(c: &mut Criterion) {
         });
     }
     g.finish();
-    print_ratios(
-        GROUP,
-        &[
-            ("raw_copy_binary".into(), RECORDS),
-            ("consumer_drain_backlog".into(), RECORDS),
-        ],
-        "raw_copy_binary",
-    );
-    print_ratios(
-        GROUP,
-        &[
-            ("raw_copy_binary_typed".into(), RECORDS),
-            ("consumer_drain_typed".into(), RECORDS),
-        ],
-        "raw_copy_binary_typed",
-    );
+    for (raw, drain) in [
+        ("raw_copy_binary", "consumer_drain_backlog"),
+        ("raw_copy_binary_typed", "consumer_drain_typed"),
+    ] {
+        let pooled = format!("{raw}_pool");
+        for baseline in [raw, pooled.as_str()] {
+            print_ratios(
+                GROUP,
+                &[
+                    (raw.into(), RECORDS),
+                    (pooled.clone(), RECORDS),
+                    (drain.into(), RECORDS),
+                ],
+                baseline,
+            );
+        }
+    }
     // µs per record: this process's, and Postgres's (the postmaster and its backends).
     let per_record = |name: &str| {
         cpu.borrow()

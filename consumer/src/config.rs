@@ -60,7 +60,8 @@ pub struct Args {
     /// Largest batch in bytes [default: 8388608].
     #[arg(long, env = "SPILLWAY_BATCH_MAX_BYTES")]
     pub batch_max_bytes: Option<usize>,
-    /// A record waits at most this long before its batch is flushed [default: 500].
+    /// A record waits at most this long before its batch is flushed [default: 500]. While a
+    /// pooled connection is idle, a partition holding --batch-min-records is flushed sooner.
     #[arg(long, env = "SPILLWAY_BATCH_MAX_AGE_MS")]
     pub batch_max_age_ms: Option<u64>,
     /// Flushes slower than this shrink the batch size [default: 250].
@@ -246,6 +247,7 @@ impl Settings {
                     jitter: Jitter::Equal,
                     seed: 0,
                 },
+                writers: 4,
             },
             pool_size: 4,
             statement_timeout: Duration::from_secs(30),
@@ -402,7 +404,11 @@ impl Settings {
     pub fn machine_config(&self) -> Result<ConsumerConfig, ConfigError> {
         #[allow(unused_mut)]
         let mut config = ConsumerConfig {
-            batcher: self.batcher.clone(),
+            // A lane flushes early while a pooled connection would otherwise sit idle.
+            batcher: BatcherConfig {
+                writers: self.pool_size,
+                ..self.batcher.clone()
+            },
             shutdown_timeout: self.shutdown_timeout,
             orphan_timeout: self.orphan_timeout,
             ..ConsumerConfig::default()

@@ -305,6 +305,10 @@ impl Pipeline {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("queued.max.messages.kbytes", "16384")
+            // Once that prefetch bound is reached librdkafka postpones a partition's next
+            // fetch by this much (1 s by default): on a backlog the consumer then sat idle
+            // for most of a second each time it had written the prefetched records.
+            .set("fetch.queue.backoff.ms", "20")
             .set("allow.auto.create.topics", "false");
         for (k, v) in &settings.rdkafka {
             cfg.set(k, v);

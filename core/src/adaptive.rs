@@ -1,5 +1,11 @@
 //! Adaptive batch size: additive increase while flushes are fast, multiplicative decrease when
 //! they are slow or fail (AIMD, as TCP congestion control does with its window).
+//!
+//! A full flush that took under a quarter of the latency target doubles the size instead of
+//! adding a step, so a backlog reaches a good size in a few flushes rather than dozens (TCP's
+//! slow start plays the same part). If a flush's latency grows about in proportion to its
+//! records, the doubled batch still takes under half the target: doubling never by itself
+//! causes the slow flush that would halve it again.
 
 use std::time::Duration;
 
@@ -99,12 +105,19 @@ impl BatchSizer {
     }
 
     /// A flush of `rows` records succeeded after `latency`. Only a batch that was full (limited
-    /// by the target, not by a lack of records) is evidence that a bigger one would help.
+    /// by the target, not by a lack of records) is evidence that a bigger one would help: it
+    /// doubles the size when the flush took under a quarter of the latency target, and adds
+    /// a step otherwise.
     pub fn on_success(&mut self, latency: Duration, was_full: bool) {
         if latency > self.config.latency_target {
             self.decrease();
         } else if was_full {
-            self.target = (self.target + self.config.increase_step).min(self.config.max_records);
+            let grown = if latency < self.config.latency_target / 4 {
+                self.target.saturating_mul(2)
+            } else {
+                self.target.saturating_add(self.config.increase_step)
+            };
+            self.target = grown.min(self.config.max_records);
         }
     }
 
@@ -138,8 +151,32 @@ mod tests {
     fn grows_while_fast_and_full_up_to_the_max() {
         let mut s = sizer();
         for _ in 0..10 {
-            s.on_success(Duration::from_millis(10), true);
+            s.on_success(Duration::from_millis(60), true);
         }
+        assert_eq!(s.target(), 1_000);
+    }
+
+    #[test]
+    fn a_flush_far_under_the_target_doubles_and_one_near_it_adds_a_step() {
+        let mut s = sizer();
+        s.on_success(Duration::from_millis(24), true);
+        assert_eq!(
+            s.target(),
+            800,
+            "24 ms is under a quarter of the 100 ms target"
+        );
+        s.on_success(Duration::from_millis(25), true);
+        assert_eq!(s.target(), 1_000, "25 ms adds the 200-record step");
+        let mut s = sizer();
+        s.on_success(Duration::from_millis(25), true);
+        assert_eq!(s.target(), 600);
+    }
+
+    #[test]
+    fn doubling_stops_at_the_max() {
+        let mut s = sizer();
+        s.on_success(Duration::from_millis(1), true);
+        s.on_success(Duration::from_millis(1), true);
         assert_eq!(s.target(), 1_000);
     }
 

@@ -256,6 +256,10 @@ pub struct BatcherConfig {
     pub size: AdaptiveConfig,
     /// Backoff between retries of a failed batch.
     pub retry: RetryConfig,
+    /// How many batches can be written at once (the consumer's Postgres connections). While
+    /// fewer are in flight, a lane holding `size.min_records` is flushed without waiting for a
+    /// full batch or `max_age`. Zero turns that off: batches then wait to be full or old.
+    pub writers: usize,
 }
 
 impl Default for BatcherConfig {
@@ -267,6 +271,7 @@ impl Default for BatcherConfig {
             capacity_bytes: 64 << 20,
             size: AdaptiveConfig::default(),
             retry: RetryConfig::default(),
+            writers: 4,
         }
     }
 }
@@ -522,72 +527,96 @@ impl Batcher {
     }
 
     /// The next batch to flush, if one is due at `now`. Call until it returns `None`.
+    ///
+    /// A lane is due when a retry's backoff has passed, when it holds a full batch (the target
+    /// size, or `max_batch_bytes`), when its oldest record has waited `max_age`, or while
+    /// draining. Besides, while fewer than [`BatcherConfig::writers`] batches are in flight, the
+    /// lane whose oldest record has waited longest is due as soon as it holds
+    /// `size.min_records`: Postgres is not left idle while records wait, and batches still grow
+    /// to the target whenever every writer is busy.
     pub fn poll_batch(&mut self, now: Instant) -> Option<Batch> {
         let target = self.sizer.target();
-        let partitions: Vec<Partition> = self.lanes.keys().copied().collect();
-        for partition in partitions {
-            let lane = self.lanes.get_mut(&partition).expect("listed above");
-            if lane.in_flight.is_some() || lane.not_before.is_some_and(|t| t > now) {
-                continue;
+        let ready =
+            |lane: &Lane| lane.in_flight.is_none() && lane.not_before.is_none_or(|t| t <= now);
+        let due = self
+            .lanes
+            .iter()
+            .find(|(_, lane)| {
+                ready(lane)
+                    && (!lane.queued.is_empty()
+                        || lane.pending.len() >= target
+                        || lane.pending_bytes >= self.config.max_batch_bytes
+                        || lane
+                            .age_deadline(self.config.max_age)
+                            .is_some_and(|d| d <= now)
+                        || (self.draining && !lane.pending.is_empty()))
+            })
+            .map(|(p, lane)| {
+                let full = lane.pending.len() >= target
+                    || lane.pending_bytes >= self.config.max_batch_bytes;
+                (*p, lane.queued.is_empty() && full)
+            });
+        let early = || {
+            (self.stats.in_flight < self.config.writers)
+                .then(|| {
+                    self.lanes
+                        .iter()
+                        .filter(|(_, lane)| {
+                            ready(lane)
+                                && lane.queued.is_empty()
+                                && lane.pending.len() >= self.config.size.min_records
+                        })
+                        .min_by_key(|(_, lane)| lane.pending.front().map(|p| p.pushed_at))
+                        .map(|(p, _)| (*p, false))
+                })
+                .flatten()
+        };
+        let (partition, was_full) = due.or_else(early)?;
+        let lane = self.lanes.get_mut(&partition).expect("found above");
+        let (entries, attempt, oldest_pushed_at) = if let Some(q) = lane.queued.pop_front() {
+            (q.entries, q.attempt, q.oldest_pushed_at)
+        } else {
+            let oldest = lane.pending.front().map(|p| p.pushed_at)?;
+            let mut entries = Vec::with_capacity(target.min(lane.pending.len()));
+            let mut bytes = 0;
+            while let Some(p) = lane.pending.front() {
+                let size = p.entry.record.size();
+                let over = bytes + size > self.config.max_batch_bytes;
+                if entries.len() >= target || (over && !entries.is_empty()) {
+                    break;
+                }
+                bytes += size;
+                let p = lane.pending.pop_front().expect("front checked");
+                entries.push(p.entry);
             }
-            let (entries, attempt, oldest_pushed_at, was_full) =
-                if let Some(q) = lane.queued.pop_front() {
-                    (q.entries, q.attempt, q.oldest_pushed_at, false)
-                } else {
-                    let due_by_size = lane.pending.len() >= target
-                        || lane.pending_bytes >= self.config.max_batch_bytes;
-                    let due_by_age = lane
-                        .age_deadline(self.config.max_age)
-                        .is_some_and(|d| d <= now);
-                    let draining = self.draining && !lane.pending.is_empty();
-                    if !(due_by_size || due_by_age || draining) {
-                        continue;
-                    }
-                    let Some(oldest) = lane.pending.front().map(|p| p.pushed_at) else {
-                        continue;
-                    };
-                    let mut entries = Vec::with_capacity(target.min(lane.pending.len()));
-                    let mut bytes = 0;
-                    while let Some(p) = lane.pending.front() {
-                        let size = p.entry.record.size();
-                        let over = bytes + size > self.config.max_batch_bytes;
-                        if entries.len() >= target || (over && !entries.is_empty()) {
-                            break;
-                        }
-                        bytes += size;
-                        let p = lane.pending.pop_front().expect("front checked");
-                        entries.push(p.entry);
-                    }
-                    lane.pending_bytes -= bytes;
-                    (entries, 1, oldest, due_by_size)
-                };
-            let start = self
-                .ledger
-                .position(partition)
-                .expect("assigned lanes are in the ledger");
-            let end = entries.last().map_or(start, |e| e.record.next_position());
-            let id = BatchId(self.next_id);
-            self.next_id += 1;
-            lane.not_before = None;
-            lane.in_flight = Some(InFlight {
-                id,
-                emitted_at: now,
-                was_full,
-            });
-            self.stats.in_flight += 1;
-            return Some(Batch {
-                id,
-                partition,
-                start,
-                end,
-                entries,
-                attempt,
-                oldest_pushed_at,
-                check_start: true,
-                position_with_rows: true,
-            });
-        }
-        None
+            lane.pending_bytes -= bytes;
+            (entries, 1, oldest)
+        };
+        let start = self
+            .ledger
+            .position(partition)
+            .expect("assigned lanes are in the ledger");
+        let end = entries.last().map_or(start, |e| e.record.next_position());
+        let id = BatchId(self.next_id);
+        self.next_id += 1;
+        lane.not_before = None;
+        lane.in_flight = Some(InFlight {
+            id,
+            emitted_at: now,
+            was_full,
+        });
+        self.stats.in_flight += 1;
+        Some(Batch {
+            id,
+            partition,
+            start,
+            end,
+            entries,
+            attempt,
+            oldest_pushed_at,
+            check_start: true,
+            position_with_rows: true,
+        })
     }
 
     /// When [`Batcher::poll_batch`] may next have something without a new push or flush

@@ -310,6 +310,10 @@ impl Sim {
                     jitter: Jitter::Equal,
                     seed,
                 },
+                // A third of the seeds wait for full or old batches; the rest flush early
+                // while one or two writers would otherwise be idle (no draw: the faults and
+                // the rest of a seed's run stay as they were).
+                writers: (seed % 3) as usize,
             },
             shutdown_timeout: Duration::from_secs(30),
             orphan_timeout: Duration::from_secs(5),

@@ -21,6 +21,7 @@ fn config(batch: usize, capacity: usize) -> BatcherConfig {
             jitter: Jitter::None,
             seed: 7,
         },
+        writers: 0,
     }
 }
 
@@ -85,6 +86,59 @@ fn a_partial_batch_leaves_at_max_age_and_poll_timeout_says_when() {
         None,
         "in flight: no timer until its result"
     );
+}
+
+/// Batches of 2 to 10 records, flushed early while fewer than `writers` are in flight.
+fn early_config(writers: usize) -> BatcherConfig {
+    BatcherConfig {
+        size: AdaptiveConfig {
+            min_records: 2,
+            max_records: 10,
+            initial_records: 10,
+            ..AdaptiveConfig::default()
+        },
+        writers,
+        ..config(10, 100)
+    }
+}
+
+#[test]
+fn an_idle_writer_takes_a_partial_batch_oldest_first_and_a_busy_one_does_not() {
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_millis(1);
+    let mut b = Batcher::new(early_config(1)).unwrap();
+    b.assign(0, Position::BEGINNING);
+    b.assign(1, Position::BEGINNING);
+    assert_eq!(b.push(rec(1, 0, 0, true), t0), Push::Accepted);
+    assert!(
+        b.poll_batch(t0).is_none(),
+        "1 record is under the 2-record minimum"
+    );
+    assert_eq!(b.push(rec(1, 1, 0, true), t0), Push::Accepted);
+    push_messages(&mut b, 0, 3, t1);
+    let first = b.poll_batch(t1).expect("a writer is idle");
+    assert_eq!(
+        (first.partition, offsets(&first)),
+        (1, vec![0, 1]),
+        "partition 1's records are older"
+    );
+    assert!(
+        b.poll_batch(t1).is_none(),
+        "the one writer is busy: partition 0 waits to be full or old"
+    );
+    b.on_flush_result(first, FlushOutcome::Written, t1);
+    let second = b.poll_batch(t1).expect("the writer is idle again");
+    assert_eq!((second.partition, offsets(&second)), (0, vec![0, 1, 2]));
+}
+
+#[test]
+fn without_writers_a_partial_batch_waits_for_max_age() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(early_config(0)).unwrap();
+    b.assign(0, Position::BEGINNING);
+    push_messages(&mut b, 0, 5, t0);
+    assert!(b.poll_batch(t0).is_none());
+    assert_eq!(offsets(&b.poll_batch(t0 + MAX_AGE).unwrap()).len(), 5);
 }
 
 #[test]
@@ -403,6 +457,8 @@ impl Driver {
         };
         cfg.retry.jitter = Jitter::Full;
         cfg.retry.seed = seed;
+        // No early flushes, or while one or two writers are idle.
+        cfg.writers = (seed % 3) as usize;
         let mut b = Batcher::new(cfg).unwrap();
         for p in 0..3 {
             b.assign(p, Position::BEGINNING);
