@@ -54,7 +54,8 @@ pub struct Args {
     /// Largest batch in records; the size adapts between min and this [default: 20000].
     #[arg(long, env = "SPILLWAY_BATCH_MAX_RECORDS")]
     pub batch_max_records: Option<usize>,
-    /// Smallest target batch size in records [default: 100].
+    /// Smallest target batch size in records; also how many records a partition needs to be
+    /// flushed early while a pooled connection is idle [default: 100].
     #[arg(long, env = "SPILLWAY_BATCH_MIN_RECORDS")]
     pub batch_min_records: Option<usize>,
     /// Largest batch in bytes [default: 8388608].

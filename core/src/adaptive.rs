@@ -22,7 +22,8 @@ pub struct AdaptiveConfig {
     pub initial_records: usize,
     /// A flush slower than this shrinks the batch size.
     pub latency_target: Duration,
-    /// Records added after each fast, full flush.
+    /// Records added after each full flush within the latency target (one under a quarter
+    /// of it doubles the size instead).
     pub increase_step: usize,
     /// Factor applied after a slow or failed flush (between 0 and 1).
     pub decrease_factor: f64,

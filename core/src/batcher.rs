@@ -544,12 +544,13 @@ impl Batcher {
             .find(|(_, lane)| {
                 ready(lane)
                     && (!lane.queued.is_empty()
-                        || lane.pending.len() >= target
-                        || lane.pending_bytes >= self.config.max_batch_bytes
-                        || lane
-                            .age_deadline(self.config.max_age)
-                            .is_some_and(|d| d <= now)
-                        || (self.draining && !lane.pending.is_empty()))
+                        || (!lane.pending.is_empty()
+                            && (lane.pending.len() >= target
+                                || lane.pending_bytes >= self.config.max_batch_bytes
+                                || lane
+                                    .age_deadline(self.config.max_age)
+                                    .is_some_and(|d| d <= now)
+                                || self.draining)))
             })
             .map(|(p, lane)| {
                 let full = lane.pending.len() >= target
@@ -576,6 +577,7 @@ impl Batcher {
         let (entries, attempt, oldest_pushed_at) = if let Some(q) = lane.queued.pop_front() {
             (q.entries, q.attempt, q.oldest_pushed_at)
         } else {
+            // Both choices above hold records here.
             let oldest = lane.pending.front().map(|p| p.pushed_at)?;
             let mut entries = Vec::with_capacity(target.min(lane.pending.len()));
             let mut bytes = 0;
