@@ -425,8 +425,11 @@ async fn acknowledging_again(c: &Cluster, traffic: &Traffic) -> Result<()> {
     while traffic.acked() == before {
         ensure!(
             since.elapsed() < Duration::from_secs(20),
-            "the producer acknowledged nothing for 20 s after the broker was back:\n{}",
-            c.producer.process.log_tail(20)
+            "the producer acknowledged nothing for 20 s after the broker was back:\n{}\n\
+             --- broker log (a Tansu 0.6.0 panic \"more or less than one row\" here is its \
+             storage task dying on an epoch the client bumped itself: README, known limits) ---\n{}",
+            c.producer.process.log_tail(20),
+            c.broker.log_tail(20)
         );
         pause(Duration::from_millis(20)).await;
     }
