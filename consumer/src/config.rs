@@ -248,6 +248,7 @@ impl Settings {
                     jitter: Jitter::Equal,
                     seed: 0,
                 },
+                // Not a setting of its own: `machine_config` sets it to `pool_size`.
                 writers: 4,
             },
             pool_size: 4,

@@ -538,6 +538,9 @@ impl Batcher {
         let target = self.sizer.target();
         let ready =
             |lane: &Lane| lane.in_flight.is_none() && lane.not_before.is_none_or(|t| t <= now);
+        let full = |lane: &Lane| {
+            lane.pending.len() >= target || lane.pending_bytes >= self.config.max_batch_bytes
+        };
         let due = self
             .lanes
             .iter()
@@ -545,32 +548,26 @@ impl Batcher {
                 ready(lane)
                     && (!lane.queued.is_empty()
                         || (!lane.pending.is_empty()
-                            && (lane.pending.len() >= target
-                                || lane.pending_bytes >= self.config.max_batch_bytes
+                            && (full(lane)
                                 || lane
                                     .age_deadline(self.config.max_age)
                                     .is_some_and(|d| d <= now)
                                 || self.draining)))
             })
-            .map(|(p, lane)| {
-                let full = lane.pending.len() >= target
-                    || lane.pending_bytes >= self.config.max_batch_bytes;
-                (*p, lane.queued.is_empty() && full)
-            });
+            .map(|(p, lane)| (*p, lane.queued.is_empty() && full(lane)));
         let early = || {
-            (self.stats.in_flight < self.config.writers)
-                .then(|| {
-                    self.lanes
-                        .iter()
-                        .filter(|(_, lane)| {
-                            ready(lane)
-                                && lane.queued.is_empty()
-                                && lane.pending.len() >= self.config.size.min_records
-                        })
-                        .min_by_key(|(_, lane)| lane.pending.front().map(|p| p.pushed_at))
-                        .map(|(p, _)| (*p, false))
+            if self.stats.in_flight >= self.config.writers {
+                return None;
+            }
+            self.lanes
+                .iter()
+                .filter(|(_, lane)| {
+                    ready(lane)
+                        && lane.queued.is_empty()
+                        && lane.pending.len() >= self.config.size.min_records
                 })
-                .flatten()
+                .min_by_key(|(_, lane)| lane.pending.front().map(|p| p.pushed_at))
+                .map(|(p, _)| (*p, false))
         };
         let (partition, was_full) = due.or_else(early)?;
         let lane = self.lanes.get_mut(&partition).expect("found above");
