@@ -12,7 +12,7 @@ use serde::Deserialize;
 use spillway_core::props::{parse_properties, redact_properties};
 use spillway_core::{
     AdaptiveConfig, BatcherConfig, ColumnSpec, ConfigError, ConsumerConfig, Jitter, Mapping,
-    RetryConfig,
+    OnConflict, RetryConfig, Upsert,
 };
 
 use crate::pg::TableName;
@@ -119,6 +119,21 @@ pub struct Args {
     /// Keep the whole record in the `data jsonb` column [default: true].
     #[arg(long, env = "SPILLWAY_KEEP_DATA", value_name = "true|false", action = clap::ArgAction::Set)]
     pub keep_data: Option<bool>,
+    /// Write by key: the mapped columns (comma-separated) that identify a row, e.g.
+    /// --upsert-key user_id. The table gets a unique index on them; each batch is merged in
+    /// with INSERT ... ON CONFLICT, the last record per key (Kafka order) winning within a
+    /// batch. A record without its key is dead-lettered.
+    #[arg(long, env = "SPILLWAY_UPSERT_KEY", value_name = "COLUMN[,COLUMN...]")]
+    pub upsert_key: Option<String>,
+    /// With --upsert-key: what a record whose key is already in the table does: update (the
+    /// row takes its values) or ignore (the row stays) [default: update].
+    #[arg(long, env = "SPILLWAY_ON_CONFLICT", value_name = "update|ignore")]
+    pub on_conflict: Option<String>,
+    /// With --upsert-key: a record whose value at POINTER is VALUE deletes its key's row
+    /// instead, e.g. --delete-when /op=delete (a JSON string's content, or another value's
+    /// JSON text: /deleted=true).
+    #[arg(long, env = "SPILLWAY_DELETE_WHEN", value_name = "POINTER=VALUE")]
+    pub delete_when: Option<String>,
     /// A librdkafka property: -X key=value (repeatable), e.g. -X session.timeout.ms=10000.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     #[serde(skip)]
@@ -197,6 +212,7 @@ impl fmt::Debug for Settings {
             .field("pool_size", &self.pool_size)
             .field("rdkafka", &redact_properties(&self.rdkafka))
             .field("keep_data", &self.mapping.keep_data())
+            .field("upsert", &self.mapping.upsert().map(ToString::to_string))
             .field(
                 "columns",
                 &self
@@ -291,7 +307,10 @@ impl Settings {
                 connect_timeout_ms,
                 shutdown_timeout_ms,
                 orphan_rejoin_ms,
-                keep_data
+                keep_data,
+                upsert_key,
+                on_conflict,
+                delete_when
             );
             a.librdkafka = f.librdkafka;
             a.columns = f.columns;
@@ -396,6 +415,40 @@ impl Settings {
             .map_err(|e| bad("column", e.to_string()))?;
         s.mapping = Mapping::new(columns, a.keep_data.unwrap_or(true))
             .map_err(|e| bad("column", e.to_string()))?;
+        match a.upsert_key {
+            Some(key) => {
+                let on_conflict = match a.on_conflict {
+                    Some(v) => v.parse().map_err(|e: String| bad("on-conflict", e))?,
+                    None => OnConflict::default(),
+                };
+                let delete_when = match a.delete_when {
+                    Some(v) => Some(v.parse().map_err(|e: String| bad("delete-when", e))?),
+                    None => None,
+                };
+                let upsert = Upsert {
+                    key: key.split(',').map(|k| k.trim().to_string()).collect(),
+                    on_conflict,
+                    delete_when,
+                };
+                s.mapping = s
+                    .mapping
+                    .with_upsert(upsert)
+                    .map_err(|e| bad("upsert-key", e.problem))?;
+            }
+            None => {
+                for (set, name) in [
+                    (&a.on_conflict, "on-conflict"),
+                    (&a.delete_when, "delete-when"),
+                ] {
+                    if set.is_some() {
+                        return Err(bad(
+                            name,
+                            "applies only to writing by key: add --upsert-key COLUMN",
+                        ));
+                    }
+                }
+            }
+        }
         Ok(s)
     }
 }
@@ -583,6 +636,54 @@ mod tests {
         .unwrap();
         assert!(s.mapping.keep_data());
         assert_eq!(s.mapping.columns().len(), 1);
+    }
+
+    #[test]
+    fn writing_by_key_needs_mapped_key_columns_and_its_options_need_a_key() {
+        let with = |extra: &[&str]| parse(&[&REQUIRED[..], extra].concat());
+        let s = with(&[
+            "--column",
+            "id:bigint=/id",
+            "--upsert-key",
+            "id",
+            "--on-conflict",
+            "ignore",
+            "--delete-when",
+            "/op=delete",
+        ])
+        .unwrap();
+        let up = s.mapping.upsert().unwrap();
+        assert_eq!(up.key, ["id"]);
+        assert_eq!(up.on_conflict, OnConflict::Ignore);
+        assert_eq!(up.delete_when.as_ref().unwrap().to_string(), "/op=delete");
+        assert!(s.mapping.columns()[0].not_null, "the key is required");
+        assert!(format!("{s:?}").contains("/op=delete"));
+        let e = with(&["--upsert-key", "id"]).unwrap_err();
+        assert_eq!(e.setting, "upsert-key");
+        assert!(e.to_string().contains("--column id:"), "{e}");
+        for flag in ["--on-conflict", "--delete-when"] {
+            let e = with(&["--column", "id:bigint=/id", flag, "/op=x"]).unwrap_err();
+            assert_eq!(e.setting, &flag[2..]);
+            assert!(e.to_string().contains("--upsert-key"), "{e}");
+        }
+        let e = with(&[
+            "--column",
+            "id:bigint=/id",
+            "--upsert-key",
+            "id",
+            "--on-conflict",
+            "merge",
+        ]);
+        assert_eq!(e.unwrap_err().setting, "on-conflict");
+        let e = with(&[
+            "--column",
+            "id:bigint=/id",
+            "--upsert-key",
+            "id",
+            "--delete-when",
+            "op",
+        ]);
+        assert_eq!(e.unwrap_err().setting, "delete-when");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod config;
 pub mod pg;
 mod pipeline;
 pub mod source;
+pub mod upsert;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

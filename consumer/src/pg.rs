@@ -14,6 +14,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 
+use crate::upsert::{MergeSql, Merged};
+
 /// Schema version this build writes.
 pub const SCHEMA_VERSION: i32 = 1;
 
@@ -105,6 +107,7 @@ pub struct TableName {
     pub plain: String,
     quoted: String,
     dead_quoted: String,
+    last: String,
 }
 
 impl TableName {
@@ -138,7 +141,13 @@ impl TableName {
             plain: s.to_string(),
             quoted: quote(&parts),
             dead_quoted: quote(&dead),
+            last: parts[parts.len() - 1].to_string(),
         })
+    }
+
+    /// The table's own name, without its schema, unquoted.
+    pub fn last(&self) -> &str {
+        &self.last
     }
 
     /// The records table, quoted.
@@ -354,6 +363,9 @@ pub async fn migrate(
         .map_err(|e| classify(&e))?;
     }
     follow_mapping(&tx, table, mapping).await?;
+    if let Some(upsert) = mapping.upsert() {
+        crate::upsert::ensure_key_index(&tx, table, upsert).await?;
+    }
     tx.commit().await.map_err(|e| classify(&e))
 }
 
@@ -507,6 +519,9 @@ enum Stage {
     /// The dead-letter insert: a data error is the dead-letter table's (a constraint or a
     /// trigger someone added), never a row's.
     DeadLetters,
+    /// The merge of staged rows (`--upsert-key`): a data error (a constraint on the table)
+    /// names no row.
+    Merge,
     /// The COMMIT: a deferred constraint on the rows may fire here, naming no row.
     Commit,
 }
@@ -522,7 +537,7 @@ fn staged(stage: Stage, e: &tokio_postgres::Error, batch: &Batch) -> FlushResult
             culprit: f.row.and_then(|row| entry_of_row(batch, row)),
             reason: f.message,
         },
-        Stage::Commit => FlushResult::Poison {
+        Stage::Commit | Stage::Merge => FlushResult::Poison {
             culprit: None,
             reason: f.message,
         },
@@ -599,19 +614,42 @@ pub fn encode_rows(batch: &Batch, mapping: &Mapping) -> Result<EncodedRows, Flus
     })
 }
 
+/// Where a batch's rows go: appended to the records table, or merged into it by key.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The records table.
+    pub table: TableName,
+    /// The COPY column list ([`Mapping::copy_columns`]).
+    pub columns: String,
+    /// With `--upsert-key`: the staging table and merge.
+    pub merge: Option<MergeSql>,
+}
+
+impl Target {
+    /// Where `mapping`'s rows go in `table`.
+    pub fn new(table: TableName, mapping: &Mapping) -> Self {
+        Target {
+            merge: MergeSql::new(&table, mapping),
+            columns: mapping.copy_columns(),
+            table,
+        }
+    }
+}
+
 /// Writes a batch in one transaction: the partition's position moves from `start` to `end`
 /// (only if it still holds `start`), the rows (encoded by [`encode_rows`]) go in by COPY
-/// BINARY into `columns` ([`Mapping::copy_columns`]), the dead letters beside. Each error is
-/// classified by the statement that raised it.
+/// BINARY (into the table, or into the staging table and then merged by key:
+/// [`crate::upsert`]), the dead letters beside. Each error is classified by the statement that
+/// raised it. A merge also says what it did.
 pub async fn flush(
     client: &mut Client,
-    table: &TableName,
+    target: &Target,
     topic: &str,
     batch: &Batch,
-    columns: &str,
     rows: EncodedRows,
-) -> FlushResult {
+) -> (FlushResult, Option<Merged>) {
     use Stage::*;
+    let table = &target.table;
     if !batch.position_with_rows {
         // The `position-before-rows` mutation: the position commits on its own, first.
         let moved = async {
@@ -623,13 +661,13 @@ pub async fn flush(
         .await;
         match moved {
             Ok(true) => {}
-            Ok(false) => return FlushResult::Fenced,
-            Err(e) => return staged(Bookkeeping, &e, batch),
+            Ok(false) => return (FlushResult::Fenced, None),
+            Err(e) => return (staged(Bookkeeping, &e, batch), None),
         }
     }
     let tx = match client.transaction().await {
         Ok(tx) => tx,
-        Err(e) => return staged(Bookkeeping, &e, batch),
+        Err(e) => return (staged(Bookkeeping, &e, batch), None),
     };
     if batch.position_with_rows {
         // The row lock taken here serialises competing writers of one partition: a zombie
@@ -637,19 +675,30 @@ pub async fn flush(
         match move_position(&tx, table, topic, batch).await {
             Ok(true) => {}
             Ok(false) => {
-                return match tx.rollback().await {
+                let result = match tx.rollback().await {
                     Ok(()) => FlushResult::Fenced,
                     Err(e) => staged(Bookkeeping, &e, batch),
-                }
+                };
+                return (result, None);
             }
-            Err(e) => return staged(Bookkeeping, &e, batch),
+            Err(e) => return (staged(Bookkeeping, &e, batch), None),
         }
     }
+    let mut merged = None;
     if rows.rows > 0 {
-        let statement = format!(
-            "COPY {} ({columns}) FROM STDIN (FORMAT binary)",
-            table.records(),
-        );
+        let statement = match &target.merge {
+            Some(m) => {
+                if let Err(e) = m.prepare(&tx).await {
+                    return (staged(Bookkeeping, &e, batch), None);
+                }
+                m.copy_statement(&target.columns)
+            }
+            None => format!(
+                "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                table.records(),
+                target.columns
+            ),
+        };
         let copied = async {
             let sink = tx.copy_in::<_, bytes::Bytes>(&statement).await?;
             futures::pin_mut!(sink);
@@ -657,7 +706,13 @@ pub async fn flush(
             sink.as_mut().finish().await
         };
         if let Err(e) = copied.await {
-            return staged(Rows, &e, batch);
+            return (staged(Rows, &e, batch), None);
+        }
+        if let Some(m) = &target.merge {
+            match m.merge(&tx, rows.rows as u64).await {
+                Ok(counts) => merged = Some(counts),
+                Err(e) => return (staged(Merge, &e, batch), None),
+            }
         }
     }
     let dead: Vec<_> = batch.dead_letters().collect();
@@ -688,12 +743,12 @@ pub async fn flush(
             )
             .await;
         if let Err(e) = inserted {
-            return staged(DeadLetters, &e, batch);
+            return (staged(DeadLetters, &e, batch), None);
         }
     }
     match tx.commit().await {
-        Ok(()) => FlushResult::Written,
-        Err(e) => staged(Commit, &e, batch),
+        Ok(()) => (FlushResult::Written, merged),
+        Err(e) => (staged(Commit, &e, batch), None),
     }
 }
 

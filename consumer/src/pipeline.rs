@@ -56,6 +56,7 @@ pub struct Metrics {
     assigned: Gauge,
     stopped: Gauge,
     lag: Labelled<Gauge>,
+    merged: Labelled<Counter>,
     /// The partitions `lag` has a series for.
     lagging: Mutex<BTreeSet<Partition>>,
 }
@@ -152,7 +153,13 @@ impl Metrics {
             "Messages in Kafka after the durable position, per partition.",
             "partition",
         );
+        let merged = r.counters(
+            "spillway_consumer_upsert_records_total",
+            "With --upsert-key: committed records by what they did to the table (inserted, updated, deleted, unchanged).",
+            "outcome",
+        );
         Metrics {
+            merged,
             registry: r,
             rows,
             batches,
@@ -265,8 +272,8 @@ pub(crate) struct Pipeline {
     settings: Settings,
     /// The records table's columns, shared with the flush tasks.
     mapping: Arc<Mapping>,
-    /// Their COPY column list.
-    copy_columns: Arc<str>,
+    /// Where their rows go.
+    target: Arc<pg::Target>,
     machine: ConsumerMachine,
     pool: Arc<Pool>,
     source: Source,
@@ -324,7 +331,7 @@ impl Pipeline {
         health.ready.store(machine.is_ready(), Ordering::Relaxed);
         Ok(Pipeline {
             mapping: Arc::new(settings.mapping.clone()),
-            copy_columns: settings.mapping.copy_columns().into(),
+            target: Arc::new(pg::Target::new(settings.table.clone(), &settings.mapping)),
             settings,
             machine,
             pool,
@@ -554,8 +561,9 @@ impl Pipeline {
                 Command::Flush(batch) => {
                     let id = batch.id;
                     let pool = self.pool.clone();
-                    let (table, topic) = (self.settings.table.clone(), self.settings.topic.clone());
-                    let (mapping, columns) = (self.mapping.clone(), self.copy_columns.clone());
+                    let topic = self.settings.topic.clone();
+                    let (mapping, target) = (self.mapping.clone(), self.target.clone());
+                    let merges = self.metrics.merged.clone();
                     // A stopped (SIGSTOP) or unreachable server never fires its own statement
                     // timeout: give up on our side too, counting from when a pooled connection
                     // is ours (waiting for one is not an outage). If the commit did land, the
@@ -583,15 +591,18 @@ impl Pipeline {
                         let started = Instant::now();
                         let attempt = async {
                             let mut conn = pool.open(turn?).await?;
-                            let result = pg::flush(
-                                conn.client_mut(),
-                                &table,
-                                &topic,
-                                &batch,
-                                &columns,
-                                rows,
-                            )
-                            .await;
+                            let (result, merged) =
+                                pg::flush(conn.client_mut(), &target, &topic, &batch, rows).await;
+                            if let Some(m) = merged {
+                                for (outcome, n) in [
+                                    ("inserted", m.inserted),
+                                    ("updated", m.updated),
+                                    ("deleted", m.deleted),
+                                    ("unchanged", m.unchanged),
+                                ] {
+                                    merges.get(outcome).inc_by(n);
+                                }
+                            }
                             if matches!(result, FlushResult::Written | FlushResult::Fenced) {
                                 conn.release();
                             }

@@ -16,6 +16,9 @@ use spillway_harness::metrics::sample_sum;
 use spillway_harness::postgres::{connect, copy_backends};
 use spillway_harness::{FaultProxy, Faults, KafkaBroker, PostgresServer, Tansu};
 
+#[path = "consumer/upsert.rs"]
+mod upsert;
+
 const TOPIC: &str = "events";
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

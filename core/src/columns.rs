@@ -26,6 +26,10 @@ use serde::Deserializer as _;
 
 use crate::batcher::{KafkaMeta, Record};
 use crate::scan;
+use crate::upsert::{Matcher, Upsert};
+
+/// The staging column that marks a record deleting its key's row (`--delete-when`).
+pub const DELETE_FLAG: &str = "spillway_delete";
 
 /// Columns Spillway always writes; a mapping cannot reuse their names.
 pub const BASE_COLUMNS: [&str; 5] = [
@@ -302,6 +306,11 @@ impl Pointer {
     pub fn tokens(&self) -> &[String] {
         &self.tokens
     }
+
+    /// The pointer as written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
 }
 
 impl fmt::Display for Pointer {
@@ -443,6 +452,7 @@ pub struct Mapping {
     columns: Vec<ColumnSpec>,
     keep_data: bool,
     tree: Node,
+    upsert: Option<Upsert>,
 }
 
 impl Default for Mapping {
@@ -452,6 +462,7 @@ impl Default for Mapping {
             columns: vec![],
             keep_data: true,
             tree: Node::default(),
+            upsert: None,
         }
     }
 }
@@ -493,6 +504,37 @@ impl Node {
     }
 }
 
+/// The pointers of `columns` (slot i is column i) and `extra`'s (slot `columns.len()`) as
+/// one tree.
+fn compile(columns: &[ColumnSpec], extra: Option<&Pointer>) -> Node {
+    let mut tree = Node::default();
+    let pointers = columns
+        .iter()
+        .map(|c| match &c.source {
+            Source::Pointer(p) => Some(p),
+            Source::Meta(_) => None,
+        })
+        .chain(extra.map(Some));
+    for (i, p) in pointers.enumerate() {
+        let Some(p) = p else { continue };
+        let mut node = &mut tree;
+        for t in &p.tokens {
+            let at = match node.children.iter().position(|(k, _, _)| k == t) {
+                Some(at) => at,
+                None => {
+                    node.children
+                        .push((t.clone(), array_index(t), Node::default()));
+                    node.children.len() - 1
+                }
+            };
+            node = &mut node.children[at].2;
+        }
+        node.slots.push(i);
+    }
+    tree.settle();
+    tree
+}
+
 /// An array index token: `0`, or digits without a leading zero (RFC 6901).
 fn array_index(token: &str) -> Option<usize> {
     let ok = !token.is_empty()
@@ -504,7 +546,6 @@ fn array_index(token: &str) -> Option<usize> {
 impl Mapping {
     /// Checks the columns together (no name twice) and compiles their pointers.
     pub fn new(columns: Vec<ColumnSpec>, keep_data: bool) -> Result<Self, SpecError> {
-        let mut tree = Node::default();
         for (i, c) in columns.iter().enumerate() {
             if columns[..i].iter().any(|o| o.name == c.name) {
                 return Err(SpecError {
@@ -512,28 +553,72 @@ impl Mapping {
                     problem: format!("column {:?} is mapped twice", c.name),
                 });
             }
-            if let Source::Pointer(p) = &c.source {
-                let mut node = &mut tree;
-                for t in &p.tokens {
-                    let at = match node.children.iter().position(|(k, _, _)| k == t) {
-                        Some(at) => at,
-                        None => {
-                            node.children
-                                .push((t.clone(), array_index(t), Node::default()));
-                            node.children.len() - 1
-                        }
-                    };
-                    node = &mut node.children[at].2;
-                }
-                node.slots.push(i);
-            }
         }
-        tree.settle();
+        let tree = compile(&columns, None);
         Ok(Mapping {
             columns,
             keep_data,
             tree,
+            upsert: None,
         })
+    }
+
+    /// The same columns, written by key ([`Upsert`]): each key column must be mapped and
+    /// becomes required (a record without its key is dead-lettered), and the `--delete-when`
+    /// pointer is compiled beside the columns' so one pass still finds everything.
+    pub fn with_upsert(mut self, upsert: Upsert) -> Result<Self, SpecError> {
+        let refuse = |problem: String| SpecError {
+            spec: format!("--upsert-key {}", upsert.key.join(",")),
+            problem,
+        };
+        if upsert.key.is_empty() {
+            return Err(refuse("name at least one mapped column".into()));
+        }
+        for (i, k) in upsert.key.iter().enumerate() {
+            if upsert.key[..i].contains(k) {
+                return Err(refuse(format!("{k:?} is named twice")));
+            }
+            let Some(c) = self.columns.iter_mut().find(|c| &c.name == k) else {
+                return Err(refuse(format!(
+                    "{k:?} is not a mapped column: the key is made of typed columns, so map it \
+                     first (for example --column {k}:bigint=/{k})"
+                )));
+            };
+            c.not_null = true;
+        }
+        if upsert.delete_when.is_some() && self.columns.iter().any(|c| c.name == DELETE_FLAG) {
+            return Err(refuse(format!(
+                "a mapped column is named {DELETE_FLAG}, the name --delete-when uses for its \
+                 flag: rename the column"
+            )));
+        }
+        self.tree = compile(
+            &self.columns,
+            upsert.delete_when.as_ref().map(Matcher::pointer),
+        );
+        self.upsert = Some(upsert);
+        Ok(self)
+    }
+
+    /// How rows are written by key, if they are.
+    pub fn upsert(&self) -> Option<&Upsert> {
+        self.upsert.as_ref()
+    }
+
+    /// Whether each row carries the `spillway_delete` flag (an upsert with `--delete-when`).
+    fn deletes(&self) -> Option<&Matcher> {
+        self.upsert.as_ref()?.delete_when.as_ref()
+    }
+
+    /// Slots [`Mapping::extract`] fills: one per column, then the `--delete-when` pointer's.
+    pub(crate) fn slots(&self) -> usize {
+        self.columns.len() + usize::from(self.deletes().is_some())
+    }
+
+    /// Whether the record (its values as [`Mapping::extract`] found them) deletes its key's row.
+    pub(crate) fn is_delete(&self, found: &[Option<&str>]) -> bool {
+        self.deletes()
+            .is_some_and(|m| m.matches(found[self.columns.len()]))
     }
 
     /// The mapped columns, in the order they are written.
@@ -564,15 +649,20 @@ impl Mapping {
             out.push_str(", ");
             out.push_str(&c.quoted_name());
         }
+        if self.deletes().is_some() {
+            out.push_str(", ");
+            out.push_str(DELETE_FLAG);
+        }
         out
     }
 
     /// Fields per row.
     pub fn field_count(&self) -> usize {
-        4 + usize::from(self.keep_data) + self.columns.len()
+        4 + usize::from(self.keep_data) + self.columns.len() + usize::from(self.deletes().is_some())
     }
 
-    fn needs_record(&self) -> bool {
+    /// Whether a row needs anything from inside the record.
+    pub(crate) fn needs_record(&self) -> bool {
         !self.tree.children.is_empty() || !self.tree.slots.is_empty()
     }
 
@@ -984,7 +1074,7 @@ fn convert(ty: ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), String> {
 }
 
 /// A JSON string's content, borrowed unless it has escapes.
-fn json_str(raw: &str) -> Result<Cow<'_, str>, String> {
+pub(crate) fn json_str(raw: &str) -> Result<Cow<'_, str>, String> {
     // The scanner validated it: without escapes, its content is what lies between the quotes.
     if let Some(plain) = scan::unescaped(raw) {
         return Ok(Cow::Borrowed(plain));

@@ -25,6 +25,7 @@ pub mod pgcopy;
 pub mod props;
 pub mod retry;
 mod scan;
+pub mod upsert;
 
 pub use adaptive::{AdaptiveConfig, BatchSizer};
 pub use batcher::{
@@ -41,3 +42,4 @@ pub use error::{ConfigError, ErrorClass};
 pub use ledger::{OffsetLedger, Partition, Position};
 pub use pgcopy::CopyRows;
 pub use retry::{Jitter, RetryConfig, RetryPolicy};
+pub use upsert::{Matcher, OnConflict, Upsert};

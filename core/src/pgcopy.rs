@@ -11,6 +11,9 @@ use crate::columns::{encode_field, ConvertError, Mapping, PG_EPOCH_OFFSET_MICROS
 
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
+/// A NULL field.
+const NULL: [u8; 4] = (-1i32).to_be_bytes();
+
 /// Bytes per row besides the JSON itself and the mapped columns.
 pub const ROW_OVERHEAD: usize = 2 + 4 * 5 + 4 + 8 + 4 + 8 + 1;
 
@@ -35,7 +38,7 @@ impl<'m, 'a> CopyRows<'m, 'a> {
             mapping,
             buf,
             rows: 0,
-            found: vec![None; mapping.columns().len()],
+            found: vec![None; mapping.slots()],
         }
     }
 
@@ -54,24 +57,6 @@ impl<'m, 'a> CopyRows<'m, 'a> {
 
     fn write_row(&mut self, r: &'a Record) -> Result<(), ConvertError> {
         let m = self.mapping;
-        let buf = &mut self.buf;
-        buf.extend_from_slice(&(m.field_count() as i16).to_be_bytes());
-        buf.extend_from_slice(&4i32.to_be_bytes());
-        buf.extend_from_slice(&r.partition.to_be_bytes());
-        buf.extend_from_slice(&8i32.to_be_bytes());
-        buf.extend_from_slice(&r.offset.to_be_bytes());
-        buf.extend_from_slice(&4i32.to_be_bytes());
-        buf.extend_from_slice(&(r.index as i32).to_be_bytes());
-        buf.extend_from_slice(&8i32.to_be_bytes());
-        buf.extend_from_slice(&(r.received_at_micros - PG_EPOCH_OFFSET_MICROS).to_be_bytes());
-        if m.keep_data() {
-            buf.extend_from_slice(&(r.payload.len() as i32 + 1).to_be_bytes());
-            buf.push(1); // jsonb binary format version
-            buf.extend_from_slice(&r.payload);
-        }
-        if m.columns().is_empty() {
-            return Ok(());
-        }
         if let Err(reason) = m.extract(&r.payload, &mut self.found) {
             let c = &m.columns()[0];
             return Err(ConvertError {
@@ -82,8 +67,36 @@ impl<'m, 'a> CopyRows<'m, 'a> {
                 reason,
             });
         }
+        // A record that deletes its key's row carries its key and nothing else.
+        let delete = m.is_delete(&self.found);
+        let key = m.upsert().map(|u| u.key.as_slice()).unwrap_or_default();
+        let buf = &mut self.buf;
+        buf.extend_from_slice(&(m.field_count() as i16).to_be_bytes());
+        buf.extend_from_slice(&4i32.to_be_bytes());
+        buf.extend_from_slice(&r.partition.to_be_bytes());
+        buf.extend_from_slice(&8i32.to_be_bytes());
+        buf.extend_from_slice(&r.offset.to_be_bytes());
+        buf.extend_from_slice(&4i32.to_be_bytes());
+        buf.extend_from_slice(&(r.index as i32).to_be_bytes());
+        buf.extend_from_slice(&8i32.to_be_bytes());
+        buf.extend_from_slice(&(r.received_at_micros - PG_EPOCH_OFFSET_MICROS).to_be_bytes());
+        if m.keep_data() && delete {
+            buf.extend_from_slice(&NULL);
+        } else if m.keep_data() {
+            buf.extend_from_slice(&(r.payload.len() as i32 + 1).to_be_bytes());
+            buf.push(1); // jsonb binary format version
+            buf.extend_from_slice(&r.payload);
+        }
         for (spec, raw) in m.columns().iter().zip(&self.found) {
-            encode_field(spec, *raw, r, buf)?;
+            if delete && !key.contains(&spec.name) {
+                buf.extend_from_slice(&NULL);
+            } else {
+                encode_field(spec, *raw, r, buf)?;
+            }
+        }
+        if m.upsert().is_some_and(|u| u.delete_when.is_some()) {
+            buf.extend_from_slice(&1i32.to_be_bytes());
+            buf.push(u8::from(delete));
         }
         Ok(())
     }
@@ -176,5 +189,98 @@ mod tests {
             m.copy_columns(),
             "kafka_partition, kafka_offset, record_index, received_at, \"n\""
         );
+    }
+
+    /// Splits one row of `buf` (after the header) into its fields.
+    fn fields(buf: &[u8]) -> Vec<Option<Vec<u8>>> {
+        let mut at = SIGNATURE.len() + 8;
+        let n = i16::from_be_bytes([buf[at], buf[at + 1]]);
+        at += 2;
+        (0..n)
+            .map(|_| {
+                let len = i32::from_be_bytes(buf[at..at + 4].try_into().unwrap());
+                at += 4;
+                (len >= 0).then(|| {
+                    at += len as usize;
+                    buf[at - len as usize..at].to_vec()
+                })
+            })
+            .collect()
+    }
+
+    fn upsert(delete_when: Option<&str>) -> Mapping {
+        let columns = ["id:bigint=/id", "name:text=/name"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        Mapping::new(columns, true)
+            .unwrap()
+            .with_upsert(crate::Upsert {
+                key: vec!["id".into()],
+                on_conflict: Default::default(),
+                delete_when: delete_when.map(|d| d.parse().unwrap()),
+            })
+            .unwrap()
+    }
+
+    fn one_row(m: &Mapping, payload: &str) -> Result<Vec<Option<Vec<u8>>>, ConvertError> {
+        let r = record(payload);
+        let mut rows = CopyRows::new(m, 0);
+        rows.push(&r)?;
+        Ok(fields(&rows.finish()))
+    }
+
+    #[test]
+    fn a_deleting_record_carries_its_key_and_the_flag_and_nothing_else() {
+        let m = upsert(Some("/op=delete"));
+        assert!(m
+            .copy_columns()
+            .ends_with("\"id\", \"name\", spillway_delete"));
+        let kept = one_row(&m, r#"{"id":4,"name":"a","op":"put"}"#).unwrap();
+        assert_eq!(kept.len(), m.field_count());
+        assert_eq!(kept[5], Some(4i64.to_be_bytes().to_vec()));
+        assert_eq!(kept[6].as_deref(), Some(&b"a"[..]));
+        assert_eq!(kept[7], Some(vec![0]), "not a delete");
+        assert!(kept[4].is_some(), "data is kept");
+        let gone = one_row(&m, r#"{"id":4,"name":"a","op":"delete"}"#).unwrap();
+        assert_eq!(gone[5], Some(4i64.to_be_bytes().to_vec()), "the key");
+        assert_eq!((gone[4].as_ref(), gone[6].as_ref()), (None, None));
+        assert_eq!(gone[7], Some(vec![1]), "a delete");
+    }
+
+    #[test]
+    fn a_record_without_its_key_does_not_convert_even_to_delete() {
+        for m in [upsert(None), upsert(Some("/op=delete"))] {
+            let err = one_row(&m, r#"{"name":"a","op":"delete"}"#).unwrap_err();
+            assert_eq!(err.column, "id");
+            assert!(err.reason.contains("required"), "{err}");
+        }
+        let plain = upsert(None);
+        assert_eq!(plain.field_count(), 7, "no flag without --delete-when");
+        assert_eq!(
+            one_row(&plain, r#"{"id":1,"op":"delete"}"#).unwrap().len(),
+            7
+        );
+    }
+
+    #[test]
+    fn the_key_must_be_mapped_columns_named_once() {
+        let m = || Mapping::new(vec!["id:bigint=/id".parse().unwrap()], true).unwrap();
+        let up = |key: &[&str]| crate::Upsert {
+            key: key.iter().map(|k| k.to_string()).collect(),
+            on_conflict: Default::default(),
+            delete_when: None,
+        };
+        let e = m().with_upsert(up(&["user"])).unwrap_err();
+        assert!(e.problem.contains("--column user:"), "{e}");
+        assert!(m().with_upsert(up(&["id", "id"])).is_err());
+        assert!(m().with_upsert(up(&[])).is_err());
+        let flag = Mapping::new(vec!["spillway_delete:bigint=/id".parse().unwrap()], true)
+            .unwrap()
+            .with_upsert(crate::Upsert {
+                delete_when: Some("/op=x".parse().unwrap()),
+                ..up(&["spillway_delete"])
+            });
+        assert!(flag.is_err());
     }
 }
