@@ -12,7 +12,7 @@ use serde::Deserialize;
 use spillway_core::props::{parse_properties, redact_properties};
 use spillway_core::{
     AdaptiveConfig, BatcherConfig, ColumnSpec, ConfigError, ConsumerConfig, Jitter, Mapping,
-    OnConflict, RetryConfig, Upsert,
+    Matcher, OnConflict, RetryConfig, Upsert,
 };
 
 use crate::pg::TableName;
@@ -134,6 +134,25 @@ pub struct Args {
     /// JSON text: /deleted=true).
     #[arg(long, env = "SPILLWAY_DELETE_WHEN", value_name = "POINTER=VALUE")]
     pub delete_when: Option<String>,
+    /// Route records to other tables: POINTER=VALUE:TABLE (repeatable; the first rule that
+    /// holds wins, the rest go to --table), e.g. --route /type=click:clicks. A routed table
+    /// takes its columns from its [[tables]] section of the config file, or else the same
+    /// mapping as --table. In the environment, separate rules with `;`.
+    #[arg(
+        long = "route",
+        env = "SPILLWAY_ROUTES",
+        value_delimiter = ';',
+        value_name = "POINTER=VALUE:TABLE"
+    )]
+    pub route: Vec<String>,
+    /// Routed tables' own settings, from the config file: [[tables]] with name, and any of
+    /// keep-data, upsert-key, on-conflict, delete-when and [[tables.columns]].
+    #[arg(skip)]
+    pub tables: Vec<TableEntry>,
+    /// This consumer's name: its stored positions are kept under it, whatever tables it
+    /// writes [default: the --table name, where positions were kept before routing].
+    #[arg(long, env = "SPILLWAY_NAME")]
+    pub name: Option<String>,
     /// A librdkafka property: -X key=value (repeatable), e.g. -X session.timeout.ms=10000.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     #[serde(skip)]
@@ -141,6 +160,33 @@ pub struct Args {
     /// librdkafka properties from the config file's [librdkafka] table.
     #[arg(skip)]
     pub librdkafka: BTreeMap<String, String>,
+}
+
+/// One `[[tables]]` section of the config file: a routed table's own columns.
+#[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct TableEntry {
+    /// The table, as in a --route rule.
+    pub name: String,
+    /// Keep the whole record in `data` [default: true].
+    pub keep_data: Option<bool>,
+    /// Its typed columns.
+    pub columns: Vec<ColumnEntry>,
+    /// Write by key (as --upsert-key).
+    pub upsert_key: Option<String>,
+    /// As --on-conflict.
+    pub on_conflict: Option<String>,
+    /// As --delete-when.
+    pub delete_when: Option<String>,
+}
+
+/// A table the consumer writes and its columns.
+#[derive(Clone, Debug)]
+pub struct TableSpec {
+    /// The table.
+    pub table: TableName,
+    /// Its columns.
+    pub mapping: Mapping,
 }
 
 /// One `[[columns]]` table of the config file.
@@ -197,6 +243,13 @@ pub struct Settings {
     pub rdkafka: Vec<(String, String)>,
     /// The records table's columns: `data` or not, and the typed ones.
     pub mapping: Mapping,
+    /// The name the stored positions are kept under (`--name`; `None`: the records table's,
+    /// see [`Settings::name`]).
+    pub name: Option<String>,
+    /// `--route` rules in order, each naming a table of `routed` (or the records table).
+    pub routes: Vec<(Matcher, String)>,
+    /// The tables routes name besides the records table, each once, with their columns.
+    pub routed: Vec<TableSpec>,
 }
 
 impl fmt::Debug for Settings {
@@ -274,6 +327,9 @@ impl Settings {
             orphan_timeout: Duration::from_secs(20),
             rdkafka: vec![],
             mapping: Mapping::default(),
+            name: None,
+            routes: vec![],
+            routed: vec![],
         }
     }
 
@@ -310,10 +366,15 @@ impl Settings {
                 keep_data,
                 upsert_key,
                 on_conflict,
-                delete_when
+                delete_when,
+                name
             );
             a.librdkafka = f.librdkafka;
             a.columns = f.columns;
+            a.tables = f.tables;
+            if a.route.is_empty() {
+                a.route = f.route;
+            }
         }
         let required = |v: Option<String>, name: &'static str, how: &str| {
             v.filter(|s| !s.trim().is_empty())
@@ -336,6 +397,12 @@ impl Settings {
         }
         if let Some(t) = a.table {
             s.table = TableName::parse(&t).map_err(|e| bad("table", e))?;
+        }
+        if let Some(n) = a.name {
+            if n.trim().is_empty() || n.len() > 200 {
+                return Err(bad("name", "must be 1 to 200 characters"));
+            }
+            s.name = Some(n);
         }
         if let Some(l) = a.listen {
             s.listen = l;
@@ -413,47 +480,116 @@ impl Settings {
             .map(|s| s.parse::<ColumnSpec>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad("column", e.to_string()))?;
-        s.mapping = Mapping::new(columns, a.keep_data.unwrap_or(true))
-            .map_err(|e| bad("column", e.to_string()))?;
-        match a.upsert_key {
-            Some(key) => {
-                let on_conflict = match a.on_conflict {
-                    Some(v) => v.parse().map_err(|e: String| bad("on-conflict", e))?,
-                    None => OnConflict::default(),
-                };
-                let delete_when = match a.delete_when {
-                    Some(v) => Some(v.parse().map_err(|e: String| bad("delete-when", e))?),
-                    None => None,
-                };
-                let upsert = Upsert {
-                    key: key.split(',').map(|k| k.trim().to_string()).collect(),
-                    on_conflict,
-                    delete_when,
-                };
-                s.mapping = s
-                    .mapping
-                    .with_upsert(upsert)
-                    .map_err(|e| bad("upsert-key", e.problem))?;
+        s.mapping = mapping(
+            columns,
+            a.keep_data,
+            a.upsert_key,
+            a.on_conflict,
+            a.delete_when,
+        )?;
+        let mut rules = Vec::new();
+        for r in a.route.iter().filter(|r| !r.trim().is_empty()) {
+            let (when, table) = r.rsplit_once(':').ok_or_else(|| {
+                bad(
+                    "route",
+                    format!(
+                        "{r:?} is not POINTER=VALUE:TABLE: write for example /type=click:clicks"
+                    ),
+                )
+            })?;
+            let when: Matcher = when.parse().map_err(|e: String| bad("route", e))?;
+            let table = TableName::parse(table).map_err(|e| bad("route", e))?;
+            rules.push((when, table));
+        }
+        for t in &a.tables {
+            let named = |r: &(Matcher, TableName)| r.1.plain == t.name;
+            if t.name == s.table.plain || !rules.iter().any(named) {
+                return Err(bad(
+                    "tables",
+                    format!(
+                        "[[tables]] {:?} is not a table a --route rule names (the records \
+                         table, {}, takes the top-level settings)",
+                        t.name, s.table.plain
+                    ),
+                ));
             }
-            None => {
-                for (set, name) in [
-                    (&a.on_conflict, "on-conflict"),
-                    (&a.delete_when, "delete-when"),
-                ] {
-                    if set.is_some() {
-                        return Err(bad(
-                            name,
-                            "applies only to writing by key: add --upsert-key COLUMN",
-                        ));
+        }
+        for (when, table) in rules {
+            if table != s.table && !s.routed.iter().any(|r| r.table == table) {
+                let spec = match a.tables.iter().find(|t| t.name == table.plain) {
+                    Some(t) => {
+                        let columns = t
+                            .columns
+                            .iter()
+                            .map(|c| c.spec().parse::<ColumnSpec>())
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| bad("tables", format!("{}: {e}", t.name)))?;
+                        mapping(
+                            columns,
+                            t.keep_data,
+                            t.upsert_key.clone(),
+                            t.on_conflict.clone(),
+                            t.delete_when.clone(),
+                        )
+                        .map_err(|e| bad("tables", format!("{}: {e}", t.name)))?
                     }
-                }
+                    None => s.mapping.clone(),
+                };
+                s.routed.push(TableSpec {
+                    table: table.clone(),
+                    mapping: spec,
+                });
             }
+            s.routes.push((when, table.plain));
         }
         Ok(s)
     }
 }
 
+/// A table's columns from its settings: typed columns, `data` or not, and writing by key.
+fn mapping(
+    columns: Vec<ColumnSpec>,
+    keep_data: Option<bool>,
+    upsert_key: Option<String>,
+    on_conflict: Option<String>,
+    delete_when: Option<String>,
+) -> Result<Mapping, ConfigError> {
+    let m = Mapping::new(columns, keep_data.unwrap_or(true))
+        .map_err(|e| bad("column", e.to_string()))?;
+    let Some(key) = upsert_key else {
+        for (set, name) in [(&on_conflict, "on-conflict"), (&delete_when, "delete-when")] {
+            if set.is_some() {
+                return Err(bad(
+                    name,
+                    "applies only to writing by key: add --upsert-key COLUMN",
+                ));
+            }
+        }
+        return Ok(m);
+    };
+    let on_conflict = match on_conflict {
+        Some(v) => v.parse().map_err(|e: String| bad("on-conflict", e))?,
+        None => OnConflict::default(),
+    };
+    let delete_when = match delete_when {
+        Some(v) => Some(v.parse().map_err(|e: String| bad("delete-when", e))?),
+        None => None,
+    };
+    m.with_upsert(Upsert {
+        key: key.split(',').map(|k| k.trim().to_string()).collect(),
+        on_conflict,
+        delete_when,
+    })
+    .map_err(|e| bad("upsert-key", e.problem))
+}
+
 impl Settings {
+    /// The name this consumer's positions are kept under: `--name`, or the records table's
+    /// (where they were kept before routing).
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.table.plain)
+    }
+
     /// The settings of the core's state machine. With the `mutations` feature (tests only),
     /// `SPILLWAY_MUTATE=<name>` runs it with one known bug.
     pub fn machine_config(&self) -> Result<ConsumerConfig, ConfigError> {
@@ -684,6 +820,57 @@ mod tests {
             "op",
         ]);
         assert_eq!(e.unwrap_err().setting, "delete-when");
+    }
+
+    #[test]
+    fn routes_name_tables_that_take_their_own_section_or_the_top_level_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consumer.toml");
+        std::fs::write(
+            &path,
+            "route = [\"/type=click:clicks\", \"/type=order:orders\", \"/kind=c:clicks\"]\n\
+             [[tables]]\nname = \"orders\"\nkeep-data = false\nupsert-key = \"id\"\n\
+             [[tables.columns]]\nname = \"id\"\ntype = \"bigint\"\npointer = \"/id\"\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let with = |extra: &[&str]| parse(&[&REQUIRED[..], extra].concat());
+        let s = with(&["--config", file, "--column", "n:text=/n"]).unwrap();
+        let rules: Vec<String> = s.routes.iter().map(|(m, t)| format!("{m}:{t}")).collect();
+        assert_eq!(
+            rules,
+            ["/type=click:clicks", "/type=order:orders", "/kind=c:clicks"]
+        );
+        let tables: Vec<&str> = s.routed.iter().map(|t| t.table.plain.as_str()).collect();
+        assert_eq!(
+            tables,
+            ["clicks", "orders"],
+            "each routed table once, in rule order"
+        );
+        assert_eq!(
+            s.routed[0].mapping, s.mapping,
+            "no section: the top-level mapping"
+        );
+        let orders = &s.routed[1].mapping;
+        assert!(!orders.keep_data() && orders.upsert().is_some());
+        assert_eq!(orders.columns()[0].name, "id");
+        assert_eq!(s.name(), "records", "positions stay under the table's name");
+        // A rule may name the records table.
+        let s = with(&["--route", "/a=1:records", "--name", "c1"]).unwrap();
+        assert_eq!(s.routes.len(), 1);
+        assert!(s.routed.is_empty());
+        assert_eq!(s.name(), "c1");
+
+        let e = with(&["--route", "/type=click"]).unwrap_err();
+        assert_eq!(e.setting, "route");
+        assert!(e.to_string().contains("POINTER=VALUE:TABLE"), "{e}");
+        assert_eq!(with(&["--route", "type=a:b"]).unwrap_err().setting, "route");
+        assert_eq!(with(&["--route", "/t=a:b;c"]).unwrap_err().setting, "route");
+        // Flags replace the file's rules: its section for orders is then no rule's.
+        let e = with(&["--config", file, "--route", "/a=1:clicks"]).unwrap_err();
+        assert_eq!(e.setting, "tables", "a section no rule names is a mistake");
+        assert!(e.to_string().contains("\"orders\""), "{e}");
+        assert_eq!(with(&["--name", ""]).unwrap_err().setting, "name");
     }
 
     #[test]

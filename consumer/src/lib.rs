@@ -219,7 +219,7 @@ async fn migrate_with_retry(pool: &pg::Pool, settings: &Settings) -> Result<(), 
     loop {
         let result = async {
             let mut conn = pool.get().await?;
-            pg::migrate(conn.client_mut(), &settings.table, &settings.mapping).await?;
+            pg::migrate(conn.client_mut(), &pg::Targets::new(settings)).await?;
             conn.release();
             Ok::<_, pg::PgFailure>(())
         }

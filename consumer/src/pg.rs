@@ -8,8 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::SinkExt;
 use postgres_native_tls::MakeTlsConnector;
+use spillway_core::batcher::Record;
 use spillway_core::pgcopy::{CopyRows, ROW_OVERHEAD};
-use spillway_core::{Batch, ErrorClass, FlushResult, Mapping, Partition, Position};
+use spillway_core::routing;
+use spillway_core::{Batch, ErrorClass, FlushResult, Mapping, Partition, Position, Router};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
@@ -300,13 +302,9 @@ impl Pool {
 }
 
 /// Creates the tables if missing, under an advisory lock so several consumers can start at once.
-/// Versioned: each migration runs once per table and is recorded. Then the records table
-/// follows the mapping ([`follow_mapping`]).
-pub async fn migrate(
-    client: &mut Client,
-    table: &TableName,
-    mapping: &Mapping,
-) -> Result<(), PgFailure> {
+/// Versioned: each migration runs once per table and is recorded. Then each table follows its
+/// mapping ([`follow_mapping`]) and, written by key, gets its unique index.
+pub async fn migrate(client: &mut Client, targets: &Targets) -> Result<(), PgFailure> {
     let tx = client.transaction().await.map_err(|e| classify(&e))?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('spillway-migrate'))",
@@ -319,13 +317,45 @@ pub async fn migrate(
              target text NOT NULL, version int NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),
              PRIMARY KEY (target, version));
          CREATE TABLE IF NOT EXISTS spillway_offsets (
-             table_name text NOT NULL, topic text NOT NULL, kafka_partition int NOT NULL,
+             consumer text NOT NULL, topic text NOT NULL, kafka_partition int NOT NULL,
              next_offset bigint NOT NULL, next_index int NOT NULL,
              updated_at timestamptz NOT NULL DEFAULT now(),
-             PRIMARY KEY (table_name, topic, kafka_partition));",
+             PRIMARY KEY (consumer, topic, kafka_partition));",
     )
     .await
     .map_err(|e| classify(&e))?;
+    // Before routing, positions were kept under the table's name; a consumer's --name
+    // defaults to it, so renaming the column keeps every position.
+    let keyed_by_table = tx
+        .query_opt(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = 'spillway_offsets'::regclass
+               AND attname = 'table_name' AND NOT attisdropped",
+            &[],
+        )
+        .await
+        .map_err(|e| classify(&e))?
+        .is_some();
+    if keyed_by_table {
+        tx.batch_execute("ALTER TABLE spillway_offsets RENAME COLUMN table_name TO consumer")
+            .await
+            .map_err(|e| classify(&e))?;
+        tracing::info!(
+            "spillway_offsets: the positions kept under each table's name are now kept under \
+             the consumer's --name (by default the table's name): none is lost"
+        );
+    }
+    for t in &targets.tables {
+        create_table(&tx, &t.table, &t.mapping).await?;
+    }
+    tx.commit().await.map_err(|e| classify(&e))
+}
+
+/// One table and its dead letters, in the migration's transaction.
+async fn create_table(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &TableName,
+    mapping: &Mapping,
+) -> Result<(), PgFailure> {
     let applied: Option<i32> = tx
         .query_one(
             "SELECT max(version) FROM spillway_schema_migrations WHERE target = $1",
@@ -362,11 +392,11 @@ pub async fn migrate(
         .await
         .map_err(|e| classify(&e))?;
     }
-    follow_mapping(&tx, table, mapping).await?;
+    follow_mapping(tx, table, mapping).await?;
     if let Some(upsert) = mapping.upsert() {
-        crate::upsert::ensure_key_index(&tx, table, upsert).await?;
+        crate::upsert::ensure_key_index(tx, table, upsert).await?;
     }
-    tx.commit().await.map_err(|e| classify(&e))
+    Ok(())
 }
 
 /// Makes the records table fit the mapping: a mapped column it lacks is added (nullable: rows
@@ -454,43 +484,44 @@ async fn follow_mapping(
     Ok(())
 }
 
-/// The stored position of a partition, creating it at the beginning if it has none.
+/// The stored position of a partition for the consumer `name`, creating it at the beginning
+/// if it has none.
 pub async fn position(
     client: &Client,
-    table: &TableName,
+    name: &str,
     topic: &str,
     partition: Partition,
 ) -> Result<Position, PgFailure> {
     client
         .execute(
-            "INSERT INTO spillway_offsets (table_name, topic, kafka_partition, next_offset, next_index)
+            "INSERT INTO spillway_offsets (consumer, topic, kafka_partition, next_offset, next_index)
              VALUES ($1, $2, $3, 0, 0) ON CONFLICT DO NOTHING",
-            &[&table.plain, &topic, &partition],
+            &[&name, &topic, &partition],
         )
         .await
         .map_err(|e| classify(&e))?;
     let row = client
         .query_one(
             "SELECT next_offset, next_index FROM spillway_offsets
-             WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3",
-            &[&table.plain, &topic, &partition],
+             WHERE consumer = $1 AND topic = $2 AND kafka_partition = $3",
+            &[&name, &topic, &partition],
         )
         .await
         .map_err(|e| classify(&e))?;
     Ok(Position::new(row.get(0), row.get::<_, i32>(1) as u32))
 }
 
-/// Every stored position of `topic` for `table`.
+/// Every stored position of `topic` for the consumer `name`.
 pub async fn positions(
     client: &Client,
-    table: &TableName,
+    name: &str,
     topic: &str,
 ) -> Result<BTreeMap<Partition, Position>, PgFailure> {
     let rows = client
         .query(
             "SELECT kafka_partition, next_offset, next_index FROM spillway_offsets
-             WHERE table_name = $1 AND topic = $2",
-            &[&table.plain, &topic],
+             WHERE consumer = $1 AND topic = $2",
+            &[&name, &topic],
         )
         .await
         .map_err(|e| classify(&e))?;
@@ -526,7 +557,9 @@ enum Stage {
     Commit,
 }
 
-fn staged(stage: Stage, e: &tokio_postgres::Error, batch: &Batch) -> FlushResult {
+/// `rows[i]` is the batch entry of the i-th row the failed statement sent (only a COPY's
+/// error names a row).
+fn staged(stage: Stage, e: &tokio_postgres::Error, rows: &[usize]) -> FlushResult {
     let f = classify(e);
     if f.class != ErrorClass::Poison {
         return flush_result(f);
@@ -534,7 +567,7 @@ fn staged(stage: Stage, e: &tokio_postgres::Error, batch: &Batch) -> FlushResult
     match stage {
         Stage::Bookkeeping => flush_result(f),
         Stage::Rows => FlushResult::Poison {
-            culprit: f.row.and_then(|row| entry_of_row(batch, row)),
+            culprit: f.row.and_then(|row| rows.get(row).copied()),
             reason: f.message,
         },
         Stage::Commit | Stage::Merge => FlushResult::Poison {
@@ -549,25 +582,25 @@ fn staged(stage: Stage, e: &tokio_postgres::Error, batch: &Batch) -> FlushResult
 /// the start (unless a test runs the `no-compare-and-set` mutation). Returns whether it moved.
 async fn move_position(
     tx: &tokio_postgres::Transaction<'_>,
-    table: &TableName,
+    name: &str,
     topic: &str,
     batch: &Batch,
 ) -> Result<bool, tokio_postgres::Error> {
     let sql = if batch.check_start {
         "UPDATE spillway_offsets SET next_offset = $4, next_index = $5, updated_at = now()
-         WHERE table_name = $1 AND topic = $2 AND kafka_partition = $3
+         WHERE consumer = $1 AND topic = $2 AND kafka_partition = $3
            AND next_offset = $6 AND next_index = $7"
     } else {
-        "INSERT INTO spillway_offsets (table_name, topic, kafka_partition, next_offset, next_index)
+        "INSERT INTO spillway_offsets (consumer, topic, kafka_partition, next_offset, next_index)
          SELECT $1, $2, $3, $4, $5 WHERE $6::bigint IS NOT NULL AND $7::int IS NOT NULL
-         ON CONFLICT (table_name, topic, kafka_partition)
+         ON CONFLICT (consumer, topic, kafka_partition)
          DO UPDATE SET next_offset = $4, next_index = $5, updated_at = now()"
     };
     let moved = tx
         .execute(
             sql,
             &[
-                &table.plain,
+                &name,
                 &topic,
                 &batch.partition,
                 &batch.end.offset,
@@ -580,49 +613,89 @@ async fn move_position(
     Ok(moved == 1)
 }
 
-/// A batch's rows in COPY BINARY, ready before a connection is taken.
+/// One table's share of a batch in COPY BINARY, ready before a connection is taken.
 #[derive(Debug)]
 pub struct EncodedRows {
     data: bytes::Bytes,
-    rows: usize,
+    /// The batch entry of each row, in COPY order.
+    entries: Vec<usize>,
+    /// The batch entries dead-lettered into this table's dead letters.
+    dead: Vec<usize>,
 }
 
-/// Converts the batch's rows for the mapping. A record whose value does not convert makes
-/// the flush [`FlushResult::Unconvertible`] with every such record and its reason: the core
+impl EncodedRows {
+    /// Records this table gets: rows and dead letters.
+    pub fn records(&self) -> usize {
+        self.entries.len() + self.dead.len()
+    }
+}
+
+/// A batch routed and encoded: one [`EncodedRows`] per table of [`Targets`], in its order.
+pub type Encoded = Vec<EncodedRows>;
+
+/// Routes each record of the batch to its table and converts the rows for that table's
+/// mapping. A record whose value does not convert makes the flush
+/// [`FlushResult::Unconvertible`] with every such record and its reason: the core
 /// dead-letters them and the rest is flushed again. Nothing has been sent at that point.
-pub fn encode_rows(batch: &Batch, mapping: &Mapping) -> Result<EncodedRows, FlushResult> {
-    let size: usize = batch
-        .rows()
-        .map(|r| r.payload.len() + ROW_OVERHEAD + 16 * mapping.columns().len())
-        .sum();
-    let mut copy = CopyRows::new(mapping, size);
+pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushResult> {
+    let mut found = Vec::new();
+    let routes: Vec<usize> = batch
+        .entries
+        .iter()
+        .map(|e| targets.router.route(&e.record.payload, &mut found))
+        .collect();
+    let mut copies: Vec<_> = targets
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, target)| {
+            let size: usize = batch
+                .entries
+                .iter()
+                .zip(&routes)
+                .filter(|(e, r)| **r == t && e.dead_reason.is_none())
+                .map(|(e, _)| {
+                    e.record.payload.len() + ROW_OVERHEAD + 16 * target.mapping.columns().len()
+                })
+                .sum();
+            (CopyRows::new(&target.mapping, size), Vec::new(), Vec::new())
+        })
+        .collect();
     let mut refused = Vec::new();
-    for (i, e) in batch.entries.iter().enumerate() {
+    for (i, (e, t)) in batch.entries.iter().zip(&routes).enumerate() {
+        let (copy, entries, dead) = &mut copies[*t];
         if e.dead_reason.is_some() {
-            continue;
-        }
-        if let Err(err) = copy.push(&e.record) {
+            dead.push(i);
+        } else if let Err(err) = copy.push(&e.record) {
             refused.push((i, err.to_string()));
+        } else {
+            entries.push(i);
         }
     }
     if !refused.is_empty() {
         return Err(FlushResult::Unconvertible { records: refused });
     }
-    Ok(EncodedRows {
-        rows: copy.rows(),
-        data: bytes::Bytes::from(copy.finish()),
-    })
+    Ok(copies
+        .into_iter()
+        .map(|(copy, entries, dead)| EncodedRows {
+            data: bytes::Bytes::from(copy.finish()),
+            entries,
+            dead,
+        })
+        .collect())
 }
 
-/// Where a batch's rows go: appended to the records table, or merged into it by key.
+/// Where a table's rows go: appended, or merged by key.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// The records table.
+    /// The table.
     pub table: TableName,
+    /// Its columns.
+    pub mapping: Mapping,
     /// The COPY column list ([`Mapping::copy_columns`]).
-    pub columns: String,
+    columns: String,
     /// With `--upsert-key`: the staging table and merge.
-    pub merge: Option<MergeSql>,
+    merge: Option<MergeSql>,
 }
 
 impl Target {
@@ -631,30 +704,76 @@ impl Target {
         Target {
             merge: MergeSql::new(&table, mapping),
             columns: mapping.copy_columns(),
+            mapping: mapping.clone(),
             table,
         }
     }
 }
 
-/// Writes a batch in one transaction: the partition's position moves from `start` to `end`
-/// (only if it still holds `start`), the rows (encoded by [`encode_rows`]) go in by COPY
-/// BINARY (into the table, or into the staging table and then merged by key:
-/// [`crate::upsert`]), the dead letters beside. Each error is classified by the statement that
-/// raised it. A merge also says what it did.
+/// Every table a consumer writes (the records table first) and the routing between them.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// The tables; the router's indexes point here.
+    pub tables: Vec<Target>,
+    /// Which table each record goes to.
+    pub router: Router,
+}
+
+impl Targets {
+    /// One table, no routing.
+    pub fn single(target: Target) -> Self {
+        Targets {
+            tables: vec![target],
+            router: Router::default(),
+        }
+    }
+
+    /// The records table, the routed tables and the rules of `settings`.
+    pub fn new(settings: &crate::Settings) -> Self {
+        let mut tables = vec![Target::new(settings.table.clone(), &settings.mapping)];
+        tables.extend(
+            settings
+                .routed
+                .iter()
+                .map(|r| Target::new(r.table.clone(), &r.mapping)),
+        );
+        let rules = settings
+            .routes
+            .iter()
+            .map(|(when, table)| {
+                let at = tables
+                    .iter()
+                    .position(|t| &t.table.plain == table)
+                    .unwrap_or(routing::DEFAULT_TABLE);
+                (when.clone(), at)
+            })
+            .collect();
+        Targets {
+            tables,
+            router: Router::new(rules),
+        }
+    }
+}
+
+/// Writes a batch in one transaction: the partition's position (kept under the consumer's
+/// `name`) moves from `start` to `end` (only if it still holds `start`), each table's rows
+/// (encoded by [`encode_rows`]) go in by COPY BINARY (appended, or into a staging table and
+/// merged by key: [`crate::upsert`]), the dead letters beside them. Each error is classified
+/// by the statement that raised it. Merges also say what they did.
 pub async fn flush(
     client: &mut Client,
-    target: &Target,
+    targets: &Targets,
+    name: &str,
     topic: &str,
     batch: &Batch,
-    rows: EncodedRows,
+    encoded: Encoded,
 ) -> (FlushResult, Option<Merged>) {
     use Stage::*;
-    let table = &target.table;
     if !batch.position_with_rows {
         // The `position-before-rows` mutation: the position commits on its own, first.
         let moved = async {
             let tx = client.transaction().await?;
-            let moved = move_position(&tx, table, topic, batch).await?;
+            let moved = move_position(&tx, name, topic, batch).await?;
             tx.commit().await?;
             Ok::<_, tokio_postgres::Error>(moved)
         }
@@ -662,105 +781,112 @@ pub async fn flush(
         match moved {
             Ok(true) => {}
             Ok(false) => return (FlushResult::Fenced, None),
-            Err(e) => return (staged(Bookkeeping, &e, batch), None),
+            Err(e) => return (staged(Bookkeeping, &e, &[]), None),
         }
     }
     let tx = match client.transaction().await {
         Ok(tx) => tx,
-        Err(e) => return (staged(Bookkeeping, &e, batch), None),
+        Err(e) => return (staged(Bookkeeping, &e, &[]), None),
     };
     if batch.position_with_rows {
         // The row lock taken here serialises competing writers of one partition: a zombie
         // waits, then finds the position moved and rolls back.
-        match move_position(&tx, table, topic, batch).await {
+        match move_position(&tx, name, topic, batch).await {
             Ok(true) => {}
             Ok(false) => {
                 let result = match tx.rollback().await {
                     Ok(()) => FlushResult::Fenced,
-                    Err(e) => staged(Bookkeeping, &e, batch),
+                    Err(e) => staged(Bookkeeping, &e, &[]),
                 };
                 return (result, None);
             }
-            Err(e) => return (staged(Bookkeeping, &e, batch), None),
+            Err(e) => return (staged(Bookkeeping, &e, &[]), None),
         }
     }
-    let mut merged = None;
-    if rows.rows > 0 {
+    let mut merged: Option<Merged> = None;
+    for (target, rows) in targets.tables.iter().zip(&encoded) {
+        if rows.entries.is_empty() {
+            continue;
+        }
         let statement = match &target.merge {
             Some(m) => {
                 if let Err(e) = m.prepare(&tx).await {
-                    return (staged(Bookkeeping, &e, batch), None);
+                    return (staged(Bookkeeping, &e, &[]), None);
                 }
                 m.copy_statement(&target.columns)
             }
             None => format!(
                 "COPY {} ({}) FROM STDIN (FORMAT binary)",
-                table.records(),
+                target.table.records(),
                 target.columns
             ),
         };
         let copied = async {
             let sink = tx.copy_in::<_, bytes::Bytes>(&statement).await?;
             futures::pin_mut!(sink);
-            sink.send(rows.data).await?;
+            sink.send(rows.data.clone()).await?;
             sink.as_mut().finish().await
         };
         if let Err(e) = copied.await {
-            return (staged(Rows, &e, batch), None);
+            return (staged(Rows, &e, &rows.entries), None);
         }
         if let Some(m) = &target.merge {
-            match m.merge(&tx, rows.rows as u64).await {
-                Ok(counts) => merged = Some(counts),
-                Err(e) => return (staged(Merge, &e, batch), None),
+            match m.merge(&tx, rows.entries.len() as u64).await {
+                Ok(counts) => merged = Some(merged.unwrap_or_default() + counts),
+                Err(e) => return (staged(Merge, &e, &[]), None),
             }
         }
     }
-    let dead: Vec<_> = batch.dead_letters().collect();
-    if !dead.is_empty() {
-        let partitions: Vec<i32> = dead.iter().map(|(r, _)| r.partition).collect();
-        let offsets: Vec<i64> = dead.iter().map(|(r, _)| r.offset).collect();
-        let indexes: Vec<i32> = dead.iter().map(|(r, _)| r.index as i32).collect();
-        let received: Vec<Option<SystemTime>> = dead
+    for (target, rows) in targets.tables.iter().zip(&encoded) {
+        if rows.dead.is_empty() {
+            continue;
+        }
+        let dead: Vec<(&Record, &str)> = rows
+            .dead
             .iter()
-            .map(|(r, _)| {
-                (r.received_at_micros > 0)
-                    .then(|| UNIX_EPOCH + Duration::from_micros(r.received_at_micros as u64))
-            })
+            .filter_map(|i| batch.entries.get(*i))
+            .filter_map(|e| e.dead_reason.as_deref().map(|why| (&e.record, why)))
             .collect();
-        let raw: Vec<String> = dead.iter().map(|(r, _)| printable(&r.payload)).collect();
-        let errors: Vec<String> = dead
-            .iter()
-            .map(|(_, why)| printable(why.as_bytes()))
-            .collect();
-        let inserted = tx
-            .execute(
-                &format!(
-                    "INSERT INTO {} (kafka_partition, kafka_offset, record_index, received_at, raw, error)
-                     SELECT * FROM unnest($1::int[], $2::bigint[], $3::int[], $4::timestamptz[], $5::text[], $6::text[])",
-                    table.dead_letters()
-                ),
-                &[&partitions, &offsets, &indexes, &received, &raw, &errors],
-            )
-            .await;
-        if let Err(e) = inserted {
-            return (staged(DeadLetters, &e, batch), None);
+        if let Err(e) = insert_dead_letters(&tx, &target.table, &dead).await {
+            return (staged(DeadLetters, &e, &[]), None);
         }
     }
     match tx.commit().await {
         Ok(()) => (FlushResult::Written, merged),
-        Err(e) => (staged(Commit, &e, batch), None),
+        Err(e) => (staged(Commit, &e, &[]), None),
     }
 }
 
-/// The entry index of the `row`-th row (rows skip dead letters).
-fn entry_of_row(batch: &Batch, row: usize) -> Option<usize> {
-    batch
-        .entries
+/// Inserts dead letters with their reasons into `table`'s dead-letter table.
+async fn insert_dead_letters(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &TableName,
+    dead: &[(&Record, &str)],
+) -> Result<u64, tokio_postgres::Error> {
+    let partitions: Vec<i32> = dead.iter().map(|(r, _)| r.partition).collect();
+    let offsets: Vec<i64> = dead.iter().map(|(r, _)| r.offset).collect();
+    let indexes: Vec<i32> = dead.iter().map(|(r, _)| r.index as i32).collect();
+    let received: Vec<Option<SystemTime>> = dead
         .iter()
-        .enumerate()
-        .filter(|(_, e)| e.dead_reason.is_none())
-        .nth(row)
-        .map(|(i, _)| i)
+        .map(|(r, _)| {
+            (r.received_at_micros > 0)
+                .then(|| UNIX_EPOCH + Duration::from_micros(r.received_at_micros as u64))
+        })
+        .collect();
+    let raw: Vec<String> = dead.iter().map(|(r, _)| printable(&r.payload)).collect();
+    let errors: Vec<String> = dead
+        .iter()
+        .map(|(_, why)| printable(why.as_bytes()))
+        .collect();
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (kafka_partition, kafka_offset, record_index, received_at, raw, error)
+             SELECT * FROM unnest($1::int[], $2::bigint[], $3::int[], $4::timestamptz[], $5::text[], $6::text[])",
+            table.dead_letters()
+        ),
+        &[&partitions, &offsets, &indexes, &received, &raw, &errors],
+    )
+    .await
 }
 
 /// Text Postgres can store: invalid UTF-8 replaced, NUL escaped.

@@ -16,7 +16,7 @@ use spillway_core::metrics::{
 };
 use spillway_core::{
     BatchId, BatcherConfig, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult,
-    KafkaCommand, Mapping, Mutation, Notice, Partition, PartitionLag, Position,
+    KafkaCommand, Mutation, Notice, Partition, PartitionLag, Position,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -57,6 +57,7 @@ pub struct Metrics {
     stopped: Gauge,
     lag: Labelled<Gauge>,
     merged: Labelled<Counter>,
+    routed: Labelled<Counter>,
     /// The partitions `lag` has a series for.
     lagging: Mutex<BTreeSet<Partition>>,
 }
@@ -158,8 +159,14 @@ impl Metrics {
             "With --upsert-key: committed records by what they did to the table (inserted, updated, deleted, unchanged).",
             "outcome",
         );
+        let routed = r.counters(
+            "spillway_consumer_routed_records_total",
+            "With --route: committed records (rows and dead letters) per table.",
+            "table",
+        );
         Metrics {
             merged,
+            routed,
             registry: r,
             rows,
             batches,
@@ -270,10 +277,8 @@ type PositionsRead = Result<Vec<(Partition, Position)>, PgFailure>;
 
 pub(crate) struct Pipeline {
     settings: Settings,
-    /// The records table's columns, shared with the flush tasks.
-    mapping: Arc<Mapping>,
-    /// Where their rows go.
-    target: Arc<pg::Target>,
+    /// The tables and the routing between them, shared with the flush tasks.
+    targets: Arc<pg::Targets>,
     machine: ConsumerMachine,
     pool: Arc<Pool>,
     source: Source,
@@ -330,8 +335,7 @@ impl Pipeline {
         .map_err(ConsumerError::Kafka)?;
         health.ready.store(machine.is_ready(), Ordering::Relaxed);
         Ok(Pipeline {
-            mapping: Arc::new(settings.mapping.clone()),
-            target: Arc::new(pg::Target::new(settings.table.clone(), &settings.mapping)),
+            targets: Arc::new(pg::Targets::new(&settings)),
             settings,
             machine,
             pool,
@@ -561,8 +565,12 @@ impl Pipeline {
                 Command::Flush(batch) => {
                     let id = batch.id;
                     let pool = self.pool.clone();
-                    let topic = self.settings.topic.clone();
-                    let (mapping, target) = (self.mapping.clone(), self.target.clone());
+                    let (name, topic) = (
+                        self.settings.name().to_string(),
+                        self.settings.topic.clone(),
+                    );
+                    let targets = self.targets.clone();
+                    let routed = self.metrics.routed.clone();
                     let merges = self.metrics.merged.clone();
                     // A stopped (SIGSTOP) or unreachable server never fires its own statement
                     // timeout: give up on our side too, counting from when a pooled connection
@@ -583,7 +591,7 @@ impl Pipeline {
                         }
                         // Converted before a connection is taken: a record that does not fit
                         // its column is known without asking Postgres.
-                        let rows = match pg::encode_rows(&batch, &mapping) {
+                        let rows = match pg::encode_rows(&batch, &targets) {
                             Ok(rows) => rows,
                             Err(unconvertible) => return (id, unconvertible, Duration::ZERO),
                         };
@@ -591,8 +599,16 @@ impl Pipeline {
                         let started = Instant::now();
                         let attempt = async {
                             let mut conn = pool.open(turn?).await?;
+                            let per_table: Vec<usize> =
+                                rows.iter().map(pg::EncodedRows::records).collect();
                             let (result, merged) =
-                                pg::flush(conn.client_mut(), &target, &topic, &batch, rows).await;
+                                pg::flush(conn.client_mut(), &targets, &name, &topic, &batch, rows)
+                                    .await;
+                            if matches!(result, FlushResult::Written) && targets.tables.len() > 1 {
+                                for (t, n) in targets.tables.iter().zip(per_table) {
+                                    routed.get(&t.table.plain).inc_by(n as u64);
+                                }
+                            }
                             if let Some(m) = merged {
                                 for (outcome, n) in [
                                     ("inserted", m.inserted),
@@ -793,7 +809,10 @@ impl Pipeline {
             return self.read_kafka_positions(partitions);
         }
         let pool = self.pool.clone();
-        let (table, topic) = (self.settings.table.clone(), self.settings.topic.clone());
+        let (name, topic) = (
+            self.settings.name().to_string(),
+            self.settings.topic.clone(),
+        );
         let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
         self.reads.spawn(async move {
             let turn = pool.wait_turn().await;
@@ -801,7 +820,7 @@ impl Pipeline {
                 let conn = pool.open(turn?).await?;
                 let mut out = Vec::with_capacity(partitions.len());
                 for p in partitions {
-                    out.push((p, pg::position(conn.client(), &table, &topic, p).await?));
+                    out.push((p, pg::position(conn.client(), &name, &topic, p).await?));
                 }
                 conn.release();
                 Ok(out)
@@ -885,7 +904,7 @@ impl Pipeline {
         let topic = self.source.topic().to_string();
         let metrics = self.metrics.clone();
         let pool = self.pool.clone();
-        let table = self.settings.table.clone();
+        let name = self.settings.name().to_string();
         let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
         let every = self.machine.config().view_interval;
         tokio::spawn(async move {
@@ -894,7 +913,7 @@ impl Pipeline {
                 let stored = async {
                     let turn = pool.wait_turn().await;
                     let conn = pool.open(turn?).await?;
-                    let positions = pg::positions(conn.client(), &table, &topic).await?;
+                    let positions = pg::positions(conn.client(), &name, &topic).await?;
                     conn.release();
                     Ok::<_, PgFailure>(positions)
                 };

@@ -469,7 +469,7 @@ impl Default for Mapping {
 
 /// The pointers of a mapping as a tree of tokens, walked once per record.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Node {
+pub(crate) struct Node {
     /// Columns whose pointer ends here.
     slots: Vec<usize>,
     /// Columns whose pointer ends here or below: a duplicate key forgets what an earlier
@@ -507,7 +507,6 @@ impl Node {
 /// The pointers of `columns` (slot i is column i) and `extra`'s (slot `columns.len()`) as
 /// one tree.
 fn compile(columns: &[ColumnSpec], extra: Option<&Pointer>) -> Node {
-    let mut tree = Node::default();
     let pointers = columns
         .iter()
         .map(|c| match &c.source {
@@ -515,6 +514,12 @@ fn compile(columns: &[ColumnSpec], extra: Option<&Pointer>) -> Node {
             Source::Meta(_) => None,
         })
         .chain(extra.map(Some));
+    compile_pointers(pointers)
+}
+
+/// Slot i is the i-th pointer (none: no slot), as one tree.
+pub(crate) fn compile_pointers<'p>(pointers: impl Iterator<Item = Option<&'p Pointer>>) -> Node {
+    let mut tree = Node::default();
     for (i, p) in pointers.enumerate() {
         let Some(p) = p else { continue };
         let mut node = &mut tree;

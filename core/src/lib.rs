@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pgcopy;
 pub mod props;
 pub mod retry;
+pub mod routing;
 mod scan;
 pub mod upsert;
 
@@ -42,4 +43,5 @@ pub use error::{ConfigError, ErrorClass};
 pub use ledger::{OffsetLedger, Partition, Position};
 pub use pgcopy::CopyRows;
 pub use retry::{Jitter, RetryConfig, RetryPolicy};
+pub use routing::Router;
 pub use upsert::{Matcher, OnConflict, Upsert};

@@ -860,7 +860,7 @@ impl Cluster {
     pub(crate) async fn positions(&self) -> Result<std::collections::BTreeMap<i32, i64>> {
         let c = connect(&self.pg.url()).await?;
         Ok(c.query(
-            "SELECT kafka_partition, next_offset FROM spillway_offsets WHERE table_name = $1",
+            "SELECT kafka_partition, next_offset FROM spillway_offsets WHERE consumer = $1",
             &[&TABLE],
         )
         .await?

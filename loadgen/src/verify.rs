@@ -389,7 +389,7 @@ impl<'a> Looker<'a> {
         let stored: std::collections::HashMap<i32, i64> = db
             .query(
                 "SELECT kafka_partition, next_offset FROM spillway_offsets \
-                 WHERE table_name = $1 AND topic = $2",
+                 WHERE consumer = $1 AND topic = $2",
                 &[&self.cfg.table, &self.cfg.topic],
             )
             .await?

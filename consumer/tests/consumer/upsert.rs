@@ -3,7 +3,7 @@
 //! again changes no row.
 
 use super::*;
-use spillway_consumer::pg::{self, TableName, Target};
+use spillway_consumer::pg::{self, TableName, Target, Targets};
 use spillway_core::batcher::{Batch, BatchId, Entry, Record};
 use spillway_core::{FlushResult, Mapping, Position, Upsert};
 
@@ -72,14 +72,15 @@ async fn table_state(
     .collect())
 }
 
+/// Writes `b` as the consumer named after the table would.
 async fn write(
     c: &mut tokio_postgres::Client,
-    target: &Target,
-    mapping: &Mapping,
+    targets: &Targets,
     b: &Batch,
 ) -> (FlushResult, Option<spillway_consumer::upsert::Merged>) {
-    let rows = pg::encode_rows(b, mapping).unwrap();
-    pg::flush(c, target, TOPIC, b, rows).await
+    let rows = pg::encode_rows(b, targets).unwrap();
+    let name = targets.tables[0].table.plain.clone();
+    pg::flush(c, targets, &name, TOPIC, b, rows).await
 }
 
 /// Fault: a batch committed in Postgres is written again (as after a crash between the
@@ -131,17 +132,17 @@ async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_
     ] {
         let mapping = upsert_mapping(on_conflict);
         let name = TableName::parse(table).unwrap();
-        pg::migrate(&mut c, &name, &mapping)
+        let target = Targets::single(Target::new(name, &mapping));
+        pg::migrate(&mut c, &target)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        pg::position(&c, &name, TOPIC, 0)
+        pg::position(&c, table, TOPIC, 0)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let target = Target::new(name, &mapping);
         let names = |rows: &[(i64, String, String)]| -> Vec<(i64, String)> {
             rows.iter().map(|(i, n, _)| (*i, n.clone())).collect()
         };
-        let (result, merged) = write(&mut c, &target, &mapping, &b1).await;
+        let (result, merged) = write(&mut c, &target, &b1).await;
         assert!(
             matches!(result, FlushResult::Written),
             "{table}: {result:?}"
@@ -158,7 +159,7 @@ async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_
             (3, 0, 0, 6),
             "{table}: one record per key decided its row, on an empty table"
         );
-        let (result, merged) = write(&mut c, &target, &mapping, &b2).await;
+        let (result, merged) = write(&mut c, &target, &b2).await;
         assert!(
             matches!(result, FlushResult::Written),
             "{table}: {result:?}"
@@ -174,7 +175,7 @@ async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_
             "{table}"
         );
 
-        let (replayed, merged) = write(&mut c, &target, &mapping, &b1).await;
+        let (replayed, merged) = write(&mut c, &target, &b1).await;
         assert!(
             matches!(replayed, FlushResult::Fenced),
             "{table}: {replayed:?}"
@@ -221,7 +222,7 @@ async fn produce_by_key(bootstrap: &str, keys: &[u64], messages: &[Vec<String>])
 }
 
 /// Waits until the stored positions, summed over partitions, reach `messages`.
-async fn wait_positions(url: &str, messages: i64) -> Result<()> {
+pub(super) async fn wait_positions(url: &str, messages: i64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut last = -1;
     loop {
