@@ -90,8 +90,10 @@ impl MergeSql {
         if upsert.delete_when.is_some() {
             columns.push(format!("{DELETE_FLAG} boolean"));
         }
+        // Checked before creating: `IF NOT EXISTS` would send a NOTICE on every flush.
         let create_stage = format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
+            "DO $$ BEGIN IF to_regclass('{stage}') IS NULL THEN \
+             CREATE TEMP TABLE {stage} ({}) ON COMMIT DELETE ROWS; END IF; END $$",
             columns.join(", ")
         );
         let keys = key_list(upsert);

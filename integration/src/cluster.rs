@@ -14,9 +14,10 @@ use spillway_harness::{
     free_port, postgres_from_env, ChildProcess, FaultProxy, Faults, KafkaBroker, PostgresServer,
     Tansu,
 };
+use spillway_loadgen::keyed::{verify_latest_per_key, KeyedVerdict};
 use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
-use spillway_loadgen::runner::{self, Live, RunConfig, RunResult};
+use spillway_loadgen::runner::{self, AckSet, Live, RunConfig, RunResult};
 use spillway_loadgen::verify::{verify, Verdict, VerifyConfig};
 
 use crate::child::{ARGS_ENV, ENTRY_TEST, ROLE_ENV};
@@ -696,7 +697,18 @@ impl Cluster {
                 QUIET_WITHIN,
             )
         };
-        let v = verify(&cfg, &done.result.acked, |_| {}).await?;
+        // Keyed traffic's states go to a table written by key: the records table holds the
+        // rest, exactly once ([`Cluster::keyed_verdict`] judges the states).
+        let acked = if done.spec.keys.is_some() {
+            let mut rest = AckSet::default();
+            for seq in done.result.acked.iter().filter(|s| !done.spec.is_state(*s)) {
+                rest.insert_range(seq, 1);
+            }
+            rest
+        } else {
+            done.result.acked.clone()
+        };
+        let v = verify(&cfg, &acked, |_| {}).await?;
         self.tl.note(format!(
             "verdict: acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, unexpected {} (allowed); quiet {} after {:.1} s",
             v.acknowledged, v.found, v.dead_lettered, v.lost, v.duplicated, v.unexpected,
@@ -711,6 +723,41 @@ impl Cluster {
                 v.duplicated,
                 ids(&done.run_id, &v.duplicated_sample),
                 v.not_quiet.as_deref().unwrap_or("the pipeline was quiet")
+            );
+            match ctx.mutant() {
+                None => bail!("{detail}\n{}", self.log_tails()),
+                Some(_) => self.tl.note(detail),
+            }
+        }
+        Ok(v)
+    }
+
+    /// After [`Cluster::verdict`] (the pipeline is quiet): each key's row in `table`, written by
+    /// key, is its last state in Kafka, or gone when that state deletes it. The proof fails on a
+    /// wrong row (a mutant run only notes it: no mutant runs a keyed scenario yet).
+    pub(crate) async fn keyed_verdict(
+        &self,
+        ctx: &Ctx,
+        done: &Done,
+        table: &str,
+    ) -> Result<KeyedVerdict> {
+        let v = verify_latest_per_key(
+            &self.broker.bootstrap(),
+            TOPIC,
+            &self.pg.url(),
+            table,
+            &done.run_id,
+            &done.spec.id_field,
+        )
+        .await?;
+        self.tl.note(format!(
+            "keyed verdict on {table}: {} keys, {} states in Kafka, {} deleted last; {} rows wrong, {} keys across partitions",
+            v.keys, v.states, v.deleted, v.wrong, v.split
+        ));
+        if !v.passed() {
+            let detail = format!(
+                "{table} does not hold each key's last state: {} wrong (first: {:?}), {} keys across partitions, {} keys",
+                v.wrong, v.wrong_sample, v.split, v.keys
             );
             match ctx.mutant() {
                 None => bail!("{detail}\n{}", self.log_tails()),

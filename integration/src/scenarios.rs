@@ -1,4 +1,4 @@
-//! The thirteen scenarios. Each one states its fault, the evidence it records that the fault
+//! The fourteen scenarios. Each one states its fault, the evidence it records that the fault
 //! happened as described (the scenario fails without it, in every [`Run`]), and what it checks
 //! of the pipeline's behaviour; then loadgen's verdict judges the records.
 
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use spillway_harness::postgres::connect;
 use spillway_harness::{Faults, KafkaBroker, PostgresServer, ProcessState};
-use spillway_loadgen::payload::{typed_columns, PayloadSpec};
+use spillway_loadgen::payload::{state_columns, typed_columns, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
 
 use crate::cluster::{
@@ -856,6 +856,96 @@ pub async fn typed_columns_through_a_backend_crash(run: Run) -> Result<()> {
                 bad.len()
             ));
             c.consumer_rode_it_out(&ctx, pid).await
+        },
+    )
+    .await
+}
+
+/// 14. Fault: upsert and routing through a consumer SIGKILLed between its two commits (after
+///     its Nth Postgres commit, before the Kafka commit; N from the seed), then restarted. The
+///     consumer routes states (`/kind=state`) to `states`, written by key (`--upsert-key key`,
+///     `--delete-when /op=delete`, its own `[[tables]]` section), and every other record to the
+///     records table; keyed traffic (`PayloadSpec::keys`: each request one of 40 keys, sent as
+///     `X-Spillway-Key`) mixes both kinds in one request, so batches span both tables.
+///     Evidence: the SIGKILL, with rows committed before it; records acknowledged while no
+///     consumer ran.
+///     Checks: the verdict on the records table (every acknowledged non-state record exactly
+///     once); each key's row in `states` is its last state in Kafka's order, or gone when that
+///     state deletes it, and no key spans partitions (the keyed verdict).
+pub async fn upsert_and_routing_through_a_consumer_crash(run: Run) -> Result<()> {
+    chaos(
+        "upsert_and_routing_through_a_consumer_crash",
+        run,
+        Duration::from_secs(150),
+        |mut ctx| async move {
+            let n = ctx.rng.u32(2..=5);
+            let config = ctx.logs.join("consumer.toml");
+            let columns: String = state_columns("id")
+                .iter()
+                .map(|c| {
+                    let (name, rest) = c.split_once(':').unwrap_or_default();
+                    let (ty, pointer) = rest.split_once('=').unwrap_or_default();
+                    format!(
+                        "[[tables.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\npointer = \"{pointer}\"\n"
+                    )
+                })
+                .collect();
+            std::fs::write(
+                &config,
+                format!(
+                    "[[tables]]\nname = \"states\"\nupsert-key = \"key\"\n\
+                     delete-when = \"/op=delete\"\n{columns}"
+                ),
+            )?;
+            let opts = Opts {
+                consumer_args: strings(&[
+                    "--config",
+                    &config.to_string_lossy(),
+                    "--route",
+                    "/kind=state:states",
+                ]),
+                consumer_failpoints: vec![(
+                    spillway_consumer::FAILPOINT_EXIT_AFTER_COMMITS.into(),
+                    n.to_string(),
+                )],
+                ..Opts::default()
+            };
+            let mut c = Cluster::start(&ctx, opts).await?;
+            let mut spec = PayloadSpec::generated((1, 5), (100, 300));
+            spec.keys = Some(40);
+            let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(12), Some(spec));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let status = loop {
+                if let Some(status) = c.consumers[0].process.exited() {
+                    break status;
+                }
+                ensure!(Instant::now() < deadline, "the failpoint never fired");
+                pause(Duration::from_millis(10)).await;
+            };
+            let window = traffic.window();
+            use std::os::unix::process::ExitStatusExt;
+            ensure!(
+                status.signal() == Some(9),
+                "the consumer ended with {status}, not SIGKILL:\n{}",
+                c.consumers[0].process.log_tail(20)
+            );
+            let db = connect(&c.pg.url()).await?;
+            let states: i64 = db.query_one("SELECT count(*) FROM states", &[]).await?.get(0);
+            let written = c.rows().await?;
+            c.tl.note(format!(
+                "consumer SIGKILLed between its two commits of batch {n} ({written} records \
+                 table rows, {states} states rows)"
+            ));
+            ctx.check(written + states > 0, || {
+                "nothing was committed before the kill".into()
+            })?;
+            c.consumers[0].restart_without_failpoints()?;
+            c.consumers[0].ready("/healthz").await?;
+            window.end(&traffic, &c.tl, "no consumer ran")?;
+            let done = traffic.done().await?;
+            c.verdict(&ctx, &done).await?;
+            c.keyed_verdict(&ctx, &done, "states").await?;
+            Ok(())
         },
     )
     .await

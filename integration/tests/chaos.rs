@@ -79,3 +79,8 @@ async fn postgres_unreachable_alert_fires_and_resolves() -> Result<()> {
 async fn typed_columns_through_a_backend_crash() -> Result<()> {
     scenarios::typed_columns_through_a_backend_crash(Proof).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upsert_and_routing_through_a_consumer_crash() -> Result<()> {
+    scenarios::upsert_and_routing_through_a_consumer_crash(Proof).await
+}

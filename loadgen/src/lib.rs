@@ -3,6 +3,7 @@
 //! suite drive traffic through it.
 #![warn(missing_docs)]
 
+pub mod keyed;
 pub mod payload;
 pub mod profile;
 pub mod report;

@@ -292,6 +292,7 @@ async fn run(a: Args) -> Result<bool> {
         id_field: a.id_field.clone(),
         poison_rate: a.poison_rate,
         typed: a.typed,
+        keys: None,
     };
     let id_column = match (&a.id_column, a.typed && a.target.is_none()) {
         (Some(c), _) => Some(c.clone()),

@@ -25,6 +25,33 @@ pub struct PayloadSpec {
     pub poison_rate: f64,
     /// Generate records that fit [`typed_columns`] (ignored with `file_records`).
     pub typed: bool,
+    /// Keyed traffic for writing by key (ignored with `file_records` and `typed`): each
+    /// request belongs to one key below this, sent as its `X-Spillway-Key` (so all of a key's
+    /// requests share a Kafka partition); about half of its records are states of that key
+    /// (see [`PayloadSpec::is_state`] and [`state_columns`]), the rest ordinary records.
+    pub keys: Option<u64>,
+}
+
+/// The columns of a table written by key that keyed traffic's states fit: `key` (the upsert
+/// key), `seq` (the record's sequence number) and `id`. A state with `"op":"delete"` deletes
+/// its key's row (`--delete-when /op=delete`); states are routed by `/kind=state`.
+pub fn state_columns(id_field: &str) -> Vec<String> {
+    let pointer = id_field.replace('~', "~0").replace('/', "~1");
+    vec![
+        "key:bigint=/key".into(),
+        "seq:bigint=/seq".into(),
+        format!("id:text=/{pointer}"),
+    ]
+}
+
+/// SplitMix64's finaliser of `seq` and a salt, as a fraction in [0, 1): a well-spread,
+/// deterministic choice per sequence number.
+fn fraction(seq: u64, salt: u64) -> f64 {
+    let mut z = seq.wrapping_add(salt);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    z as f64 / u64::MAX as f64
 }
 
 /// The consumer mapping typed records fit: the id (as text, from `id_field`) and six typed
@@ -55,20 +82,23 @@ impl PayloadSpec {
             id_field: "id".into(),
             poison_rate: 0.0,
             typed: false,
+            keys: None,
         }
     }
 
     /// Whether record `seq` is a poison record (deterministic: the same in every run).
     pub fn is_poison(&self, seq: u64) -> bool {
-        if self.poison_rate <= 0.0 {
-            return false;
-        }
-        // SplitMix64's finaliser: a well-spread hash of the sequence number.
-        let mut z = seq.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z as f64 / u64::MAX as f64) < self.poison_rate
+        self.poison_rate > 0.0 && fraction(seq, 0x9E37_79B9_7F4A_7C15) < self.poison_rate
+    }
+
+    /// With `keys`: whether record `seq` is a state of its request's key (about half are).
+    pub fn is_state(&self, seq: u64) -> bool {
+        self.keys.is_some() && !self.typed && fraction(seq, 0x51A7_E5EE_D000_0001) < 0.5
+    }
+
+    /// Whether state `seq` deletes its key's row (about one in seven states).
+    pub fn is_delete(&self, seq: u64) -> bool {
+        self.is_state(seq) && fraction(seq, 0xDE1E_7E00_0000_0007) < 1.0 / 7.0
     }
 }
 
@@ -81,6 +111,8 @@ pub struct Payload {
     pub first_seq: u64,
     /// Number of records.
     pub records: u64,
+    /// With keyed traffic: the request's key (its `X-Spillway-Key`).
+    pub key: Option<u64>,
 }
 
 /// Makes bodies in order; deterministic for a seed.
@@ -133,6 +165,12 @@ impl PayloadGen {
         let (lo, hi) = self.spec.records_per_request;
         let n = self.rng.usize(lo..=hi.max(lo));
         let first_seq = self.next_seq;
+        let key = match self.spec.keys {
+            Some(keys) if self.spec.file_records.is_none() && !self.spec.typed => {
+                Some(self.rng.u64(..keys.max(1)))
+            }
+            _ => None,
+        };
         let json = match &self.spec.file_records {
             Some(file) if !file.is_empty() => {
                 let mut records = Vec::with_capacity(n);
@@ -151,7 +189,16 @@ impl PayloadGen {
                 serde_json::to_vec(&Value::Array(records)).unwrap_or_default()
             }
             _ if self.spec.typed => self.records(n, Self::typed_record),
-            _ => self.records(n, Self::generated_record),
+            _ => match key {
+                Some(k) => self.records(n, |g, out, seq| {
+                    if g.spec.is_state(seq) {
+                        Self::state_record(out, seq, k, g.spec.is_delete(seq));
+                    } else {
+                        g.generated_record(out, seq);
+                    }
+                }),
+                None => self.records(n, Self::generated_record),
+            },
         };
         let body = if self.spec.gzip {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -164,12 +211,13 @@ impl PayloadGen {
             body: body.into(),
             first_seq,
             records: n as u64,
+            key,
         }
     }
 
     /// `n` records as a JSON array, written straight into the buffer (this is the hot path of
     /// a high-rate run): each `{"id":"<run>-<seq>` and what `rest` writes after it.
-    fn records(&mut self, n: usize, rest: fn(&mut Self, &mut Vec<u8>, u64)) -> Vec<u8> {
+    fn records(&mut self, n: usize, mut rest: impl FnMut(&mut Self, &mut Vec<u8>, u64)) -> Vec<u8> {
         let (lo, hi) = self.spec.record_size;
         let mut out = Vec::with_capacity(n * (hi.max(lo) + 16) + 2);
         out.push(b'[');
@@ -201,6 +249,16 @@ impl PayloadGen {
         } else {
             out.extend_from_slice(b"\"}");
         }
+    }
+
+    /// The rest of a state of key `key`: `{"id":"<run>-<seq>","kind":"state","key":<key>,
+    /// "seq":<seq>}`, with `"op":"delete"` when it deletes the key's row.
+    fn state_record(out: &mut Vec<u8>, seq: u64, key: u64, delete: bool) {
+        let _ = write!(out, ",\"kind\":\"state\",\"key\":{key},\"seq\":{seq}");
+        if delete {
+            out.extend_from_slice(br#","op":"delete""#);
+        }
+        out.push(b'}');
     }
 
     /// The rest of a record that fits [`typed_columns`]:
@@ -294,6 +352,43 @@ mod tests {
     }
 
     #[test]
+    fn keyed_requests_carry_one_key_and_states_of_it_beside_ordinary_records() {
+        let mut spec = PayloadSpec::generated((1, 6), (100, 120));
+        spec.keys = Some(10);
+        let mut g = PayloadGen::new(spec.clone(), "r", 7);
+        let (mut states, mut deletes, mut others) = (0, 0, 0);
+        for _ in 0..300 {
+            let p = g.next_payload();
+            let key = p.key.expect("a keyed request has a key");
+            assert!(key < 10);
+            let v: Vec<Value> = serde_json::from_slice(&p.body).unwrap();
+            for (i, r) in v.iter().enumerate() {
+                let seq = p.first_seq + i as u64;
+                assert_eq!(r["id"], format!("r-{seq}"));
+                if spec.is_state(seq) {
+                    assert_eq!(
+                        (&r["kind"], &r["key"], &r["seq"]),
+                        (&"state".into(), &key.into(), &seq.into())
+                    );
+                    assert_eq!(r.get("op").is_some(), spec.is_delete(seq));
+                    states += 1;
+                    deletes += u32::from(spec.is_delete(seq));
+                } else {
+                    assert!(r.get("kind").is_none() && r["pad"].is_string());
+                    others += 1;
+                }
+            }
+        }
+        assert!(
+            states > 200 && others > 200 && deletes > 20,
+            "{states} {others} {deletes}"
+        );
+        let plain =
+            PayloadGen::new(PayloadSpec::generated((1, 1), (100, 100)), "r", 7).next_payload();
+        assert_eq!(plain.key, None);
+    }
+
+    #[test]
     fn file_records_get_the_id_added() {
         let recs = read_records_file("{\"a\":1}\n{\"b\":2}\n").unwrap();
         let spec = PayloadSpec {
@@ -304,6 +399,7 @@ mod tests {
             id_field: "uid".into(),
             poison_rate: 0.0,
             typed: false,
+            keys: None,
         };
         let p = PayloadGen::new(spec, "r", 1).next_payload();
         let v: Vec<Value> = serde_json::from_slice(&p.body).unwrap();

@@ -171,6 +171,8 @@ pub struct Live {
 
 struct Job {
     body: bytes::Bytes,
+    /// The request's `X-Spillway-Key`, if any.
+    key: Option<u64>,
     planned: f64,
     first_seq: u64,
     records: u64,
@@ -348,7 +350,7 @@ pub async fn run(
             let mut conn: Option<Conn> = None;
             while let Some(job) = jobs.recv().await {
                 let sent = Instant::now();
-                let (status, body) = match target.exchange(&mut conn, job.body).await {
+                let (status, body) = match target.exchange(&mut conn, job.body, job.key).await {
                     Ok((status, body)) => {
                         let text = (!(200..300).contains(&status))
                             .then(|| String::from_utf8_lossy(&body).into_owned());
@@ -410,6 +412,7 @@ pub async fn run(
         live.in_flight.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             body: p.body,
+            key: p.key,
             planned: *t,
             first_seq: p.first_seq,
             records: p.records,
@@ -508,6 +511,7 @@ impl Target {
         &self,
         conn: &mut Option<Conn>,
         body: bytes::Bytes,
+        key: Option<u64>,
     ) -> Result<(u16, bytes::Bytes), String> {
         if let Some(p) = &self.problem {
             return Err(p.clone());
@@ -530,6 +534,9 @@ impl Target {
         };
         let mut req = Vec::with_capacity(self.head.len() + 32 + body.len());
         req.extend_from_slice(&self.head);
+        if let Some(key) = key {
+            req.extend_from_slice(format!("x-spillway-key: {key}\r\n").as_bytes());
+        }
         req.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
         req.extend_from_slice(&body);
         let answer = async {
@@ -760,21 +767,33 @@ mod tests {
         let target = Target::new(&RunConfig::new(url, vec![]));
         let mut conn = None;
         let body = bytes::Bytes::from_static(b"[{\"id\":1}]");
-        let a = target.exchange(&mut conn, body.clone()).await.unwrap();
+        let a = target
+            .exchange(&mut conn, body.clone(), None)
+            .await
+            .unwrap();
         assert_eq!((a.0, &a.1[..]), (200, &b"{}"[..]));
-        let a = target.exchange(&mut conn, body.clone()).await.unwrap();
+        let a = target
+            .exchange(&mut conn, body.clone(), None)
+            .await
+            .unwrap();
         assert_eq!((a.0, &a.1[..]), (503, &b"busy!!!"[..]));
-        let a = target.exchange(&mut conn, body.clone()).await.unwrap();
+        let a = target
+            .exchange(&mut conn, body.clone(), None)
+            .await
+            .unwrap();
         assert_eq!((a.0, a.1.len()), (204, 0));
         assert!(conn.is_some(), "one connection kept alive so far");
-        let a = target.exchange(&mut conn, body.clone()).await.unwrap();
+        let a = target
+            .exchange(&mut conn, body.clone(), None)
+            .await
+            .unwrap();
         assert_eq!((a.0, &a.1[..]), (200, &b"bye"[..]));
         assert!(
             conn.is_none(),
             "a close-delimited answer ends the connection"
         );
         // The next request opens a new connection.
-        let a = target.exchange(&mut conn, body).await.unwrap();
+        let a = target.exchange(&mut conn, body, None).await.unwrap();
         assert_eq!((a.0, &a.1[..]), (200, &b"{}"[..]));
     }
 
@@ -789,7 +808,7 @@ mod tests {
         let mut conn = None;
         for _ in 0..3 {
             let a = target
-                .exchange(&mut conn, bytes::Bytes::from_static(b"{}"))
+                .exchange(&mut conn, bytes::Bytes::from_static(b"{}"), None)
                 .await
                 .unwrap();
             assert_eq!(a.0, 200);
@@ -798,7 +817,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let bad = Target::new(&RunConfig::new("https://example.invalid/".into(), vec![]));
-        let e = bad.exchange(&mut None, bytes::Bytes::new()).await;
+        let e = bad.exchange(&mut None, bytes::Bytes::new(), None).await;
         assert!(e.unwrap_err().contains("only http://"));
     }
 }

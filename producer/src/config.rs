@@ -298,7 +298,7 @@ mod tests {
     #[test]
     fn flags_override_the_file_and_defaults_fill_the_rest() {
         let dir = tempfile_dir();
-        let path = dir.join("p.toml");
+        let path = dir.path().join("p.toml");
         std::fs::write(
             &path,
             "brokers = \"file:9092\"\ntopic = \"t\"\nmax-body-bytes = 1000\n[librdkafka]\n\"security.protocol\" = \"SASL_SSL\"\n",
@@ -352,7 +352,7 @@ mod tests {
         let s = parse(&["--brokers", "b", "--topic", "t"]).unwrap();
         assert_eq!((s.max_depth, s.schema), (128, None));
         let dir = tempfile_dir();
-        let path = dir.join("p.toml");
+        let path = dir.path().join("p.toml");
         std::fs::write(
             &path,
             "brokers = \"b\"\ntopic = \"t\"\nmax-depth = 40\nschema = \"records.json\"\n",
@@ -370,9 +370,11 @@ mod tests {
         assert!(err.to_string().contains("--schema"), "{err}");
     }
 
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("spillway-producer-cfg-{}", fastrand::u64(..)));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A directory removed when the test ends (it used to be left in the temp directory).
+    fn tempfile_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("spillway-producer-cfg-")
+            .tempdir()
+            .unwrap()
     }
 }

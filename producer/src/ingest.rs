@@ -1,6 +1,6 @@
 //! Turning a request body into records: content type, decompression under a hard cap, UTF-8,
-//! nesting depth and JSON validation. Pure functions; the HTTP layer maps [`Rejection`] to a
-//! status.
+//! nesting depth and JSON validation; and reading the request's Kafka message key
+//! ([`message_key`]). Pure functions; the HTTP layer maps [`Rejection`] to a status.
 //!
 //! Nothing here recurses on the input's nesting: the depth is counted by one loop over the
 //! bytes before any parser sees them, and splitting into raw records uses serde_json's
@@ -67,6 +67,52 @@ pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, Rejection> {
              records) or application/x-ndjson (one record per line). {NOTHING_WRITTEN}"
         ))),
     }
+}
+
+/// The longest `X-Spillway-Key`, in bytes.
+pub const MAX_KEY_BYTES: usize = 255;
+
+/// Reads the `X-Spillway-Key` header, given every value the request sent for it, as sent:
+/// `None` without the header, else its one value, which must be 1 to [`MAX_KEY_BYTES`] bytes
+/// of printable ASCII (space to `~`). It becomes the Kafka message key, so that the
+/// partitioner puts every request of one key in one partition, in the order Kafka
+/// acknowledged them. A key given twice is refused rather than one of them chosen: the two
+/// could name different keys.
+pub fn message_key<'h>(
+    values: impl IntoIterator<Item = &'h [u8]>,
+) -> Result<Option<&'h [u8]>, Rejection> {
+    let rule = format!(
+        "send 1 to {MAX_KEY_BYTES} bytes of printable ASCII (space to `~`). {NOTHING_WRITTEN}"
+    );
+    let mut values = values.into_iter();
+    let Some(key) = values.next() else {
+        return Ok(None);
+    };
+    let also = values.count();
+    if also > 0 {
+        return Err(Rejection::BadRequest(format!(
+            "X-Spillway-Key is given {} times: send it once; {rule}",
+            also + 1
+        )));
+    }
+    if key.is_empty() {
+        return Err(Rejection::BadRequest(format!(
+            "X-Spillway-Key is empty: leave it out for no key, or {rule}"
+        )));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Rejection::BadRequest(format!(
+            "X-Spillway-Key is {} bytes, more than {MAX_KEY_BYTES}, the limit: {rule}",
+            key.len()
+        )));
+    }
+    if let Some(at) = key.iter().position(|b| !(0x20..=0x7e).contains(b)) {
+        return Err(Rejection::BadRequest(format!(
+            "X-Spillway-Key is not printable ASCII: byte 0x{:02x} at offset {at}; {rule}",
+            key[at]
+        )));
+    }
+    Ok(Some(key))
 }
 
 /// Applies `Content-Encoding`, never producing more than `limit` bytes (a gzip bomb stops at
@@ -490,6 +536,50 @@ mod tests {
             Err(Rejection::Unsupported(_))
         ));
         assert!(matches!(body_kind(None), Err(Rejection::Unsupported(_))));
+    }
+
+    /// Checks [`message_key`] on the header's `values`: the key, or a 400 whose message holds
+    /// `needle` and says what a key may be.
+    fn check_key(values: &[&[u8]], want: Result<Option<&[u8]>, &str>) {
+        let got = message_key(values.iter().copied());
+        match (got, want) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want, "values {values:?}"),
+            (Err(Rejection::BadRequest(msg)), Err(needle)) => {
+                assert!(
+                    msg.starts_with("X-Spillway-Key ") && msg.contains(needle),
+                    "values {values:?}: {msg:?} lacks {needle:?}"
+                );
+                assert!(
+                    msg.ends_with(
+                        "send 1 to 255 bytes of printable ASCII (space to `~`). Nothing was written."
+                    ),
+                    "{msg}"
+                );
+            }
+            (got, want) => panic!("values {values:?}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn message_keys() {
+        let longest = [b'k'; MAX_KEY_BYTES];
+        let too_long = [b'k'; MAX_KEY_BYTES + 1];
+        check_key(&[], Ok(None));
+        check_key(&[b"user-7"], Ok(Some(b"user-7")));
+        check_key(&[b" a b ~"], Ok(Some(b" a b ~")));
+        check_key(&[b"~"], Ok(Some(b"~")));
+        check_key(&[&longest], Ok(Some(&longest)));
+        check_key(&[b""], Err("is empty: leave it out for no key, or send"));
+        check_key(&[&too_long], Err("is 256 bytes, more than 255, the limit"));
+        check_key(&[b"a", b"a"], Err("is given 2 times: send it once"));
+        check_key(&[b"a", b"", b"c"], Err("is given 3 times"));
+        check_key(&["cl\u{e9}".as_bytes()], Err("byte 0xc3 at offset 2"));
+        check_key(
+            &[b"a\tb"],
+            Err("not printable ASCII: byte 0x09 at offset 1"),
+        );
+        check_key(&[b"\x1f"], Err("byte 0x1f at offset 0"));
+        check_key(&[b"a\x7f"], Err("byte 0x7f at offset 1"));
     }
 
     fn gzip(data: &[u8]) -> bytes::Bytes {

@@ -1,8 +1,9 @@
 //! Spillway's HTTP ingest service.
 //!
 //! `POST`/`PUT /store` takes JSON (an object or an array) or NDJSON, optionally gzipped, turns
-//! the whole request into one Kafka message (the core's [`spillway_core::Envelope`]), and
-//! answers `200` only after Kafka acknowledged it with `acks=all` from an idempotent producer.
+//! the whole request into one Kafka message (the core's [`spillway_core::Envelope`]), keyed by
+//! the request's `X-Spillway-Key` if it has one (else without a key), and answers `200` only
+//! after Kafka acknowledged it with `acks=all` from an idempotent producer.
 //! Bad input gets a 4xx and writes nothing; Kafka slow or down gets `503` with `Retry-After`;
 //! too much in flight is shed at once with `429`. It never answers 2xx for data that is not
 //! durable in Kafka.

@@ -399,9 +399,20 @@ pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
             "queue.buffering.max.kbytes",
             (settings.max_in_flight_bytes / 1024 + 1).to_string(),
         )
-        .set("allow.auto.create.topics", "false");
+        .set("allow.auto.create.topics", "false")
+        // A message with a key (`X-Spillway-Key`) goes to the partition the CRC32 of its key
+        // names, one without to any. librdkafka's default, pinned: a new default would move
+        // keys to other partitions, and a key's requests would be split across the change.
+        .set("partitioner", "consistent_random");
     for (k, v) in &settings.rdkafka {
         cfg.set(k, v);
+    }
+    if cfg.get("partitioner") == Some("random") {
+        tracing::warn!(
+            "-X partitioner=random ignores message keys: the requests of one X-Spillway-Key \
+             land in any partition, in no defined order; use consistent_random (the default) \
+             or murmur2_random"
+        );
     }
     tracing::info!(brokers = %settings.brokers, topic = %settings.topic,
         rdkafka = ?redact_properties(&settings.rdkafka), "connecting to Kafka");
@@ -708,6 +719,21 @@ fn authorized(state: &State, headers: &HeaderMap) -> bool {
         .into()
 }
 
+/// `POST`/`PUT /store`: the body's records become one Kafka message (an envelope), answered
+/// `200` with its partition and offset once Kafka acknowledged it. The request headers read:
+///
+/// - `Authorization: Bearer <token>`, required with `--auth-tokens` (else `401`).
+/// - `Content-Type`: `application/json` or `application/x-ndjson` (else `415`);
+///   `Content-Encoding`: `gzip` or none (else `415`); `Content-Length` and
+///   `Expect: 100-continue`, to refuse a body over `--max-body-bytes` before reading it.
+/// - `X-Spillway-Source` (optional): stored in the envelope as the request's source.
+/// - `X-Spillway-Key` (optional): the Kafka message key, so that the partitioner sends every
+///   request of one key to one partition of the topic, where Kafka keeps them in the order it
+///   wrote them (what a consumer writing by key, `--upsert-key`, relies on). 1 to
+///   [`ingest::MAX_KEY_BYTES`] bytes of printable ASCII, sent once; anything else is a `400`
+///   before the body is read, and nothing is written. HTTP drops a value's leading and
+///   trailing spaces, so they are not part of a key. Without it the message has no key and
+///   goes to any partition.
 async fn store<S, B>(
     state: &Arc<State>,
     headers: &HeaderMap,
@@ -723,6 +749,12 @@ where
             "missing or wrong bearer token: send `Authorization: Bearer <token>`. Nothing was written.",
         ));
     }
+    let key = ingest::message_key(
+        headers
+            .get_all("x-spillway-key")
+            .iter()
+            .map(|v| v.as_bytes()),
+    )?;
     let kind = ingest::body_kind(header(headers, "content-type"))?;
     let encoding = header(headers, "content-encoding");
     let gzip = encoding.is_some_and(|e| e.to_ascii_lowercase().contains("gzip"));
@@ -801,7 +833,8 @@ where
         source,
         records,
     };
-    let len = envelope.encoded_len();
+    // The key travels beside the envelope, in the same Kafka record.
+    let len = envelope.encoded_len() + key.map_or(0, <[u8]>::len);
     if len + FRAMING_MARGIN > state.max_message_bytes {
         return Err(Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -816,12 +849,14 @@ where
     let payload = envelope.encode();
     let sent = Instant::now();
     let (generation, producer) = state.producer();
-    let delivery = producer
-        .send_result(FutureRecord::<(), [u8]>::to(&state.settings.topic).payload(&payload))
-        .map_err(|(e, _)| {
-            state.replace_client_after(generation, &e);
-            kafka_refusal(&e, state)
-        })?;
+    let mut record = FutureRecord::<[u8], [u8]>::to(&state.settings.topic).payload(&payload);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    let delivery = producer.send_result(record).map_err(|(e, _)| {
+        state.replace_client_after(generation, &e);
+        kafka_refusal(&e, state)
+    })?;
     drop(producer);
     if mutation::active(Mutation::AckBeforeKafka) {
         // MUTATION ack-before-kafka: answer now. The delivery report is only watched in the

@@ -2,6 +2,7 @@
 //! injected: a 2xx always means the request is readable from Kafka.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use spillway_core::Envelope;
 use spillway_harness::http::{Answer, HttpClient};
-use spillway_harness::kafka::{message_count, read_all};
+use spillway_harness::kafka::{message_count, read_all, watermarks};
 use spillway_harness::{KafkaBroker, Mock, Tansu};
 use spillway_producer::{start, RunningProducer, Settings, StartError};
 
@@ -933,5 +934,222 @@ async fn a_schema_file_that_cannot_be_used_stops_start_up() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// A message read back from Kafka: its key, if any, and its payload (the envelope).
+type KeyedMessage = (Option<Vec<u8>>, Vec<u8>);
+
+/// Every message of `topic` by (partition, offset), with its key, read by a plain consumer
+/// from each partition's start to its end.
+fn read_with_keys(bootstrap: &str, topic: &str) -> Result<BTreeMap<(i32, i64), KeyedMessage>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let mut ends = BTreeMap::new();
+    let mut from = TopicPartitionList::new();
+    for (partition, (low, high)) in watermarks(bootstrap, topic)? {
+        if high > low {
+            ends.insert(partition, high);
+            from.add_partition_offset(topic, partition, Offset::Offset(low))?;
+        }
+    }
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "spillway-producer-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.assign(&from)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = BTreeMap::new();
+    while !ends.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "partitions {ends:?} of {topic} not read to their end within 30 s"
+        );
+        // Connection errors are events, not the end: librdkafka keeps reconnecting.
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let (key, payload) = (m.key().map(<[u8]>::to_vec), m.payload().unwrap_or_default());
+            out.insert((m.partition(), m.offset()), (key, payload.to_vec()));
+            if ends.get(&m.partition()) == Some(&(m.offset() + 1)) {
+                ends.remove(&m.partition());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// CRC-32 (IEEE), the hash of librdkafka's `consistent_random` partitioner.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Writing by key (`--upsert-key`) needs every request of a key in one partition, in order.
+/// Requests with one `X-Spillway-Key`, sent to two producers in turn (as behind a load
+/// balancer), all land in one partition of a 4-partition topic at rising offsets, and each
+/// message carries the key; a request without the header still has no key. The partition is
+/// the key's CRC-32 modulo 4 (`consistent_random`, which the producer pins so that a key's
+/// partition never moves with a librdkafka upgrade); these keys use all four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_one_x_spillway_key_share_a_partition_in_order_and_carry_the_key(
+) -> Result<()> {
+    const KEYED: &str = "keyed";
+    let broker = blocking(Tansu::start).await?;
+    broker.create_topic(KEYED, 4).await?;
+    let on_keyed = || {
+        let mut s = settings(&broker);
+        s.topic = KEYED.into();
+        s
+    };
+    let producers = [start(on_keyed()).await?, start(on_keyed()).await?];
+    let http = HttpClient::new();
+    let longest = "k".repeat(255);
+    let keys = [
+        "user-7",
+        "user-8",
+        "order 2024/42 ~!\"",
+        longest.as_str(),
+        "x",
+    ];
+    // What each 200 pointed at: the key sent (if any) and the one record.
+    let mut sent: Vec<((i32, i64), Option<&str>, String)> = Vec::new();
+    for round in 0..4 {
+        for key in keys.iter().map(Some).chain([None]) {
+            for producer in &producers {
+                let record = serde_json::json!({ "key": key, "round": round }).to_string();
+                let mut headers = vec![("content-type", "application/json")];
+                headers.extend(key.map(|k| ("x-spillway-key", *k)));
+                let a = http
+                    .send(
+                        hyper::Method::POST,
+                        &producer.store_url(),
+                        &headers,
+                        record.clone(),
+                    )
+                    .await?;
+                assert_eq!(a.status, 200, "key {key:?}: {}", a.body);
+                sent.push((coordinates(&a)?, key.copied(), record));
+            }
+        }
+    }
+    for producer in producers {
+        producer.shutdown().await;
+    }
+
+    let bootstrap = broker.bootstrap();
+    let in_kafka = blocking(move || read_with_keys(&bootstrap, KEYED)).await?;
+    assert_eq!(in_kafka.len(), sent.len(), "one message per request");
+    let mut placed: BTreeMap<&str, Vec<(i32, i64)>> = BTreeMap::new();
+    for (at, key, record) in &sent {
+        let (got_key, payload) = in_kafka
+            .get(at)
+            .with_context(|| format!("acknowledged message {at:?} is not in Kafka"))?;
+        assert_eq!(
+            got_key.as_deref(),
+            key.map(str::as_bytes),
+            "the message at {at:?} carries the request's key, or none without the header"
+        );
+        assert_eq!(Envelope::decode(payload)?.records, vec![record.as_bytes()]);
+        if let Some(key) = key {
+            placed.entry(key).or_default().push(*at);
+        }
+    }
+    for (key, ats) in &placed {
+        let partition = (crc32(key.as_bytes()) % 4) as i32;
+        assert!(
+            ats.iter().all(|(p, _)| *p == partition),
+            "key {key:?} belongs in partition {partition} but landed at {ats:?}"
+        );
+        assert!(
+            ats.windows(2).all(|w| w[0].1 < w[1].1),
+            "key {key:?}: offsets not in the order the requests were sent: {ats:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A malformed `X-Spillway-Key` is a 400 whose JSON error names the header and says what a key
+/// may be, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_x_spillway_key_gets_a_400_and_writes_nothing() -> Result<()> {
+    let broker = tansu().await?;
+    let producer = start(settings(&broker)).await?;
+    let http = HttpClient::new();
+    let too_long = "k".repeat(256);
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("empty", vec![""], "is empty"),
+        // HTTP drops a value's leading and trailing spaces: nothing is left.
+        ("only spaces", vec!["   "], "is empty"),
+        (
+            "too long",
+            vec![&too_long],
+            "is 256 bytes, more than 255, the limit",
+        ),
+        (
+            "not ASCII",
+            vec!["cl\u{e9}"],
+            "not printable ASCII: byte 0xc3 at offset 2",
+        ),
+        (
+            "a tab",
+            vec!["a\tb"],
+            "not printable ASCII: byte 0x09 at offset 1",
+        ),
+        ("twice", vec!["a", "a"], "is given 2 times: send it once"),
+        ("twice, differing", vec!["a", "b"], "is given 2 times"),
+    ];
+    for (name, values, needle) in &cases {
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend(values.iter().map(|v| ("x-spillway-key", *v)));
+        let a = http
+            .send(hyper::Method::POST, &producer.store_url(), &headers, "{}")
+            .await?;
+        assert_eq!(a.status, 400, "{name}: {}", a.body);
+        let body = a.json();
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
+        assert!(
+            msg.starts_with("X-Spillway-Key ")
+                && msg.ends_with(
+                    "send 1 to 255 bytes of printable ASCII (space to `~`). Nothing was written."
+                ),
+            "{name}: {msg:?}"
+        );
+        assert_eq!(body.as_object().map(|o| o.len()), Some(1), "{name}: {body}");
+    }
+    // Other control characters never reach the producer: HTTP itself refuses them (a bare
+    // 400 from the HTTP server, without the JSON).
+    let addr = producer.addr();
+    let head = format!(
+        "POST /store HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         x-spillway-key: a\x01b\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
+    );
+    let answer = blocking(move || write_everything_then_read(addr, &head, b"{}")).await?;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:.300}");
+
+    let bootstrap = broker.bootstrap();
+    assert_eq!(
+        blocking(move || message_count(&bootstrap, TOPIC)).await?,
+        0,
+        "nothing was written"
+    );
+    assert_eq!(
+        metric(
+            &producer.metrics_text()?,
+            "spillway_producer_requests_total{status=\"400\"}"
+        ),
+        Some(cases.len().to_string().as_str())
+    );
+    producer.shutdown().await;
     Ok(())
 }
