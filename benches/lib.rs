@@ -71,6 +71,94 @@ pub fn create_typed_table(table: &str) -> String {
     )
 }
 
+/// The key column of the upsert bench (issue 17), mapped ahead of [`TYPED_COLUMNS`].
+pub const UPSERT_KEY: &str = "id:bigint=/id";
+
+/// `id` then [`TYPED_COLUMNS`], `data` kept or not (`--keep-data`).
+pub fn keyed_mapping(keep_data: bool) -> Mapping {
+    let columns = std::iter::once(UPSERT_KEY)
+        .chain(TYPED_COLUMNS)
+        .map(|c| c.parse().expect("a valid mapping"))
+        .collect();
+    Mapping::new(columns, keep_data).expect("a valid mapping")
+}
+
+/// `mapping` written by `id`: `--upsert-key id --on-conflict update`, no `--delete-when`.
+pub fn by_id(mapping: Mapping) -> Mapping {
+    mapping
+        .with_upsert(spillway_core::Upsert {
+            key: vec!["id".into()],
+            on_conflict: spillway_core::OnConflict::Update,
+            delete_when: None,
+        })
+        .expect("a valid upsert")
+}
+
+/// A batch of issue 17's upsert bench and the table it meets: every tenth record repeats a
+/// key used earlier in the batch, and half of the batch's keys already have a row.
+#[derive(Debug)]
+pub struct UpsertBatch {
+    /// The batch: [`typed_record`]s with an `id`, partition 0, offsets from 0, one record per
+    /// message.
+    pub records: Vec<Record>,
+    /// One row for every other key of the batch, with other values: the table before the batch.
+    pub preload: Vec<Record>,
+    /// Keys of the batch without a row: the merge inserts one row each.
+    pub new_keys: u64,
+    /// Keys of the batch with a row: the merge updates it.
+    pub old_keys: u64,
+}
+
+/// The [`UpsertBatch`] of `n` records. The `d`-th distinct key is `d * 7919 mod 1000003`
+/// (distinct, and spread over the key's index rather than appended to its end); record `i`
+/// with `i % 10 == 9` repeats record `i / 2`'s key, any other takes the next distinct key.
+/// Keys with an even `d` are preloaded. No randomness: every run writes the same rows.
+pub fn upsert_batch(n: u64) -> UpsertBatch {
+    let scrambled = |d: u64| (d * 7919 % 1_000_003) as i64;
+    let mut distinct = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let d = if i % 10 == 9 {
+            distinct[(i / 2) as usize]
+        } else {
+            i - i / 10
+        };
+        distinct.push(d);
+    }
+    let keyed = |row: Record, key: i64, i: u64| Record {
+        payload: keyed_record(key, i),
+        ..row
+    };
+    let records = rows(n)
+        .into_iter()
+        .zip(&distinct)
+        .enumerate()
+        .map(|(i, (r, d))| Record {
+            partition: 0,
+            ..keyed(r, scrambled(*d), i as u64)
+        })
+        .collect();
+    let keys = n - n / 10;
+    let preload = rows(keys.div_ceil(2))
+        .into_iter()
+        .enumerate()
+        .map(|(j, r)| keyed(r, scrambled(2 * j as u64), n + j as u64))
+        .collect();
+    UpsertBatch {
+        records,
+        preload,
+        new_keys: keys / 2,
+        old_keys: keys.div_ceil(2),
+    }
+}
+
+/// [`typed_record`] `i` with `"id": key` first.
+fn keyed_record(key: i64, i: u64) -> Vec<u8> {
+    let record = typed_record(i);
+    let mut out = format!("{{\"id\":{key},").into_bytes();
+    out.extend_from_slice(&record[1..]);
+    out
+}
+
 /// Mean time per iteration (ns) that criterion recorded for `group/id`, if any.
 pub fn criterion_mean_ns(group: &str, id: &str) -> Option<f64> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -415,5 +503,30 @@ mod tests {
         assert!((180..=230).contains(&mean), "mean record size {mean}");
         let copy = pgcopy::encode_all(&typed_mapping(), &rows, 0);
         assert!(copy.is_ok(), "{copy:?}");
+    }
+
+    #[test]
+    fn an_upsert_batch_repeats_a_tenth_of_its_keys_and_half_its_keys_are_preloaded() {
+        use std::collections::HashSet;
+        let key = |r: &Record| -> i64 {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("JSON");
+            v["id"].as_i64().expect("an id")
+        };
+        let b = upsert_batch(10_000);
+        let keys: Vec<i64> = b.records.iter().map(key).collect();
+        let distinct: HashSet<i64> = keys.iter().copied().collect();
+        let preloaded: HashSet<i64> = b.preload.iter().map(key).collect();
+        assert_eq!(distinct.len(), 9_000);
+        assert_eq!((b.new_keys, b.old_keys), (4_500, 4_500));
+        assert_eq!(preloaded.len(), 4_500);
+        assert!(preloaded.is_subset(&distinct));
+        let offsets: Vec<i64> = b.records.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (0..10_000).collect::<Vec<_>>());
+        for m in [by_id(keyed_mapping(true)), keyed_mapping(false)] {
+            for rows in [&b.records, &b.preload] {
+                let copy = pgcopy::encode_all(&m, rows, 0);
+                assert!(copy.is_ok(), "{copy:?}");
+            }
+        }
     }
 }

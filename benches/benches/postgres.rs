@@ -8,6 +8,16 @@
 //! encodes each batch as the consumer does, then COPYs it; `raw_copy_binary` COPYs the same
 //! typed rows already encoded in memory (the bound); `jsonb_only` is the same records through
 //! the untyped path (`data jsonb`). Ratios are to `raw_copy_binary/10000`.
+//!
+//! `postgres_upsert` (issue 17): batches of 10,000 typed records keyed by `id`, a tenth of
+//! them repeating a key used earlier in the batch, into a table that already holds a row for
+//! half of the batch's keys. `upsert` is the consumer's flush by key (`pg::flush`: the
+//! position's compare-and-set, COPY BINARY into the staging table, the merge); `append_flush`
+//! the same flush into a table without the key; `copy_binary` one plain COPY BINARY of the
+//! same encoded rows into that table (the baseline). Rows are encoded before the clock starts,
+//! and each iteration starts from the same table. `data` is kept (the consumer's default);
+//! `postgres_upsert_typed` is the same without it (the typed columns only, as
+//! `postgres_typed`). Ratios are to `copy_binary/10000` of the same group.
 
 use std::time::{Duration, Instant};
 
@@ -15,10 +25,13 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::SinkExt;
 use spillway_benches::{
-    copy_encoded, create_table, create_typed_table, encode_and_copy, encode_batches, print_ratios,
-    raw_copy, rows, typed_mapping, typed_rows,
+    by_id, copy_encoded, create_table, create_typed_table, drop_tables, encode_and_copy,
+    encode_batches, keyed_mapping, print_ratios, raw_copy, rows, typed_mapping, typed_rows,
+    upsert_batch,
 };
-use spillway_core::Record;
+use spillway_consumer::pg::{self, TableName, Target, Targets};
+use spillway_consumer::upsert::Merged;
+use spillway_core::{Batch, BatchId, Entry, FlushResult, Mapping, Position, Record};
 use spillway_harness::postgres::connect;
 use spillway_harness::{LocalPostgres, PostgresServer};
 use tokio_postgres::Client;
@@ -245,5 +258,189 @@ fn typed(c: &mut Criterion) {
     drop(pg);
 }
 
-criterion_group!(benches, strategies, typed);
+/// The topic the upsert bench's positions are kept for.
+const TOPIC: &str = "bench";
+
+/// One consumer's table in the upsert bench, created as the consumer creates it.
+struct Written {
+    targets: Targets,
+    table: TableName,
+}
+
+impl Written {
+    async fn create(client: &mut Client, name: &str, mapping: &Mapping) -> Self {
+        let table = TableName::parse(name).expect("a table name");
+        let targets = Targets::single(Target::new(table.clone(), mapping));
+        pg::migrate(client, &targets).await.expect("migrate");
+        pg::position(client, &table.plain, TOPIC, 0)
+            .await
+            .expect("a position");
+        Written { targets, table }
+    }
+
+    /// Back to the state every iteration starts from: the preloaded rows only, vacuumed and
+    /// analysed as a settled table is, and the position at the batch's start (the batch is
+    /// written again each time, so it must not be fenced).
+    async fn reset(&self, client: &mut Client, preload: &Bytes, columns: &str) {
+        let t = self.table.records();
+        client
+            .batch_execute(&format!(
+                "TRUNCATE {t}; UPDATE spillway_offsets SET next_offset = 0, next_index = 0"
+            ))
+            .await
+            .expect("truncate");
+        copy_encoded(client, t, columns, preload.clone())
+            .await
+            .expect("preload");
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {t}"))
+            .await
+            .expect("vacuum");
+    }
+
+    /// The consumer's flush of `batch`, timed; encoding comes first, untimed.
+    async fn flush(&self, client: &mut Client, batch: &Batch) -> (Duration, Option<Merged>) {
+        let encoded = pg::encode_rows(batch, &self.targets).expect("the bench rows fit");
+        let t = Instant::now();
+        let (result, merged) = pg::flush(
+            client,
+            &self.targets,
+            &self.table.plain,
+            TOPIC,
+            batch,
+            encoded,
+        )
+        .await;
+        let took = t.elapsed();
+        assert!(matches!(result, FlushResult::Written), "{result:?}");
+        (took, merged)
+    }
+
+    async fn rows(&self, client: &Client) -> i64 {
+        client
+            .query_one(
+                &format!("SELECT count(*) FROM {}", self.table.records()),
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0)
+    }
+}
+
+/// `records` as one batch of partition 0 from offset 0.
+fn whole_batch(records: &[Record]) -> Batch {
+    Batch {
+        id: BatchId(0),
+        partition: 0,
+        start: Position::new(0, 0),
+        end: Position::new(records.len() as i64, 0),
+        entries: records
+            .iter()
+            .map(|r| Entry {
+                record: r.clone(),
+                dead_reason: None,
+            })
+            .collect(),
+        attempt: 1,
+        oldest_pushed_at: Instant::now(),
+        check_start: true,
+        position_with_rows: true,
+    }
+}
+
+fn upsert(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = LocalPostgres::start().expect("postgres (run ci/test.sh to install it)");
+    let mut client = rt.block_on(connect(&pg.url())).expect("connect");
+    let keyed = upsert_batch(ROWS);
+    let batch = whole_batch(&keyed.records);
+    let preloaded = keyed.preload.len() as i64;
+    let keys = (keyed.new_keys + keyed.old_keys) as i64;
+    let expected = Merged {
+        inserted: keyed.new_keys,
+        updated: keyed.old_keys,
+        deleted: 0,
+        unchanged: ROWS - keyed.new_keys - keyed.old_keys,
+    };
+    for (group, keep_data) in [("postgres_upsert", true), ("postgres_upsert_typed", false)] {
+        let mapping = by_id(keyed_mapping(keep_data));
+        let columns = mapping.copy_columns();
+        let [data, preload] = [&keyed.records, &keyed.preload].map(|rows| {
+            encode_batches(rows, rows.len(), &mapping)
+                .pop()
+                .expect("one batch")
+        });
+        let (upserted, appended) = rt.block_on(async {
+            (
+                Written::create(&mut client, &format!("{group}_upserted"), &mapping).await,
+                Written::create(
+                    &mut client,
+                    &format!("{group}_appended"),
+                    &keyed_mapping(keep_data),
+                )
+                .await,
+            )
+        });
+        let mut g = c.benchmark_group(group);
+        g.sample_size(10)
+            .measurement_time(Duration::from_secs(4))
+            .warm_up_time(Duration::from_secs(1))
+            .throughput(Throughput::Elements(ROWS));
+        let mut ids: Vec<(String, u64)> = vec![];
+        for name in ["copy_binary", "append_flush", "upsert"] {
+            let id = format!("{name}/{ROWS}");
+            let written = if name == "upsert" {
+                &upserted
+            } else {
+                &appended
+            };
+            g.bench_function(&id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        rt.block_on(async {
+                            written.reset(&mut client, &preload, &columns).await;
+                            let (took, merged) = match name {
+                                "copy_binary" => {
+                                    let t = Instant::now();
+                                    let table = written.table.records();
+                                    copy_encoded(&mut client, table, &columns, data.clone())
+                                        .await
+                                        .expect("copy");
+                                    (t.elapsed(), None)
+                                }
+                                _ => written.flush(&mut client, &batch).await,
+                            };
+                            total += took;
+                            // Each iteration did the whole write: no fencing, no partial merge.
+                            let (rows, merged_as) = match name {
+                                "upsert" => (keys, Some(expected)),
+                                _ => (preloaded + ROWS as i64, None),
+                            };
+                            assert_eq!(merged, merged_as, "{group}/{id}");
+                            assert_eq!(written.rows(&client).await, rows, "{group}/{id}");
+                        });
+                    }
+                    total
+                })
+            });
+            ids.push((id, ROWS));
+        }
+        g.finish();
+        print_ratios(group, &ids, &format!("copy_binary/{ROWS}"));
+        rt.block_on(drop_tables(
+            &client,
+            &[
+                upserted.table.records(),
+                upserted.table.dead_letters(),
+                appended.table.records(),
+                appended.table.dead_letters(),
+            ],
+        ));
+    }
+    drop(pg);
+}
+
+criterion_group!(benches, strategies, typed, upsert);
 criterion_main!(benches);
