@@ -462,21 +462,8 @@ pub async fn consumer_killed_between_its_two_commits(run: Run) -> Result<()> {
             };
             let mut c = Cluster::start(&ctx, opts).await?;
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(12), None);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let status = loop {
-                if let Some(status) = c.consumers[0].process.exited() {
-                    break status;
-                }
-                ensure!(Instant::now() < deadline, "the failpoint never fired");
-                pause(Duration::from_millis(10)).await;
-            };
+            killed_by_its_failpoint(&mut c).await?;
             let window = traffic.window();
-            use std::os::unix::process::ExitStatusExt;
-            ensure!(
-                status.signal() == Some(9),
-                "the consumer ended with {status}, not SIGKILL:\n{}",
-                c.consumers[0].process.log_tail(20)
-            );
             let written = c.rows().await?;
             c.tl.note(format!(
                 "consumer SIGKILLed between its two commits of batch {n} (table: {written} rows)"
@@ -914,21 +901,8 @@ pub async fn upsert_and_routing_through_a_consumer_crash(run: Run) -> Result<()>
             let mut spec = PayloadSpec::generated((1, 5), (100, 300));
             spec.keys = Some(40);
             let traffic = c.traffic(&ctx, spiky(&ctx, 30.0), Duration::from_secs(12), Some(spec));
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let status = loop {
-                if let Some(status) = c.consumers[0].process.exited() {
-                    break status;
-                }
-                ensure!(Instant::now() < deadline, "the failpoint never fired");
-                pause(Duration::from_millis(10)).await;
-            };
+            killed_by_its_failpoint(&mut c).await?;
             let window = traffic.window();
-            use std::os::unix::process::ExitStatusExt;
-            ensure!(
-                status.signal() == Some(9),
-                "the consumer ended with {status}, not SIGKILL:\n{}",
-                c.consumers[0].process.log_tail(20)
-            );
             let db = connect(&c.pg.url()).await?;
             let states: i64 = db.query_one("SELECT count(*) FROM states", &[]).await?.get(0);
             let written = c.rows().await?;
@@ -949,6 +923,26 @@ pub async fn upsert_and_routing_through_a_consumer_crash(run: Run) -> Result<()>
         },
     )
     .await
+}
+
+/// Waits (at most 60 s) until the first consumer's exit-after-commits failpoint has fired:
+/// the process died of SIGKILL (scenarios 8 and 14).
+async fn killed_by_its_failpoint(c: &mut Cluster) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = c.consumers[0].process.exited() {
+            break status;
+        }
+        ensure!(Instant::now() < deadline, "the failpoint never fired");
+        pause(Duration::from_millis(10)).await;
+    };
+    use std::os::unix::process::ExitStatusExt;
+    ensure!(
+        status.signal() == Some(9),
+        "the consumer ended with {status}, not SIGKILL:\n{}",
+        c.consumers[0].process.log_tail(20)
+    );
+    Ok(())
 }
 
 /// Stalls a flush's COPY (the link held), SIGKILLs the backend running it (Postgres then drops
