@@ -159,6 +159,29 @@ fn keyed_record(key: i64, i: u64) -> Vec<u8> {
     out
 }
 
+/// The values of `type` in the routing bench's records (issue 17), in turn: the first two
+/// have a `--route` rule each, the third goes to the records table.
+pub const ROUTED_TYPES: [&str; 3] = ["click", "order", "view"];
+
+/// `n` [`record`]s of partition 0 (offsets from 0), each with `"type"` first: record `i` is
+/// a `ROUTED_TYPES[i % 3]`, so each type has a third of them.
+pub fn routed_rows(n: u64) -> Vec<Record> {
+    rows(n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let kind = ROUTED_TYPES[i % ROUTED_TYPES.len()];
+            let mut payload = format!("{{\"type\":\"{kind}\",").into_bytes();
+            payload.extend_from_slice(&r.payload[1..]);
+            Record {
+                partition: 0,
+                payload,
+                ..r
+            }
+        })
+        .collect()
+}
+
 /// Mean time per iteration (ns) that criterion recorded for `group/id`, if any.
 pub fn criterion_mean_ns(group: &str, id: &str) -> Option<f64> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -503,6 +526,20 @@ mod tests {
         assert!((180..=230).contains(&mean), "mean record size {mean}");
         let copy = pgcopy::encode_all(&typed_mapping(), &rows, 0);
         assert!(copy.is_ok(), "{copy:?}");
+    }
+
+    #[test]
+    fn routed_rows_are_a_third_of_each_type_and_valid_json() {
+        let rows = routed_rows(9);
+        let types: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("JSON");
+                v["type"].as_str().expect("a type").to_string()
+            })
+            .collect();
+        assert_eq!(types, ROUTED_TYPES.repeat(3));
+        assert!(rows.iter().all(|r| r.partition == 0));
     }
 
     #[test]

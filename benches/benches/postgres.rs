@@ -18,6 +18,17 @@
 //! and each iteration starts from the same table. `data` is kept (the consumer's default);
 //! `postgres_upsert_typed` is the same without it (the typed columns only, as
 //! `postgres_typed`). Ratios are to `copy_binary/10000` of the same group.
+//!
+//! `postgres_routing` (issue 17): the cost of routing a batch to three tables rather than one.
+//! Batches of 10,000 ~215-byte jsonb records (the consumer's default mapping) whose `type` is
+//! `click`, `order` or `view` in equal shares. `flush_one_table` is the consumer's flush into
+//! one table, no `--route` rule; `flush_three_tables` the same batch routed by
+//! `--route /type=click:..` and `--route /type=order:..` into two tables, views to the records
+//! table, all three with the same mapping: three COPYs in the one transaction. Each starts
+//! from empty tables, encoded before the clock starts. `encode_one_table` and
+//! `encode_three_tables` time that encoding (`pg::encode_rows`, CPU in the consumer before a
+//! connection is taken), where routing reads each record once more for its `type`. Ratios are
+//! to the one-table case of the same step.
 
 use std::time::{Duration, Instant};
 
@@ -26,11 +37,12 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::SinkExt;
 use spillway_benches::{
     by_id, copy_encoded, create_table, create_typed_table, drop_tables, encode_and_copy,
-    encode_batches, keyed_mapping, print_ratios, raw_copy, rows, typed_mapping, typed_rows,
-    upsert_batch,
+    encode_batches, keyed_mapping, print_ratios, raw_copy, routed_rows, rows, typed_mapping,
+    typed_rows, upsert_batch, ROUTED_TYPES,
 };
 use spillway_consumer::pg::{self, TableName, Target, Targets};
 use spillway_consumer::upsert::Merged;
+use spillway_consumer::{Args, Settings};
 use spillway_core::{Batch, BatchId, Entry, FlushResult, Mapping, Position, Record};
 use spillway_harness::postgres::connect;
 use spillway_harness::{LocalPostgres, PostgresServer};
@@ -261,9 +273,11 @@ fn typed(c: &mut Criterion) {
 /// The topic the upsert bench's positions are kept for.
 const TOPIC: &str = "bench";
 
-/// One consumer's table in the upsert bench, created as the consumer creates it.
+/// One consumer's tables in the upsert and routing benches, created as the consumer creates
+/// them; its positions are kept under its records table's name (no `--name`).
 struct Written {
     targets: Targets,
+    /// The records table (the first of `targets`).
     table: TableName,
 }
 
@@ -271,11 +285,60 @@ impl Written {
     async fn create(client: &mut Client, name: &str, mapping: &Mapping) -> Self {
         let table = TableName::parse(name).expect("a table name");
         let targets = Targets::single(Target::new(table.clone(), mapping));
+        Self::migrated(client, targets, table).await
+    }
+
+    /// The tables and rules of `settings`, as the consumer builds them.
+    async fn configured(client: &mut Client, settings: &Settings) -> Self {
+        assert_eq!(
+            settings.name(),
+            settings.table.plain,
+            "positions under the table's name"
+        );
+        Self::migrated(client, Targets::new(settings), settings.table.clone()).await
+    }
+
+    async fn migrated(client: &mut Client, targets: Targets, table: TableName) -> Self {
         pg::migrate(client, &targets).await.expect("migrate");
         pg::position(client, &table.plain, TOPIC, 0)
             .await
             .expect("a position");
         Written { targets, table }
+    }
+
+    /// Every table emptied and the position at the batch's start.
+    async fn empty(&self, client: &Client) {
+        let tables: Vec<&str> = self
+            .targets
+            .tables
+            .iter()
+            .map(|t| t.table.records())
+            .collect();
+        client
+            .batch_execute(&format!(
+                "TRUNCATE {}; UPDATE spillway_offsets SET next_offset = 0, next_index = 0",
+                tables.join(", ")
+            ))
+            .await
+            .expect("truncate");
+    }
+
+    /// Rows in each table of `targets`, in its order.
+    async fn rows_per_table(&self, client: &Client) -> Vec<i64> {
+        let mut rows = vec![];
+        for t in &self.targets.tables {
+            let sql = format!("SELECT count(*) FROM {}", t.table.records());
+            rows.push(client.query_one(&sql, &[]).await.expect("count").get(0));
+        }
+        rows
+    }
+
+    /// Every table and dead-letter table of `targets`.
+    fn all_tables(&self) -> Vec<&str> {
+        let tables = self.targets.tables.iter();
+        tables
+            .flat_map(|t| [t.table.records(), t.table.dead_letters()])
+            .collect()
     }
 
     /// Back to the state every iteration starts from: the preloaded rows only, vacuumed and
@@ -442,5 +505,99 @@ fn upsert(c: &mut Criterion) {
     drop(pg);
 }
 
-criterion_group!(benches, strategies, typed, upsert);
+/// The consumer's settings for a records table `table` and `--route` rules `routes`, with the
+/// default (jsonb) mapping for every table.
+fn routing_settings(url: &str, table: &str, routes: &[String]) -> Settings {
+    Settings::from_args(Args {
+        brokers: Some("unused:9092".into()),
+        topic: Some(TOPIC.into()),
+        database_url: Some(url.into()),
+        table: Some(table.into()),
+        route: routes.to_vec(),
+        ..Args::default()
+    })
+    .expect("valid settings")
+}
+
+fn routing(c: &mut Criterion) {
+    const GROUP: &str = "postgres_routing";
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pg = LocalPostgres::start().expect("postgres (run ci/test.sh to install it)");
+    let mut client = rt.block_on(connect(&pg.url())).expect("connect");
+    let records = routed_rows(ROWS);
+    let batch = whole_batch(&records);
+    // Record i is a ROUTED_TYPES[i % 3]: the type at index k has (ROWS + 2 - k) / 3 records.
+    let share = |kind: &str| {
+        let k = ROUTED_TYPES
+            .iter()
+            .position(|t| *t == kind)
+            .expect("a type") as u64;
+        ((ROWS + 2 - k) / 3) as i64
+    };
+    // Clicks and orders by a rule each, views to the records table.
+    let routes = ["click", "order"].map(|k| format!("/type={k}:routing_{k}s"));
+    let (one, three) = rt.block_on(async {
+        let one = routing_settings(&pg.url(), "routing_one", &[]);
+        let three = routing_settings(&pg.url(), "routing_views", &routes);
+        (
+            Written::configured(&mut client, &one).await,
+            Written::configured(&mut client, &three).await,
+        )
+    });
+    // The rows each table gets, in the order of its targets (the records table first).
+    let cases = [
+        ("one_table", &one, vec![ROWS as i64]),
+        (
+            "three_tables",
+            &three,
+            vec![share("view"), share("click"), share("order")],
+        ),
+    ];
+    let mut g = c.benchmark_group(GROUP);
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(ROWS));
+    let mut encodes: Vec<(String, u64)> = vec![];
+    let mut flushes: Vec<(String, u64)> = vec![];
+    for (tables, written, expected) in &cases {
+        let encoded = pg::encode_rows(&batch, &written.targets).expect("the bench rows fit");
+        let records: Vec<i64> = encoded.iter().map(|e| e.records() as i64).collect();
+        assert_eq!(&records, expected, "{tables}: records per table");
+        let id = format!("encode_{tables}/{ROWS}");
+        g.bench_function(&id, |b| {
+            b.iter(|| pg::encode_rows(&batch, &written.targets).expect("the bench rows fit"))
+        });
+        encodes.push((id, ROWS));
+    }
+    for (tables, written, expected) in &cases {
+        let id = format!("flush_{tables}/{ROWS}");
+        g.bench_function(&id, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    rt.block_on(async {
+                        written.empty(&client).await;
+                        let (took, merged) = written.flush(&mut client, &batch).await;
+                        total += took;
+                        // Each iteration wrote the whole batch, each record to its table.
+                        assert_eq!(merged, None, "{id}");
+                        let rows = written.rows_per_table(&client).await;
+                        assert_eq!(&rows, expected, "{id}: rows per table");
+                    });
+                }
+                total
+            })
+        });
+        flushes.push((id, ROWS));
+    }
+    g.finish();
+    print_ratios(GROUP, &flushes, &format!("flush_one_table/{ROWS}"));
+    print_ratios(GROUP, &encodes, &format!("encode_one_table/{ROWS}"));
+    let tables = [one.all_tables(), three.all_tables()].concat();
+    rt.block_on(drop_tables(&client, &tables));
+    drop(pg);
+}
+
+criterion_group!(benches, strategies, typed, upsert, routing);
 criterion_main!(benches);
