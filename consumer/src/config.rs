@@ -11,8 +11,8 @@ use clap::Parser;
 use serde::Deserialize;
 use spillway_core::props::{parse_properties, redact_properties};
 use spillway_core::{
-    AdaptiveConfig, BatcherConfig, ColumnSpec, ConfigError, ConsumerConfig, Jitter, Mapping,
-    Matcher, OnConflict, RetryConfig, Upsert,
+    AdaptiveConfig, BatcherConfig, ColumnSpec, ConfigError, ConsumerConfig, Interval, Jitter,
+    Mapping, Matcher, OnConflict, Partitioning, Retention, RetryConfig, Upsert,
 };
 
 use crate::pg::TableName;
@@ -146,9 +146,29 @@ pub struct Args {
     )]
     pub route: Vec<String>,
     /// Routed tables' own settings, from the config file: [[tables]] with name, and any of
-    /// keep-data, upsert-key, on-conflict, delete-when and [[tables.columns]].
+    /// keep-data, upsert-key, on-conflict, delete-when, partition-by, partition-interval,
+    /// retention and [[tables.columns]].
     #[arg(skip)]
     pub tables: Vec<TableEntry>,
+    /// Partition the table by time on this column: received_at (when the producer received
+    /// the request) or a mapped timestamptz, timestamptz(ms), timestamptz(s) or date column.
+    /// A new table is created PARTITION BY RANGE with a default partition; partitions are
+    /// created ahead (the interval holding now, two more and at least a day) and dropped past
+    /// --retention. An existing table that is not partitioned so refuses to start.
+    #[arg(long, env = "SPILLWAY_PARTITION_BY", value_name = "COLUMN")]
+    pub partition_by: Option<String>,
+    /// With --partition-by: each partition's range, aligned in UTC: hour, day, week (ISO,
+    /// from Monday) or month [default: day].
+    #[arg(
+        long,
+        env = "SPILLWAY_PARTITION_INTERVAL",
+        value_name = "hour|day|week|month"
+    )]
+    pub partition_interval: Option<String>,
+    /// With --partition-by: drop a partition once its whole range is older than this: a whole
+    /// number and h, d or w, e.g. 30d [default: keep every partition].
+    #[arg(long, env = "SPILLWAY_RETENTION", value_name = "DURATION")]
+    pub retention: Option<String>,
     /// This consumer's name: its stored positions are kept under it, whatever tables it
     /// writes [default: the --table name, where positions were kept before routing].
     #[arg(long, env = "SPILLWAY_NAME")]
@@ -178,6 +198,12 @@ pub struct TableEntry {
     pub on_conflict: Option<String>,
     /// As --delete-when.
     pub delete_when: Option<String>,
+    /// As --partition-by.
+    pub partition_by: Option<String>,
+    /// As --partition-interval.
+    pub partition_interval: Option<String>,
+    /// As --retention.
+    pub retention: Option<String>,
 }
 
 /// A table the consumer writes and its columns.
@@ -187,6 +213,8 @@ pub struct TableSpec {
     pub table: TableName,
     /// Its columns.
     pub mapping: Mapping,
+    /// Its time partitions, if it has any.
+    pub partitioning: Option<Partitioning>,
 }
 
 /// One `[[columns]]` table of the config file.
@@ -250,6 +278,11 @@ pub struct Settings {
     pub routes: Vec<(Matcher, String)>,
     /// The tables routes name besides the records table, each once, with their columns.
     pub routed: Vec<TableSpec>,
+    /// The records table's time partitions (`--partition-by`).
+    pub partitioning: Option<Partitioning>,
+    /// How often partitions are checked, created ahead and dropped past the retention (not a
+    /// flag: a minute, which tests shorten).
+    pub partition_check_every: Duration,
 }
 
 impl fmt::Debug for Settings {
@@ -266,6 +299,10 @@ impl fmt::Debug for Settings {
             .field("rdkafka", &redact_properties(&self.rdkafka))
             .field("keep_data", &self.mapping.keep_data())
             .field("upsert", &self.mapping.upsert().map(ToString::to_string))
+            .field(
+                "partitioning",
+                &self.partitioning.as_ref().map(ToString::to_string),
+            )
             .field(
                 "columns",
                 &self
@@ -330,6 +367,8 @@ impl Settings {
             name: None,
             routes: vec![],
             routed: vec![],
+            partitioning: None,
+            partition_check_every: Duration::from_secs(60),
         }
     }
 
@@ -367,7 +406,10 @@ impl Settings {
                 upsert_key,
                 on_conflict,
                 delete_when,
-                name
+                name,
+                partition_by,
+                partition_interval,
+                retention
             );
             a.librdkafka = f.librdkafka;
             a.columns = f.columns;
@@ -487,6 +529,12 @@ impl Settings {
             a.on_conflict,
             a.delete_when,
         )?;
+        s.partitioning = partitioning(
+            a.partition_by,
+            a.partition_interval,
+            a.retention,
+            &s.mapping,
+        )?;
         let mut rules = Vec::new();
         for r in a.route.iter().filter(|r| !r.trim().is_empty()) {
             let (when, table) = r.rsplit_once(':').ok_or_else(|| {
@@ -516,28 +564,39 @@ impl Settings {
         }
         for (when, table) in rules {
             if table != s.table && !s.routed.iter().any(|r| r.table == table) {
-                let spec = match a.tables.iter().find(|t| t.name == table.plain) {
+                let (spec, partitioned) = match a.tables.iter().find(|t| t.name == table.plain) {
                     Some(t) => {
+                        let in_section = |e: ConfigError| bad("tables", format!("{}: {e}", t.name));
                         let columns = t
                             .columns
                             .iter()
                             .map(|c| c.spec().parse::<ColumnSpec>())
                             .collect::<Result<Vec<_>, _>>()
                             .map_err(|e| bad("tables", format!("{}: {e}", t.name)))?;
-                        mapping(
+                        let spec = mapping(
                             columns,
                             t.keep_data,
                             t.upsert_key.clone(),
                             t.on_conflict.clone(),
                             t.delete_when.clone(),
                         )
-                        .map_err(|e| bad("tables", format!("{}: {e}", t.name)))?
+                        .map_err(in_section)?;
+                        let partitioned = partitioning(
+                            t.partition_by.clone(),
+                            t.partition_interval.clone(),
+                            t.retention.clone(),
+                            &spec,
+                        )
+                        .map_err(in_section)?;
+                        (spec, partitioned)
                     }
-                    None => s.mapping.clone(),
+                    // No section: the records table's settings, partitions included.
+                    None => (s.mapping.clone(), s.partitioning.clone()),
                 };
                 s.routed.push(TableSpec {
                     table: table.clone(),
                     mapping: spec,
+                    partitioning: partitioned,
                 });
             }
             s.routes.push((when, table.plain));
@@ -581,6 +640,33 @@ fn mapping(
         delete_when,
     })
     .map_err(|e| bad("upsert-key", e.problem))
+}
+
+/// A table's time partitions from its settings: none without `partition-by` (and then the
+/// interval and retention are refused), else by day unless the interval says otherwise.
+fn partitioning(
+    by: Option<String>,
+    interval: Option<String>,
+    retention: Option<String>,
+    mapping: &Mapping,
+) -> Result<Option<Partitioning>, ConfigError> {
+    let Some(column) = by.filter(|c| !c.trim().is_empty()) else {
+        for (set, name) in [(&interval, "partition-interval"), (&retention, "retention")] {
+            if set.is_some() {
+                return Err(bad(
+                    name,
+                    "applies only to a table partitioned by time: add --partition-by COLUMN",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let interval = match interval {
+        Some(i) => Interval::parse(&i)?,
+        None => Interval::Day,
+    };
+    let retention = retention.map(|r| Retention::parse(&r)).transpose()?;
+    Partitioning::new(&column, interval, retention, mapping).map(Some)
 }
 
 impl Settings {
@@ -871,6 +957,144 @@ mod tests {
         assert_eq!(e.setting, "tables", "a section no rule names is a mistake");
         assert!(e.to_string().contains("\"orders\""), "{e}");
         assert_eq!(with(&["--name", ""]).unwrap_err().setting, "name");
+    }
+
+    #[test]
+    fn time_partitions_need_a_timestamp_column_and_an_upsert_key_holding_it() {
+        let with = |extra: &[&str]| parse(&[&REQUIRED[..], extra].concat());
+        let s = with(&["--partition-by", "received_at", "--retention", "30d"]).unwrap();
+        let p = s.partitioning.as_ref().unwrap();
+        assert_eq!(p.column(), "received_at");
+        assert_eq!(p.interval(), Interval::Day, "by day unless told");
+        assert_eq!(p.retention().unwrap().to_string(), "30d");
+        assert!(format!("{s:?}").contains("by received_at per day, kept 30d"));
+        let s = with(&[
+            "--column",
+            "at:timestamptz(ms)=/t",
+            "--partition-by",
+            "at",
+            "--partition-interval",
+            "hour",
+        ])
+        .unwrap();
+        let p = s.partitioning.unwrap();
+        assert_eq!((p.column(), p.interval()), ("at", Interval::Hour));
+        assert!(p.retention().is_none(), "no retention: nothing is dropped");
+        assert!(parse(&REQUIRED).unwrap().partitioning.is_none());
+
+        for (extra, setting, says) in [
+            (
+                &["--partition-by", "data"][..],
+                "partition-by",
+                "received_at, or a mapped column",
+            ),
+            (
+                &["--column", "n:bigint=/n", "--partition-by", "n"][..],
+                "partition-by",
+                "is bigint",
+            ),
+            (
+                &[
+                    "--partition-by",
+                    "received_at",
+                    "--partition-interval",
+                    "daily",
+                ][..],
+                "partition-interval",
+                "hour, day, week",
+            ),
+            (
+                &["--partition-by", "received_at", "--retention", "30"][..],
+                "retention",
+                "h (hours), d (days) or w (weeks)",
+            ),
+            (
+                &["--retention", "30d"][..],
+                "retention",
+                "--partition-by COLUMN",
+            ),
+            (
+                &["--partition-interval", "day"][..],
+                "partition-interval",
+                "--partition-by COLUMN",
+            ),
+            (
+                &[
+                    "--column",
+                    "id:bigint=/id",
+                    "--column",
+                    "at:timestamptz=/at",
+                    "--upsert-key",
+                    "id",
+                    "--partition-by",
+                    "at",
+                ][..],
+                "upsert-key",
+                "must include the partition column",
+            ),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!(e.setting, setting, "{extra:?}: {e}");
+            assert!(e.to_string().contains(says), "{extra:?}: {e}");
+        }
+        let keyed = with(&[
+            "--column",
+            "id:bigint=/id",
+            "--column",
+            "at:timestamptz=/at",
+            "--upsert-key",
+            "id,at",
+            "--partition-by",
+            "at",
+        ]);
+        assert!(keyed.is_ok(), "the key holds the column");
+
+        // The file, and a routed table's own section; a routed table without one takes the
+        // records table's partitions.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consumer.toml");
+        std::fs::write(
+            &path,
+            "partition-by = \"received_at\"\npartition-interval = \"week\"\nretention = \"8w\"\n\
+             route = [\"/type=click:clicks\", \"/type=order:orders\"]\n\
+             [[tables]]\nname = \"orders\"\npartition-by = \"day\"\npartition-interval = \"month\"\n\
+             [[tables.columns]]\nname = \"day\"\ntype = \"date\"\npointer = \"/day\"\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let s = with(&["--config", file]).unwrap();
+        let top = s.partitioning.clone().unwrap();
+        assert_eq!(
+            (top.interval(), top.retention().unwrap().micros()),
+            (Interval::Week, 56 * 86_400_000_000)
+        );
+        assert_eq!(s.routed[0].partitioning.as_ref(), Some(&top));
+        let orders = s.routed[1].partitioning.as_ref().unwrap();
+        assert_eq!(
+            (orders.column(), orders.interval()),
+            ("day", Interval::Month)
+        );
+        assert!(orders.retention().is_none());
+        // Flags override the file.
+        let s = with(&["--config", file, "--retention", "12h"]).unwrap();
+        assert_eq!(
+            s.partitioning.unwrap().retention().unwrap().to_string(),
+            "12h"
+        );
+        std::fs::write(
+            &path,
+            "route = [\"/type=order:orders\"]\n\
+             [[tables]]\nname = \"orders\"\npartition-by = \"day\"\npartition-interval = \"hour\"\n\
+             [[tables.columns]]\nname = \"day\"\ntype = \"date\"\npointer = \"/day\"\n",
+        )
+        .unwrap();
+        let e = with(&["--config", file]).unwrap_err();
+        assert_eq!(e.setting, "tables");
+        assert!(
+            e.to_string()
+                .contains("orders: invalid setting `partition-interval`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ compile_error!(
 );
 
 pub mod config;
+pub mod partitions;
 pub mod pg;
 mod pipeline;
 pub mod source;
@@ -178,11 +179,23 @@ pub async fn start(settings: Settings) -> Result<RunningConsumer, ConsumerError>
     migrate_with_retry(&pool, &settings).await?;
     let metrics = pipeline::new_metrics(&settings.batcher);
     let health = Arc::new(Health::default());
+    let rotation = partitions::Rotation::new(
+        &pg::Targets::new(&settings),
+        pool.clone(),
+        metrics.clone(),
+        settings.statement_timeout + settings.connect_timeout,
+    );
+    if let Some(r) = &rotation {
+        // The wanted partitions exist before the first flush (failures are logged, and the
+        // flushes and the next rounds try again).
+        r.round(partitions::now_micros()).await;
+    }
     let pipeline = pipeline::Pipeline::new(
         settings.clone(),
         pool.clone(),
         metrics.clone(),
         health.clone(),
+        rotation,
     )?;
     let (http_stop, http_stop_rx) = oneshot::channel::<()>();
     let kafka = pipeline.kafka_client();

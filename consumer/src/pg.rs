@@ -2,16 +2,19 @@
 //! transaction. Errors are classified here into the core's [`ErrorClass`]; nothing above this
 //! module looks at a `tokio_postgres::Error`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::SinkExt;
 use postgres_native_tls::MakeTlsConnector;
 use spillway_core::batcher::Record;
+use spillway_core::partitions::Range;
 use spillway_core::pgcopy::{CopyRows, ROW_OVERHEAD};
 use spillway_core::routing;
-use spillway_core::{Batch, ErrorClass, FlushResult, Mapping, Partition, Position, Router};
+use spillway_core::{
+    Batch, ErrorClass, FlushResult, Mapping, Partition, Partitioning, Position, Router,
+};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
@@ -110,6 +113,8 @@ pub struct TableName {
     quoted: String,
     dead_quoted: String,
     last: String,
+    /// `"schema".` or nothing.
+    schema_prefix: String,
 }
 
 impl TableName {
@@ -144,6 +149,10 @@ impl TableName {
             quoted: quote(&parts),
             dead_quoted: quote(&dead),
             last: parts[parts.len() - 1].to_string(),
+            schema_prefix: match parts.len() {
+                2 => format!("{}.", quote(&parts[..1])),
+                _ => String::new(),
+            },
         })
     }
 
@@ -160,6 +169,12 @@ impl TableName {
     /// The dead-letter table, quoted.
     pub fn dead_letters(&self) -> &str {
         &self.dead_quoted
+    }
+
+    /// Another table in this table's schema (a partition), quoted: `name` must be a plain
+    /// name (letters, digits, `_`), as [`spillway_core::Partitioning`] makes them.
+    pub fn sibling(&self, name: &str) -> String {
+        format!("{}\"{name}\"", self.schema_prefix)
     }
 }
 
@@ -345,17 +360,22 @@ pub async fn migrate(client: &mut Client, targets: &Targets) -> Result<(), PgFai
         );
     }
     for t in &targets.tables {
-        create_table(&tx, &t.table, &t.mapping).await?;
+        create_table(&tx, t).await?;
     }
     tx.commit().await.map_err(|e| classify(&e))
 }
 
-/// One table and its dead letters, in the migration's transaction.
+/// One table and its dead letters, in the migration's transaction. A table partitioned by
+/// time (`--partition-by`) is created `PARTITION BY RANGE` with its default partition; one
+/// that exists must already be partitioned so ([`crate::partitions::check_partitioned`]).
 async fn create_table(
     tx: &tokio_postgres::Transaction<'_>,
-    table: &TableName,
-    mapping: &Mapping,
+    target: &Target,
 ) -> Result<(), PgFailure> {
+    let (table, mapping) = (&target.table, &target.mapping);
+    if let Some(p) = &target.partitioning {
+        crate::partitions::check_partitioned(tx, table, p).await?;
+    }
     let applied: Option<i32> = tx
         .query_one(
             "SELECT max(version) FROM spillway_schema_migrations WHERE target = $1",
@@ -372,10 +392,23 @@ async fn create_table(
         } else {
             ""
         };
+        // A mapped partition column must be there from the start; follow_mapping adds the rest.
+        let partitioned = match &target.partitioning {
+            Some(p) => {
+                let column = mapping
+                    .columns()
+                    .iter()
+                    .find(|c| c.name == p.column())
+                    .map(|c| format!(", {} {}", c.quoted_name(), c.ty.sql()))
+                    .unwrap_or_default();
+                format!("{column}) PARTITION BY RANGE (\"{}\"", p.column())
+            }
+            None => String::new(),
+        };
         tx.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {r} (
                  kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL,
-                 received_at timestamptz NOT NULL{data});
+                 received_at timestamptz NOT NULL{data}{partitioned});
              CREATE TABLE IF NOT EXISTS {d} (
                  kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL,
                  received_at timestamptz, raw text NOT NULL, error text NOT NULL,
@@ -393,6 +426,9 @@ async fn create_table(
         .map_err(|e| classify(&e))?;
     }
     follow_mapping(tx, table, mapping).await?;
+    if target.partitioning.is_some() {
+        crate::partitions::ensure_default_partition(tx, table).await?;
+    }
     if let Some(upsert) = mapping.upsert() {
         crate::upsert::ensure_key_index(tx, table, upsert).await?;
     }
@@ -621,12 +657,20 @@ pub struct EncodedRows {
     entries: Vec<usize>,
     /// The batch entries dead-lettered into this table's dead letters.
     dead: Vec<usize>,
+    /// For a table partitioned by `received_at`: the intervals its rows fall in.
+    ranges: BTreeSet<Range>,
 }
 
 impl EncodedRows {
     /// Records this table gets: rows and dead letters.
     pub fn records(&self) -> usize {
         self.entries.len() + self.dead.len()
+    }
+
+    /// For a table partitioned by `received_at`, the intervals its rows fall in (the
+    /// partitions the flush needs); empty otherwise.
+    pub fn ranges(&self) -> &BTreeSet<Range> {
+        &self.ranges
     }
 }
 
@@ -677,7 +721,17 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
     }
     Ok(copies
         .into_iter()
-        .map(|(copy, entries, dead)| EncodedRows {
+        .zip(&targets.tables)
+        .map(|((copy, entries, dead), target)| EncodedRows {
+            ranges: match &target.partitioning {
+                Some(p) if p.by_received_at() => p.ranges_of(
+                    entries
+                        .iter()
+                        .filter_map(|i| batch.entries.get(*i))
+                        .map(|e| e.record.received_at_micros),
+                ),
+                _ => BTreeSet::new(),
+            },
             data: bytes::Bytes::from(copy.finish()),
             entries,
             dead,
@@ -696,6 +750,8 @@ pub struct Target {
     columns: String,
     /// With `--upsert-key`: the staging table and merge.
     merge: Option<MergeSql>,
+    /// With `--partition-by`: the table's time partitions.
+    pub partitioning: Option<Partitioning>,
 }
 
 impl Target {
@@ -706,7 +762,17 @@ impl Target {
             columns: mapping.copy_columns(),
             mapping: mapping.clone(),
             table,
+            partitioning: None,
         }
+    }
+
+    /// The same table, partitioned by time (`None`: not).
+    pub fn partitioned(mut self, partitioning: Option<Partitioning>) -> Self {
+        if partitioning.is_some() {
+            self.merge = MergeSql::partitioned(&self.table, &self.mapping);
+        }
+        self.partitioning = partitioning;
+        self
     }
 }
 
@@ -730,12 +796,12 @@ impl Targets {
 
     /// The records table, the routed tables and the rules of `settings`.
     pub fn new(settings: &crate::Settings) -> Self {
-        let mut tables = vec![Target::new(settings.table.clone(), &settings.mapping)];
+        let mut tables = vec![Target::new(settings.table.clone(), &settings.mapping)
+            .partitioned(settings.partitioning.clone())];
         tables.extend(
-            settings
-                .routed
-                .iter()
-                .map(|r| Target::new(r.table.clone(), &r.mapping)),
+            settings.routed.iter().map(|r| {
+                Target::new(r.table.clone(), &r.mapping).partitioned(r.partitioning.clone())
+            }),
         );
         let rules = settings
             .routes
@@ -915,6 +981,13 @@ mod tests {
         let t = TableName::parse("public.events").unwrap();
         assert_eq!(t.records(), "\"public\".\"events\"");
         assert_eq!(t.dead_letters(), "\"public\".\"events_dead_letters\"");
+        assert_eq!(t.sibling("events_p2026"), "\"public\".\"events_p2026\"");
+        assert_eq!(
+            TableName::parse("events")
+                .unwrap()
+                .sibling("events_default"),
+            "\"events_default\""
+        );
         assert!(TableName::parse("x; drop table y").is_err());
         assert!(TableName::parse("a.b.c").is_err());
     }

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::config::Settings;
+use crate::partitions::Rotation;
 use crate::pg::{self, PgFailure, Pool};
 use crate::source::{self, Source, SourceEvent, StartAt};
 use crate::ConsumerError;
@@ -58,6 +59,16 @@ pub struct Metrics {
     lag: Labelled<Gauge>,
     merged: Labelled<Counter>,
     routed: Labelled<Counter>,
+    /// With `--partition-by`: partitions created, per table.
+    pub(crate) partitions_created: Labelled<Counter>,
+    /// Partitions dropped past the retention, per table.
+    pub(crate) partitions_dropped: Labelled<Counter>,
+    /// Partition changes (and catalog reads) that failed, per table.
+    pub(crate) partition_failures: Labelled<Counter>,
+    /// How long each partition creation or drop took, lock waits included.
+    pub(crate) partition_change: Histogram,
+    /// Rows in each table's default partition (counted up to 10,000 each round).
+    pub(crate) default_rows: Labelled<Gauge>,
     /// The partitions `lag` has a series for.
     lagging: Mutex<BTreeSet<Partition>>,
 }
@@ -164,9 +175,39 @@ impl Metrics {
             "With --route: committed records (rows and dead letters) per table.",
             "table",
         );
+        let partitions_created = r.counters(
+            "spillway_consumer_partitions_created_total",
+            "With --partition-by: time partitions created, per table.",
+            "table",
+        );
+        let partitions_dropped = r.counters(
+            "spillway_consumer_partitions_dropped_total",
+            "With --retention: time partitions dropped because their whole range was older than the retention, per table.",
+            "table",
+        );
+        let partition_failures = r.counters(
+            "spillway_consumer_partition_failures_total",
+            "With --partition-by: partition creations, drops and catalog reads that failed (a lock timeout, rows of the range in the default partition, a refusal), per table; see the logs.",
+            "table",
+        );
+        let partition_change = r.histogram(
+            "spillway_consumer_partition_change_seconds",
+            "With --partition-by: duration of each partition creation or drop transaction, lock waits included.",
+            LATENCY_SECONDS,
+        );
+        let default_rows = r.gauges(
+            "spillway_consumer_default_partition_rows",
+            "With --partition-by: rows in the table's default partition (outside every partition's range), counted up to 10000 each minute.",
+            "table",
+        );
         Metrics {
             merged,
             routed,
+            partitions_created,
+            partitions_dropped,
+            partition_failures,
+            partition_change,
+            default_rows,
             registry: r,
             rows,
             batches,
@@ -291,6 +332,8 @@ pub(crate) struct Pipeline {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     dropped_reported: u64,
+    /// With `--partition-by`: the tables' time partitions.
+    rotation: Option<Arc<Rotation>>,
     #[cfg(feature = "failpoints")]
     exit_after_commits: Option<u64>,
     #[cfg(feature = "failpoints")]
@@ -305,6 +348,7 @@ impl Pipeline {
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        rotation: Option<Arc<Rotation>>,
     ) -> Result<Self, ConsumerError> {
         let config = settings.machine_config()?;
         let tags = EpochTags::new(&config);
@@ -352,6 +396,7 @@ impl Pipeline {
             metrics,
             health,
             dropped_reported: 0,
+            rotation,
             #[cfg(feature = "failpoints")]
             exit_after_commits: std::env::var(FAILPOINT_EXIT_AFTER_COMMITS)
                 .ok()
@@ -382,6 +427,10 @@ impl Pipeline {
         self.metrics.db_up.set(1);
         let (views_tx, mut views) = mpsc::channel(1);
         let lag_task = self.spawn_group_watch(views_tx);
+        let rotation_task = self
+            .rotation
+            .as_ref()
+            .map(|r| r.spawn(self.settings.partition_check_every));
         let mut stopping = false;
         let result = loop {
             let timer = self.machine.poll_timeout();
@@ -421,6 +470,9 @@ impl Pipeline {
             self.update_gauges();
         };
         lag_task.abort();
+        if let Some(task) = rotation_task {
+            task.abort();
+        }
         self.reads.abort_all();
         self.flushes.abort_all();
         *self
@@ -570,6 +622,7 @@ impl Pipeline {
                         self.settings.topic.clone(),
                     );
                     let targets = self.targets.clone();
+                    let rotation = self.rotation.clone();
                     let routed = self.metrics.routed.clone();
                     let merges = self.metrics.merged.clone();
                     // A stopped (SIGSTOP) or unreachable server never fires its own statement
@@ -595,6 +648,21 @@ impl Pipeline {
                             Ok(rows) => rows,
                             Err(unconvertible) => return (id, unconvertible, Duration::ZERO),
                         };
+                        // Before taking a turn: the rotation takes one of the pool's
+                        // connections to create a partition, and must not wait for ours.
+                        if let Some(rotation) = &rotation {
+                            let ready = tokio::time::timeout(deadline, rotation.before_flush(&rows));
+                            let ready = ready.await.unwrap_or_else(|_| {
+                                Err(FlushResult::Retriable {
+                                    reason: format!(
+                                        "the partitions this batch needs were not ready within {deadline:?}"
+                                    ),
+                                })
+                            });
+                            if let Err(not_ready) = ready {
+                                return (id, not_ready, Duration::ZERO);
+                            }
+                        }
                         let turn = pool.wait_turn().await;
                         let started = Instant::now();
                         let attempt = async {

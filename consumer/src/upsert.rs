@@ -68,6 +68,17 @@ fn key_list(upsert: &Upsert) -> String {
 impl MergeSql {
     /// The merge for `table` written with `mapping`, if the mapping writes by key.
     pub fn new(table: &TableName, mapping: &Mapping) -> Option<Self> {
+        Self::build(table, mapping, false)
+    }
+
+    /// The same for a partitioned table (`--partition-by`), whose `RETURNING` cannot read
+    /// `xmax`: the keys already in the table are counted in the same statement (before the
+    /// insert, in its snapshot) instead.
+    pub fn partitioned(table: &TableName, mapping: &Mapping) -> Option<Self> {
+        Self::build(table, mapping, true)
+    }
+
+    fn build(table: &TableName, mapping: &Mapping, partitioned: bool) -> Option<Self> {
         let upsert = mapping.upsert()?;
         // One staging table per records table and session; the name only needs to differ
         // between the tables one consumer writes.
@@ -143,15 +154,39 @@ impl MergeSql {
             }
             OnConflict::Ignore => "DO NOTHING".to_string(),
         };
-        let insert = format!(
-            "WITH chosen AS (SELECT DISTINCT ON ({keys}) {written} FROM {candidates} \
-                 ORDER BY {keys}, kafka_offset {order}, record_index {order}), \
-             written AS (INSERT INTO {t} ({written}) SELECT {written} FROM chosen \
-                 ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) \
-             SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) \
-             FROM written",
-            t = table.records()
-        );
+        let insert = if partitioned {
+            let same_row = upsert
+                .key
+                .iter()
+                .map(|k| format!("t.\"{k}\" = c.\"{k}\""))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            // `DO UPDATE` updates every key already there; `DO NOTHING` returns only inserts.
+            let updated = match upsert.on_conflict {
+                OnConflict::Update => "(SELECT n FROM present)",
+                OnConflict::Ignore => "0::bigint",
+            };
+            format!(
+                "WITH chosen AS (SELECT DISTINCT ON ({keys}) {written} FROM {candidates} \
+                     ORDER BY {keys}, kafka_offset {order}, record_index {order}), \
+                 present AS (SELECT count(*) AS n FROM chosen c \
+                     WHERE EXISTS (SELECT 1 FROM {t} t WHERE {same_row})), \
+                 written AS (INSERT INTO {t} ({written}) SELECT {written} FROM chosen \
+                     ON CONFLICT ({keys}) {action} RETURNING 1) \
+                 SELECT (SELECT count(*) FROM written) - {updated}, {updated}",
+                t = table.records()
+            )
+        } else {
+            format!(
+                "WITH chosen AS (SELECT DISTINCT ON ({keys}) {written} FROM {candidates} \
+                     ORDER BY {keys}, kafka_offset {order}, record_index {order}), \
+                 written AS (INSERT INTO {t} ({written}) SELECT {written} FROM chosen \
+                     ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) \
+                 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) \
+                 FROM written",
+                t = table.records()
+            )
+        };
         Some(MergeSql {
             stage,
             create_stage,
@@ -299,5 +334,18 @@ mod tests {
             &mapping("update", None),
         );
         assert_ne!(other.unwrap().stage, sql.stage, "one stage per table");
+        // A partitioned table's RETURNING cannot read xmax: the keys there are counted first.
+        let partitioned = MergeSql::partitioned(&t, &mapping("update", None)).unwrap();
+        assert!(
+            !partitioned.insert.contains("xmax"),
+            "{}",
+            partitioned.insert
+        );
+        assert!(
+            partitioned.insert.contains("present AS"),
+            "{}",
+            partitioned.insert
+        );
+        assert!(sql.insert.contains("xmax"), "{}", sql.insert);
     }
 }

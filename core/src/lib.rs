@@ -5,7 +5,8 @@
 //! happens to a batch after its flush succeeds, fails or is rejected for a bad record
 //! ([`batcher`]), how big batches should be ([`adaptive`]), how long to wait before trying
 //! again ([`retry`]), which Kafka position is safe to commit ([`ledger`]), and how a record
-//! becomes a row of typed columns in COPY BINARY ([`columns`], [`pgcopy`]).
+//! becomes a row of typed columns in COPY BINARY ([`columns`], [`pgcopy`]), and which time
+//! partitions a table needs and which are past their retention ([`partitions`]).
 //!
 //! It never performs IO and never reads a clock: every method that depends on time takes `now`
 //! as an argument. The services (`spillway-producer`, `spillway-consumer`) are thin shells that
@@ -21,6 +22,7 @@ pub mod envelope;
 pub mod error;
 pub mod ledger;
 pub mod metrics;
+pub mod partitions;
 pub mod pgcopy;
 pub mod props;
 pub mod retry;
@@ -41,6 +43,7 @@ pub use consumer::{
 pub use envelope::{DecodeError, Envelope, RequestId};
 pub use error::{ConfigError, ErrorClass};
 pub use ledger::{OffsetLedger, Partition, Position};
+pub use partitions::{Interval, Partitioning, Retention};
 pub use pgcopy::CopyRows;
 pub use retry::{Jitter, RetryConfig, RetryPolicy};
 pub use routing::Router;

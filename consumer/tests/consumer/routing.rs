@@ -61,10 +61,12 @@ async fn routing_writes_each_record_to_exactly_one_table_with_its_own_columns() 
         TableSpec {
             table: TableName::parse("clicks").unwrap(),
             mapping: Mapping::default(),
+            partitioning: None,
         },
         TableSpec {
             table: TableName::parse("orders").unwrap(),
             mapping: orders,
+            partitioning: None,
         },
     ];
     cfg.routes = vec![

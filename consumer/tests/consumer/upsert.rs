@@ -375,24 +375,19 @@ async fn a_consumer_killed_between_the_commits_leaves_each_key_at_its_last_value
         let (keys, messages) = round(r, r == ROUNDS - 1);
         produce_by_key(&s.broker.bootstrap(), &keys, &messages).await?;
     }
-    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_spillway-consumer"))
-        .args(["--brokers", &s.broker.bootstrap(), "--topic", TOPIC])
-        .args(["--group", "consumers", "--database-url", &s.pg.url()])
-        .args(["--listen", "127.0.0.1:0", "--batch-max-records", "100"])
-        .args(["--column", "id:bigint=/id", "--column", "v:bigint=/v"])
-        .args(["--upsert-key", "id", "--delete-when", "/op=delete"])
-        // The killed member leaves the group at once for the next consumer, not after 45 s.
-        .args(["-X", "session.timeout.ms=6000"])
-        .env(spillway_consumer::FAILPOINT_EXIT_AFTER_COMMITS, "2")
-        .env("SPILLWAY_LOG", "warn")
-        .status()
-        .await?;
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "the failpoint must have fired: {status}"
-    );
+    let args = [
+        "--batch-max-records",
+        "100",
+        "--column",
+        "id:bigint=/id",
+        "--column",
+        "v:bigint=/v",
+        "--upsert-key",
+        "id",
+        "--delete-when",
+        "/op=delete",
+    ];
+    killed_between_the_commits(&s, &args).await?;
     let c = connect(&s.pg.url()).await?;
     let at: i64 = c
         .query_one("SELECT next_offset FROM spillway_offsets", &[])
