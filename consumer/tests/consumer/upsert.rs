@@ -190,16 +190,21 @@ async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_
     Ok(())
 }
 
-/// Produces messages keyed so that every record of one id goes to the same partition (its
-/// Kafka order is then the order they were sent in): `messages[i]` is one message's records,
-/// all of the id `keys[i]`.
-async fn produce_by_key(bootstrap: &str, keys: &[u64], messages: &[Vec<String>]) -> Result<()> {
-    let p: FutureProducer = ClientConfig::new()
+/// One idempotent producer for a whole test: a new one per round asked Tansu 0.6.0 for a
+/// producer id each time, and once its broker stopped answering every client for minutes.
+fn keyed_producer(bootstrap: &str) -> Result<FutureProducer> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .create()?;
+        .create()?)
+}
+
+/// Produces messages keyed so that every record of one id goes to the same partition (its
+/// Kafka order is then the order they were sent in): `messages[i]` is one message's records,
+/// all of the id `keys[i]`.
+async fn produce_by_key(p: &FutureProducer, keys: &[u64], messages: &[Vec<String>]) -> Result<()> {
     let mut pending = vec![];
     for (key, records) in keys.iter().zip(messages) {
         let env = Envelope {
@@ -330,17 +335,18 @@ async fn two_consumers_racing_on_a_rebalance_leave_each_key_at_its_last_value() 
     let bootstrap = s.broker.bootstrap();
     const ROUNDS: u64 = 40;
     let a = start(by_key(&bootstrap, &s.pg.url())).await?;
+    let p = keyed_producer(&bootstrap)?;
     for r in 0..ROUNDS / 2 {
         let (keys, messages) = round(r, false);
-        produce_by_key(&bootstrap, &keys, &messages).await?;
+        produce_by_key(&p, &keys, &messages).await?;
     }
     let b = start(by_key(&bootstrap, &s.pg.url())).await?;
     let producing = {
-        let bootstrap = bootstrap.clone();
+        let p = p.clone();
         tokio::spawn(async move {
             for r in ROUNDS / 2..ROUNDS {
                 let (keys, messages) = round(r, r == ROUNDS - 1);
-                produce_by_key(&bootstrap, &keys, &messages).await?;
+                produce_by_key(&p, &keys, &messages).await?;
             }
             Ok::<_, anyhow::Error>(())
         })
@@ -371,9 +377,10 @@ async fn two_consumers_racing_on_a_rebalance_leave_each_key_at_its_last_value() 
 async fn a_consumer_killed_between_the_commits_leaves_each_key_at_its_last_value() -> Result<()> {
     let s = stack(1).await?;
     const ROUNDS: u64 = 30;
+    let p = keyed_producer(&s.broker.bootstrap())?;
     for r in 0..ROUNDS {
         let (keys, messages) = round(r, r == ROUNDS - 1);
-        produce_by_key(&s.broker.bootstrap(), &keys, &messages).await?;
+        produce_by_key(&p, &keys, &messages).await?;
     }
     let args = [
         "--batch-max-records",
