@@ -25,6 +25,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserializer as _;
 
 use crate::batcher::{KafkaMeta, Record};
+use crate::calendar::days_from_civil;
 use crate::scan;
 use crate::upsert::{Matcher, Upsert};
 
@@ -1341,16 +1342,6 @@ impl<'a> Decimal<'a> {
         end_field(out, start);
         Ok(())
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 fn days_in_month(y: i64, m: i64) -> i64 {

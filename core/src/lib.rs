@@ -16,6 +16,7 @@
 
 pub mod adaptive;
 pub mod batcher;
+mod calendar;
 pub mod columns;
 pub mod consumer;
 pub mod envelope;

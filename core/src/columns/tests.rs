@@ -3,6 +3,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::*;
+use crate::calendar::civil_from_days;
 use crate::envelope::RequestId;
 use crate::pgcopy::CopyRows;
 
@@ -514,18 +515,6 @@ fn metadata_columns_carry_the_envelope_and_the_kafka_message() {
     assert!(e.reason.contains("not UTF-8"), "{e}");
     let e = row(&["kt:timestamptz!=@kafka_timestamp"], &r).unwrap_err();
     assert!(e.reason.contains("required"), "{e}");
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn cases() -> u32 {
