@@ -55,6 +55,16 @@ pub struct MergeSql {
     insert: String,
 }
 
+/// `a.k = b.k AND …` over the key columns: the same key in tables aliased `a` and `b`.
+fn same_key(upsert: &Upsert, a: &str, b: &str) -> String {
+    upsert
+        .key
+        .iter()
+        .map(|k| format!("{a}.\"{k}\" = {b}.\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// The key columns, quoted and comma-separated.
 fn key_list(upsert: &Upsert) -> String {
     upsert
@@ -111,23 +121,17 @@ impl MergeSql {
             columns.join(", ")
         );
         let keys = key_list(upsert);
-        let same_key = upsert
-            .key
-            .iter()
-            .map(|k| format!("t.\"{k}\" = d.\"{k}\""))
-            .collect::<Vec<_>>()
-            .join(" AND ");
         let delete = upsert.delete_when.as_ref().map(|_| {
             format!(
                 "DELETE FROM {t} t USING (SELECT DISTINCT {keys} FROM {stage} WHERE {DELETE_FLAG}) d \
-                 WHERE {same_key}",
-                t = table.records()
+                 WHERE {same}",
+                t = table.records(),
+                same = same_key(upsert, "t", "d"),
             )
         });
         // Rows keep the mapping's columns only (the flag stays in the stage).
-        let written = mapping
-            .copy_columns()
-            .replace(&format!(", {DELETE_FLAG}"), "");
+        let row_columns = mapping.row_columns();
+        let written = row_columns.join(", ");
         let order = match upsert.on_conflict {
             OnConflict::Update => "DESC",
             OnConflict::Ignore => "ASC",
@@ -144,9 +148,9 @@ impl MergeSql {
         };
         let action = match upsert.on_conflict {
             OnConflict::Update => {
-                let set = written
-                    .split(", ")
-                    .filter(|c| !upsert.key.iter().any(|k| *c == format!("\"{k}\"")))
+                let set = row_columns
+                    .iter()
+                    .filter(|c| !upsert.key.iter().any(|k| **c == format!("\"{k}\"")))
                     .map(|c| format!("{c} = EXCLUDED.{c}"))
                     .collect::<Vec<_>>()
                     .join(", ");
@@ -154,37 +158,33 @@ impl MergeSql {
             }
             OnConflict::Ignore => "DO NOTHING".to_string(),
         };
+        let chosen = format!(
+            "chosen AS (SELECT DISTINCT ON ({keys}) {written} FROM {candidates} \
+             ORDER BY {keys}, kafka_offset {order}, record_index {order})"
+        );
+        let t = table.records();
         let insert = if partitioned {
-            let same_row = upsert
-                .key
-                .iter()
-                .map(|k| format!("t.\"{k}\" = c.\"{k}\""))
-                .collect::<Vec<_>>()
-                .join(" AND ");
             // `DO UPDATE` updates every key already there; `DO NOTHING` returns only inserts.
             let updated = match upsert.on_conflict {
                 OnConflict::Update => "(SELECT n FROM present)",
                 OnConflict::Ignore => "0::bigint",
             };
             format!(
-                "WITH chosen AS (SELECT DISTINCT ON ({keys}) {written} FROM {candidates} \
-                     ORDER BY {keys}, kafka_offset {order}, record_index {order}), \
+                "WITH {chosen}, \
                  present AS (SELECT count(*) AS n FROM chosen c \
-                     WHERE EXISTS (SELECT 1 FROM {t} t WHERE {same_row})), \
+                     WHERE EXISTS (SELECT 1 FROM {t} t WHERE {same})), \
                  written AS (INSERT INTO {t} ({written}) SELECT {written} FROM chosen \
                      ON CONFLICT ({keys}) {action} RETURNING 1) \
                  SELECT (SELECT count(*) FROM written) - {updated}, {updated}",
-                t = table.records()
+                same = same_key(upsert, "t", "c"),
             )
         } else {
             format!(
-                "WITH chosen AS (SELECT DISTINCT ON ({keys}) {written} FROM {candidates} \
-                     ORDER BY {keys}, kafka_offset {order}, record_index {order}), \
+                "WITH {chosen}, \
                  written AS (INSERT INTO {t} ({written}) SELECT {written} FROM chosen \
                      ON CONFLICT ({keys}) {action} RETURNING (xmax = 0) AS inserted) \
                  SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) \
-                 FROM written",
-                t = table.records()
+                 FROM written"
             )
         };
         Some(MergeSql {

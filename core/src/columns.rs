@@ -29,6 +29,14 @@ use crate::calendar::days_from_civil;
 use crate::scan;
 use crate::upsert::{Matcher, Upsert};
 
+/// The base columns every row fills first, in COPY order.
+const BASE_COPY_COLUMNS: [&str; 4] = [
+    "kafka_partition",
+    "kafka_offset",
+    "record_index",
+    "received_at",
+];
+
 /// The staging column that marks a record deleting its key's row (`--delete-when`).
 pub const DELETE_FLAG: &str = "spillway_delete";
 
@@ -645,21 +653,26 @@ impl Mapping {
             .any(|c| matches!(c.source, Source::Meta(m) if m.from_kafka_message()))
     }
 
-    /// The COPY column list, quoted, in the order [`crate::pgcopy`] writes the fields.
-    pub fn copy_columns(&self) -> String {
-        let mut out = String::from("kafka_partition, kafka_offset, record_index, received_at");
+    /// The table's columns a row fills, quoted, in the order [`crate::pgcopy`] writes them:
+    /// the base columns, `data` unless dropped, the mapped columns (not the `--delete-when`
+    /// flag, which only a staging table has).
+    pub fn row_columns(&self) -> Vec<String> {
+        let mut out: Vec<String> = BASE_COPY_COLUMNS.iter().map(|c| c.to_string()).collect();
         if self.keep_data {
-            out.push_str(", data");
+            out.push("data".into());
         }
-        for c in &self.columns {
-            out.push_str(", ");
-            out.push_str(&c.quoted_name());
-        }
-        if self.deletes().is_some() {
-            out.push_str(", ");
-            out.push_str(DELETE_FLAG);
-        }
+        out.extend(self.columns.iter().map(ColumnSpec::quoted_name));
         out
+    }
+
+    /// The COPY column list, quoted, in the order [`crate::pgcopy`] writes the fields: the
+    /// [`Mapping::row_columns`], then the `--delete-when` flag if there is one.
+    pub fn copy_columns(&self) -> String {
+        let mut out = self.row_columns();
+        if self.deletes().is_some() {
+            out.push(DELETE_FLAG.into());
+        }
+        out.join(", ")
     }
 
     /// Fields per row.
