@@ -688,22 +688,19 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
         .iter()
         .map(|e| targets.router.route(&e.record.payload, &mut found))
         .collect();
+    // Each table's buffer, sized for its rows in one pass over the batch.
+    let mut sizes = vec![0; targets.tables.len()];
+    for (e, t) in batch.entries.iter().zip(&routes) {
+        if e.dead_reason.is_none() {
+            let columns = targets.tables[*t].mapping.columns().len();
+            sizes[*t] += e.record.payload.len() + ROW_OVERHEAD + 16 * columns;
+        }
+    }
     let mut copies: Vec<_> = targets
         .tables
         .iter()
-        .enumerate()
-        .map(|(t, target)| {
-            let size: usize = batch
-                .entries
-                .iter()
-                .zip(&routes)
-                .filter(|(e, r)| **r == t && e.dead_reason.is_none())
-                .map(|(e, _)| {
-                    e.record.payload.len() + ROW_OVERHEAD + 16 * target.mapping.columns().len()
-                })
-                .sum();
-            (CopyRows::new(&target.mapping, size), Vec::new(), Vec::new())
-        })
+        .zip(sizes)
+        .map(|(target, size)| (CopyRows::new(&target.mapping, size), Vec::new(), Vec::new()))
         .collect();
     let mut refused = Vec::new();
     for (i, (e, t)) in batch.entries.iter().zip(&routes).enumerate() {
