@@ -211,6 +211,20 @@ fn metric(c: &RunningConsumer, name: &str) -> Result<f64> {
     sample_sum(&page, name).with_context(|| format!("/metrics has no {name}:\n{page}"))
 }
 
+/// Waits (at most 60 s) until a consumer that joined a group writes rows of its own: the
+/// rebalance handed it partitions.
+async fn wait_until_it_writes(c: &RunningConsumer) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.metrics().rows_written() == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the second consumer never got a partition"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 async fn stop(c: RunningConsumer) -> Result<()> {
     Ok(c.shutdown().await?)
 }
@@ -365,15 +379,7 @@ async fn two_consumers_with_a_rebalance_in_the_middle_lose_and_duplicate_nothing
             Ok::<_, anyhow::Error>(())
         })
     };
-    // Wait for the rebalance to hand B some partitions: B writes rows of its own.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while b.metrics().rows_written() == 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "the second consumer never got a partition"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_it_writes(&b).await?;
     stop(a).await?;
     producing.await??;
     wait_rows(&s.pg.url(), 12_000, Duration::from_secs(90)).await?;

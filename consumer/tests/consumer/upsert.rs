@@ -351,14 +351,7 @@ async fn two_consumers_racing_on_a_rebalance_leave_each_key_at_its_last_value() 
             Ok::<_, anyhow::Error>(())
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while b.metrics().rows_written() == 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "the second consumer never got a partition"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_it_writes(&b).await?;
     stop(a).await?;
     producing.await??;
     wait_positions(&s.pg.url(), (ROUNDS * KEYS) as i64).await?;
