@@ -1,7 +1,10 @@
 # Shared helpers for the ci/ scripts: sourced, not run.
 
 SPILLWAY_CACHE="${SPILLWAY_CACHE:-$HOME/.cache/spillway}"
+SPILLWAY_CI_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TANSU_VERSION=0.6.0
+# The build of Tansu the tests use: 0.6.0 with ci/tansu/storage.patch (its cache directory).
+TANSU_BUILD="$TANSU_VERSION-spillway1"
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -21,6 +24,7 @@ ensure_build_tools() {
   command -v g++ >/dev/null || missing+=(g++)
   command -v make >/dev/null || missing+=(make)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
+  command -v curl >/dev/null || missing+=(curl ca-certificates)
   dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
   if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
   rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
@@ -44,7 +48,7 @@ ensure_postgres() {
 
 tansu_bin() {
   if [[ -n "${SPILLWAY_TANSU_BIN:-}" ]]; then echo "$SPILLWAY_TANSU_BIN"; return; fi
-  echo "$SPILLWAY_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+  echo "$SPILLWAY_CACHE/tansu-$TANSU_BUILD/bin/tansu"
 }
 
 # A broker built once from crates.io into $SPILLWAY_CACHE/CRATE-VERSION (its build directory
@@ -59,9 +63,41 @@ cargo_install_cached() {
   rm -rf "$SPILLWAY_CACHE/$crate-target"
 }
 
-# The Tansu broker, built once from crates.io and cached (about 15 minutes on 2 cores).
+# A crate's published source from crates.io, checked against its SHA-256 and unpacked into DIR:
+# fetch_crate NAME VERSION SHA256 DIR.
+fetch_crate() {
+  local name="$1" version="$2" sha="$3" dir="$4"
+  local file="$dir/$name-$version.crate"
+  curl -sSfL --retry 3 -o "$file" "https://static.crates.io/crates/$name/$version/download"
+  if ! echo "$sha  $file" | sha256sum --check --quiet -; then
+    echo "$name $version from crates.io does not have the expected SHA-256 $sha; nothing built" >&2
+    exit 1
+  fi
+  tar xzf "$file" -C "$dir"
+}
+
+# The Tansu broker: 0.6.0 from crates.io with ci/tansu/storage.patch, which turns two panics
+# that stopped its storage for every client into errors for the one request (the patch says
+# which). Built once with the crate's own Cargo.lock and cached (about 15 minutes on 2 cores).
+TANSU_SHA256=4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d
+TANSU_STORAGE_SHA256=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
 ensure_tansu() {
-  cargo_install_cached "$(tansu_bin)" tansu "$TANSU_VERSION" libsql
+  local bin work
+  bin="$(tansu_bin)"
+  if [[ -x "$bin" ]]; then return; fi
+  step "building tansu $TANSU_VERSION with ci/tansu/storage.patch (first run only, long: ~15 min)"
+  work="$SPILLWAY_CACHE/tansu-build"
+  rm -rf "$work"
+  mkdir -p "$work"
+  fetch_crate tansu "$TANSU_VERSION" "$TANSU_SHA256" "$work"
+  fetch_crate tansu-storage "$TANSU_VERSION" "$TANSU_STORAGE_SHA256" "$work"
+  (cd "$work/tansu-storage-$TANSU_VERSION" && git apply "$SPILLWAY_CI_DIR/tansu/storage.patch")
+  printf '\n[patch.crates-io]\ntansu-storage = { path = "../tansu-storage-%s" }\n' \
+    "$TANSU_VERSION" >>"$work/tansu-$TANSU_VERSION/Cargo.toml"
+  (cd "$work/tansu-$TANSU_VERSION" && CARGO_TARGET_DIR="$work/target" \
+    cargo build --release --no-default-features --features libsql --bin tansu)
+  install -D -m 755 "$work/target/release/tansu" "$bin"
+  rm -rf "$work"
 }
 
 # The fast broker for benchmarks only (issue 15): Tansu's successor, renamed nisshi, with its

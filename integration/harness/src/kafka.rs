@@ -25,6 +25,9 @@ use crate::{io_err, HarnessError, Result};
 /// The Tansu version the README's test command installs.
 pub const TANSU_VERSION: &str = "0.6.0";
 
+/// Its build with Spillway's patch (`ci/tansu/storage.patch`): where `ci/test.sh` caches it.
+pub const TANSU_BUILD: &str = "0.6.0-spillway1";
+
 /// The release of Tansu's successor (renamed nisshi) that `ci/lib.sh` builds with the in-memory
 /// storage engine for benchmarks: the last that builds on rustc 1.95. Free of 0.6.0's bug where
 /// a fetch from an offset inside a stored batch skips that batch, but its high watermark falls
@@ -84,7 +87,7 @@ pub fn from_env() -> Result<Box<dyn KafkaBroker>> {
 }
 
 /// The Tansu binary: `SPILLWAY_TANSU_BIN`, else `tansu` on PATH, else where `ci/test.sh`
-/// installs it (`~/.cache/spillway/tansu-0.6.0/bin/tansu`).
+/// installs it (`~/.cache/spillway/tansu-0.6.0-spillway1/bin/tansu`).
 pub fn tansu_bin() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SPILLWAY_TANSU_BIN") {
         return Some(PathBuf::from(p)).filter(|p| p.is_file());
@@ -98,7 +101,7 @@ pub fn tansu_bin() -> Option<PathBuf> {
         let home = std::env::var_os("HOME")?;
         let p = PathBuf::from(home)
             .join(".cache/spillway")
-            .join(format!("tansu-{TANSU_VERSION}/bin/tansu"));
+            .join(format!("tansu-{TANSU_BUILD}/bin/tansu"));
         p.is_file().then_some(p)
     })
 }
@@ -142,9 +145,9 @@ impl Tansu {
         let bin = tansu_bin().ok_or_else(|| HarnessError::NotInstalled {
             what: "the Tansu broker",
             hint: format!(
-                "run ci/test.sh (it installs it), or `cargo install tansu --version \
-                 {TANSU_VERSION} --locked --no-default-features --features libsql` and set \
-                 SPILLWAY_TANSU_BIN; or use SPILLWAY_TEST_KAFKA=mock"
+                "run ci/test.sh (it builds Tansu {TANSU_VERSION} with ci/tansu/storage.patch \
+                 into ~/.cache/spillway/tansu-{TANSU_BUILD}), or set SPILLWAY_TANSU_BIN to a \
+                 Tansu binary; or use SPILLWAY_TEST_KAFKA=mock"
             ),
         })?;
         Self::spawn_new(bin, Storage::Durable, advertised_port)

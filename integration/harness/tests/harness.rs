@@ -1,6 +1,7 @@
 //! The harness's controls, each proven on real processes with real clients.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -10,7 +11,9 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use spillway_harness::postgres::{connect, copies_in_progress, copy_backends};
 use spillway_harness::{FaultProxy, Faults, KafkaBroker, Mock, PostgresServer, Tansu};
@@ -127,7 +130,11 @@ fn producer(bootstrap: &str, extra: &[(&str, &str)]) -> Result<FutureProducer> {
     Ok(cfg.create()?)
 }
 
-async fn produce(p: &FutureProducer, topic: &str, payload: &str) -> Result<(i32, i64), KafkaError> {
+async fn produce<C: ClientContext + 'static>(
+    p: &FutureProducer<C>,
+    topic: &str,
+    payload: &str,
+) -> Result<(i32, i64), KafkaError> {
     p.send(
         FutureRecord::<(), _>::to(topic).payload(payload),
         Duration::from_secs(5),
@@ -200,6 +207,83 @@ async fn a_restarted_tansu_keeps_produced_messages_and_committed_group_offsets()
     }
     assert_eq!(seen, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
     drop(broker);
+    Ok(())
+}
+
+/// The idempotent producer's id and epoch, from librdkafka's statistics.
+#[derive(Clone, Default)]
+struct ProducerIdentity(Arc<Mutex<Option<(i64, i64)>>>);
+
+impl ProducerIdentity {
+    fn get(&self) -> Option<(i64, i64)> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ClientContext for ProducerIdentity {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(eos) = statistics.eos.filter(|e| e.producer_id >= 0) {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((eos.producer_id, eos.producer_epoch));
+        }
+    }
+}
+
+/// The broker as `ci/lib.sh` builds it (Tansu 0.6.0 with `ci/tansu/storage.patch`).
+/// Fault: the broker frozen (SIGSTOP) until an idempotent producer's message times out, then
+/// thawed. librdkafka then bumps its own epoch (KIP-360: InitProducerId with its id and epoch).
+/// Checks: the broker answers with the next epoch of the same id, takes that producer's writes
+/// again, and still serves a new client. Unpatched, 0.6.0 reached a `todo!()` on that request,
+/// and from then on it answered every client's every request with `UnableToSend`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_serves_an_idempotent_producer_that_bumped_its_epoch() -> Result<()> {
+    let broker = blocking(Tansu::start).await?;
+    let bootstrap = broker.bootstrap();
+    broker.create_topic("bump", 1).await?;
+    let identity = ProducerIdentity::default();
+    let p: FutureProducer<ProducerIdentity> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "1500")
+        .set("statistics.interval.ms", "100")
+        .create_with_context(identity.clone())?;
+    produce(&p, "bump", "before").await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (id, epoch) = loop {
+        if let Some(found) = identity.get() {
+            break found;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "librdkafka reported no producer id in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    broker.pause()?;
+    ensure!(
+        produce(&p, "bump", "during").await.is_err(),
+        "a frozen broker acknowledged a message"
+    );
+    broker.resume()?;
+    // Each attempt times out after 1.5 s; the bump and the next write need a few round trips.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = produce(&p, "bump", "after").await {
+        ensure!(
+            Instant::now() < deadline,
+            "the thawed broker took none of the producer's writes for 20 s (last: {e}):\n{}",
+            broker.log_tail(20)
+        );
+    }
+    let (after_id, after_epoch) = identity.get().context("no producer id after the bump")?;
+    ensure!(
+        after_id == id && after_epoch > epoch,
+        "the producer went from id {id} epoch {epoch} to id {after_id} epoch {after_epoch}: \
+         it did not bump its epoch, so this run did not exercise the fault"
+    );
+    let fresh = producer(&bootstrap, &[("enable.idempotence", "true")])?;
+    produce(&fresh, "bump", "fresh")
+        .await
+        .context("a new producer after the bump")?;
     Ok(())
 }
 
