@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use spillway_core::partitions::{ExistingPartition, NewPartition, Range};
-use spillway_core::{ErrorClass, FlushResult, Partitioning};
+use spillway_core::{ErrorClass, FlushResult, Mapping, Partitioning};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Transaction};
 
@@ -173,10 +173,12 @@ pub(crate) async fn check_partitioned(
 }
 
 /// Gives a partitioned table its default partition, `<table>_default`, unless it has one
-/// (in the migration's transaction): rows outside every partition's range go there.
+/// (in the migration's transaction): rows outside every partition's range go there. It is
+/// written with `mapping` ([`crate::upsert::storage_clause`]).
 pub(crate) async fn ensure_default_partition(
     tx: &Transaction<'_>,
     table: &TableName,
+    mapping: &Mapping,
 ) -> Result<(), PgFailure> {
     let has_one = tx
         .query_opt(
@@ -191,8 +193,9 @@ pub(crate) async fn ensure_default_partition(
     if !has_one {
         let name = table.sibling(&Partitioning::default_name(table.last()));
         tx.batch_execute(&format!(
-            "CREATE TABLE {name} PARTITION OF {} DEFAULT",
-            table.records()
+            "CREATE TABLE {name} PARTITION OF {} DEFAULT{}",
+            table.records(),
+            crate::upsert::storage_clause(mapping)
         ))
         .await
         .map_err(|e| classify(&e))?;
@@ -252,6 +255,8 @@ struct Kept {
     target: usize,
     table: TableName,
     partitioning: Partitioning,
+    /// Each new partition's storage clause ([`crate::upsert::storage_clause`]).
+    storage: String,
     /// The range partitions as last read or changed: a flush checks its rows against it.
     known: Mutex<Vec<ExistingPartition>>,
     /// Ranges whose partition the default partition's rows block (logged once each).
@@ -324,6 +329,7 @@ impl Rotation {
                     target: i,
                     table: t.table.clone(),
                     partitioning: t.partitioning.clone()?,
+                    storage: crate::upsert::storage_clause(&t.mapping),
                     known: Mutex::new(Vec::new()),
                     blocked: Mutex::new(BTreeSet::new()),
                     overlapped: Mutex::new(BTreeSet::new()),
@@ -771,9 +777,10 @@ async fn apply(
                 let part = t.table.sibling(&new.name);
                 let created = tx
                     .batch_execute(&format!(
-                        "CREATE TABLE {part} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+                        "CREATE TABLE {part} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS){storage};
                          ALTER TABLE {table} ATTACH PARTITION {part} FOR VALUES FROM ({lo}) TO ({hi})",
                         table = t.table.records(),
+                        storage = t.storage,
                         lo = p.bound_literal(new.range.from),
                         hi = p.bound_literal(new.range.to),
                     ))

@@ -405,10 +405,15 @@ async fn create_table(
             }
             None => String::new(),
         };
+        // A partitioned table has no storage of its own: its partitions get the clause.
+        let storage = match &target.partitioning {
+            Some(_) => String::new(),
+            None => crate::upsert::storage_clause(mapping),
+        };
         tx.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {r} (
                  kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL,
-                 received_at timestamptz NOT NULL{data}{partitioned});
+                 received_at timestamptz NOT NULL{data}{partitioned}){storage};
              CREATE TABLE IF NOT EXISTS {d} (
                  kafka_partition int NOT NULL, kafka_offset bigint NOT NULL, record_index int NOT NULL,
                  received_at timestamptz, raw text NOT NULL, error text NOT NULL,
@@ -427,7 +432,7 @@ async fn create_table(
     }
     follow_mapping(tx, table, mapping).await?;
     if target.partitioning.is_some() {
-        crate::partitions::ensure_default_partition(tx, table).await?;
+        crate::partitions::ensure_default_partition(tx, table, mapping).await?;
     }
     if let Some(upsert) = mapping.upsert() {
         crate::upsert::ensure_key_index(tx, table, upsert).await?;

@@ -19,6 +19,23 @@ use tokio_postgres::Transaction;
 
 use crate::pg::{classify, PgFailure, TableName};
 
+/// The fillfactor of a table the consumer creates to write by key (and of its partitions):
+/// each page keeps 30% free for the new versions of its rows, so most updates stay on their
+/// page and add no index entry (HOT updates). On the upsert bench it took the merge from
+/// 0.52 to 0.56 of a plain COPY with `data` kept (0.30 to 0.33 typed-only). A table that
+/// already exists keeps its own setting
+/// (`ALTER TABLE .. SET (fillfactor = 70)` applies to pages written after).
+pub const FILLFACTOR: u8 = 70;
+
+/// The storage clause of a table (or partition) written with `mapping`: `WITH (fillfactor ..)`
+/// if it writes by key, else nothing.
+pub fn storage_clause(mapping: &Mapping) -> String {
+    match mapping.upsert() {
+        Some(_) => format!(" WITH (fillfactor = {FILLFACTOR})"),
+        None => String::new(),
+    }
+}
+
 /// What one merge did, one count per record of the batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Merged {

@@ -139,6 +139,21 @@ async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_
         pg::position(&c, table, TOPIC, 0)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let options: Option<Vec<String>> = c
+            .query_one(
+                "SELECT reloptions FROM pg_class WHERE oid = $1::text::regclass",
+                &[&table],
+            )
+            .await?
+            .get(0);
+        assert_eq!(
+            options,
+            Some(vec![format!(
+                "fillfactor={}",
+                spillway_consumer::upsert::FILLFACTOR
+            )]),
+            "{table}: a table created to be written by key keeps room on its pages for updates"
+        );
         let names = |rows: &[(i64, String, String)]| -> Vec<(i64, String)> {
             rows.iter().map(|(i, n, _)| (*i, n.clone())).collect()
         };
