@@ -17,7 +17,7 @@ use spillway_harness::{
 use spillway_loadgen::keyed::{verify_latest_per_key, KeyedVerdict};
 use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
-use spillway_loadgen::runner::{self, AckSet, Live, RunConfig, RunResult};
+use spillway_loadgen::runner::{self, Live, RunConfig, RunResult};
 use spillway_loadgen::verify::{verify, Verdict, VerifyConfig};
 
 use crate::child::{ARGS_ENV, ENTRY_TEST, ROLE_ENV};
@@ -699,15 +699,7 @@ impl Cluster {
         };
         // Keyed traffic's states go to a table written by key: the records table holds the
         // rest, exactly once ([`Cluster::keyed_verdict`] judges the states).
-        let acked = if done.spec.keys.is_some() {
-            let mut rest = AckSet::default();
-            for seq in done.result.acked.iter().filter(|s| !done.spec.is_state(*s)) {
-                rest.insert_range(seq, 1);
-            }
-            rest
-        } else {
-            done.result.acked.clone()
-        };
+        let acked = done.spec.without_states(&done.result.acked);
         let v = verify(&cfg, &acked, |_| {}).await?;
         self.tl.note(format!(
             "verdict: acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, unexpected {} (allowed); quiet {} after {:.1} s",

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use spillway_loadgen::keyed::verify_latest_per_key;
 use spillway_loadgen::payload::{read_records_file, typed_columns, PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::{parse_duration, RateProfile};
 use spillway_loadgen::report::Report;
 use spillway_loadgen::runner::{self, Live, RunConfig};
-use spillway_loadgen::stack::{LocalStack, TABLE, TOPIC};
+use spillway_loadgen::stack::{LocalStack, STATES, TABLE, TOPIC};
 use spillway_loadgen::verify::{self, VerifyConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -95,6 +96,18 @@ struct Args {
     /// deployment whose consumer maps the id to a column; implied by --typed on the local stack).
     #[arg(long)]
     id_column: Option<String>,
+    /// Keyed traffic, for a consumer writing by key: each request carries one of N keys as
+    /// its X-Spillway-Key, and about half of its records are states of that key
+    /// (`"kind":"state"`, `key`, `seq`, some `"op":"delete"`). The local stack's consumer
+    /// routes them (`--route /kind=state:states`) to a table written by key (`--upsert-key key
+    /// --delete-when /op=delete`). The verdict checks the other records exactly once in
+    /// --table, and that each key's row in --keyed-table is its last state in Kafka (or gone
+    /// when that state deletes it).
+    #[arg(long, conflicts_with_all = ["typed", "records_file"], value_parser = clap::value_parser!(u64).range(1..))]
+    keys: Option<u64>,
+    /// With --keys: the table written by key that the verdict reads.
+    #[arg(long, default_value = STATES)]
+    keyed_table: String,
     /// Gzip request bodies.
     #[arg(long)]
     gzip: bool,
@@ -292,7 +305,7 @@ async fn run(a: Args) -> Result<bool> {
         id_field: a.id_field.clone(),
         poison_rate: a.poison_rate,
         typed: a.typed,
-        keys: None,
+        keys: a.keys,
     };
     let id_column = match (&a.id_column, a.typed && a.target.is_none()) {
         (Some(c), _) => Some(c.clone()),
@@ -320,11 +333,14 @@ async fn run(a: Args) -> Result<bool> {
             } else {
                 spillway_core::Mapping::default()
             };
-            Some(
-                LocalStack::start_with(a.partitions, mapping)
-                    .await
-                    .context("starting the local stack")?,
-            )
+            let stack = match a.keys {
+                Some(keys) => {
+                    eprintln!("loadgen: {keys} keys; the consumer routes their states (--route /kind=state:{STATES}) to {STATES}, written by key (--upsert-key key --delete-when /op=delete)");
+                    LocalStack::start_keyed(a.partitions, mapping, &a.id_field).await
+                }
+                None => LocalStack::start_with(a.partitions, mapping).await,
+            };
+            Some(stack.context("starting the local stack")?)
         }
     };
     let target = match (&a.target, &stack) {
@@ -386,7 +402,7 @@ async fn run(a: Args) -> Result<bool> {
             .collect(),
         content_encoding: a.gzip.then(|| "gzip".to_string()),
     };
-    let payloads = PayloadGen::new(spec, &run_id, seed);
+    let payloads = PayloadGen::new(spec.clone(), &run_id, seed);
     let result = runner::run(cfg, payloads, live.clone(), move |s, live, p99| {
         let known = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
         let line = format!(
@@ -421,14 +437,29 @@ async fn run(a: Args) -> Result<bool> {
                 settle: a.settle,
                 ..VerifyConfig::new(url, &a.table, &run_id, &brokers, &topic, a.drain_timeout)
             };
+            // With --keys the states are judged by the keyed verdict below, not found here.
+            let acked = spec.without_states(&result.acked);
             Some(
-                verify::verify(&cfg, &result.acked, move |n| {
+                verify::verify(&cfg, &acked, move |n| {
                     live2.rows.store(n, Ordering::Relaxed)
                 })
                 .await?,
             )
         }
         None => None,
+    };
+    let keyed = match (&verify_url, a.keys, &verdict) {
+        (Some(url), Some(_), Some(v)) if v.quiet => {
+            eprintln!(
+                "loadgen: reading the run's states back from Kafka for the keyed verdict on {}",
+                a.keyed_table
+            );
+            Some(
+                verify_latest_per_key(&brokers, &topic, url, &a.keyed_table, &run_id, &a.id_field)
+                    .await?,
+            )
+        }
+        _ => None,
     };
     if let Some(s) = sampler {
         s.abort();
@@ -440,6 +471,7 @@ async fn run(a: Args) -> Result<bool> {
         target,
         run: &result,
         verdict: verdict.as_ref(),
+        keyed: a.keys.map(|_| (a.keyed_table.as_str(), keyed.as_ref())),
     };
     println!("{}", report.table());
     report
@@ -454,5 +486,9 @@ async fn run(a: Args) -> Result<bool> {
     if let Some(s) = stack {
         s.shutdown().await;
     }
-    Ok(verdict.is_none_or(|v| v.passed()))
+    let keyed_passed = match (a.keys, &verdict) {
+        (Some(_), Some(_)) => keyed.as_ref().is_some_and(|k| k.passed()),
+        _ => true,
+    };
+    Ok(verdict.is_none_or(|v| v.passed()) && keyed_passed)
 }

@@ -96,6 +96,20 @@ impl PayloadSpec {
         self.keys.is_some() && !self.typed && fraction(seq, 0x51A7_E5EE_D000_0001) < 0.5
     }
 
+    /// Of `acked`, the records that are not states ([`PayloadSpec::is_state`]): those the
+    /// set verdict checks exactly once in the records table (the keyed verdict judges the
+    /// states).
+    pub fn without_states(&self, acked: &crate::runner::AckSet) -> crate::runner::AckSet {
+        if self.keys.is_none() {
+            return acked.clone();
+        }
+        let mut rest = crate::runner::AckSet::default();
+        for seq in acked.iter().filter(|s| !self.is_state(*s)) {
+            rest.insert_range(seq, 1);
+        }
+        rest
+    }
+
     /// Whether state `seq` deletes its key's row (about one in seven states).
     pub fn is_delete(&self, seq: u64) -> bool {
         self.is_state(seq) && fraction(seq, 0xDE1E_7E00_0000_0007) < 1.0 / 7.0

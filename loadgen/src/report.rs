@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::json;
 
+use crate::keyed::KeyedVerdict;
 use crate::payload::PayloadGen;
 use crate::runner::{RunResult, Second};
 use crate::verify::Verdict;
@@ -25,6 +26,9 @@ pub struct Report<'a> {
     pub run: &'a RunResult,
     /// The verdict, if checked.
     pub verdict: Option<&'a Verdict>,
+    /// With keyed traffic: the table written by key, and its verdict if checked (it is not
+    /// when the set verdict was not, or the pipeline never went quiet).
+    pub keyed: Option<(&'a str, Option<&'a KeyedVerdict>)>,
 }
 
 const QUANTILES: [(&str, f64); 6] = [
@@ -139,6 +143,30 @@ impl Report<'_> {
                 let _ = writeln!(s, "\nverdict: not checked (pass --verify DATABASE_URL)");
             }
         }
+        match self.keyed {
+            Some((table, Some(k))) => {
+                let _ = writeln!(
+                    s,
+                    "keyed verdict on {table}: {} — {} keys, {} states in Kafka, {} deleted last; {} rows wrong, {} keys across partitions",
+                    if k.passed() { "PASS" } else { "FAIL" },
+                    k.keys,
+                    k.states,
+                    k.deleted,
+                    k.wrong,
+                    k.split
+                );
+                if !k.wrong_sample.is_empty() {
+                    let _ = writeln!(s, "wrong rows (sample): {:?}", k.wrong_sample);
+                }
+            }
+            Some((table, None)) => {
+                let _ = writeln!(
+                    s,
+                    "keyed verdict on {table}: not checked (it needs the verdict above, on a quiet pipeline)"
+                );
+            }
+            None => {}
+        }
         s
     }
 
@@ -171,6 +199,7 @@ impl Report<'_> {
             "latency_ms_from_planned_send": lat,
             "service_time_ms": svc,
             "verdict": self.verdict,
+            "keyed_verdict": self.keyed.map(|(table, k)| json!({"table": table, "verdict": k})),
         });
         std::fs::write(
             dir.join("summary.json"),

@@ -32,6 +32,8 @@ impl std::fmt::Debug for LocalStack {
 pub const TOPIC: &str = "spillway";
 /// The records table.
 pub const TABLE: &str = "records";
+/// The table written by key that keyed traffic's states go to ([`LocalStack::start_keyed`]).
+pub const STATES: &str = "states";
 
 impl LocalStack {
     /// Starts everything; `partitions` for the topic.
@@ -43,6 +45,37 @@ impl LocalStack {
     pub async fn start_with(
         partitions: i32,
         mapping: spillway_core::Mapping,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(partitions, mapping, None).await
+    }
+
+    /// Starts everything for keyed traffic ([`crate::payload::PayloadSpec::keys`]): the
+    /// consumer also routes the states (`--route /kind=state:`[`STATES`]) to a table written
+    /// by key (`--upsert-key key --delete-when /op=delete`, [`state_columns`]).
+    ///
+    /// [`state_columns`]: crate::payload::state_columns
+    pub async fn start_keyed(
+        partitions: i32,
+        mapping: spillway_core::Mapping,
+        id_field: &str,
+    ) -> anyhow::Result<Self> {
+        let columns = crate::payload::state_columns(id_field)
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<Vec<_>, _>>()?;
+        let states =
+            spillway_core::Mapping::new(columns, true)?.with_upsert(spillway_core::Upsert {
+                key: vec!["key".into()],
+                on_conflict: spillway_core::OnConflict::Update,
+                delete_when: Some("/op=delete".parse().map_err(anyhow::Error::msg)?),
+            })?;
+        Self::start_full(partitions, mapping, Some(states)).await
+    }
+
+    async fn start_full(
+        partitions: i32,
+        mapping: spillway_core::Mapping,
+        states: Option<spillway_core::Mapping>,
     ) -> anyhow::Result<Self> {
         let pg = tokio::task::spawn_blocking(postgres_from_env).await??;
         let broker = tokio::task::block_in_place(kafka::from_env)?;
@@ -56,6 +89,18 @@ impl LocalStack {
         cs.group = "loadgen".into();
         cs.batcher.max_age = Duration::from_millis(200);
         cs.mapping = mapping;
+        if let Some(states) = states {
+            cs.routes = vec![(
+                "/kind=state".parse().map_err(anyhow::Error::msg)?,
+                STATES.to_string(),
+            )];
+            cs.routed = vec![spillway_consumer::config::TableSpec {
+                table: spillway_consumer::pg::TableName::parse(STATES)
+                    .map_err(anyhow::Error::msg)?,
+                mapping: states,
+                partitioning: None,
+            }];
+        }
         let consumer = spillway_consumer::start(cs).await?;
         Ok(LocalStack {
             pg,
