@@ -25,6 +25,7 @@ ensure_build_tools() {
   command -v make >/dev/null || missing+=(make)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
   command -v curl >/dev/null || missing+=(curl ca-certificates)
+  command -v git >/dev/null || missing+=(git)
   dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
   if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
   rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
@@ -82,9 +83,11 @@ fetch_crate() {
 TANSU_SHA256=4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d
 TANSU_STORAGE_SHA256=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
 ensure_tansu() {
-  local bin work
+  local bin work patch_sha
   bin="$(tansu_bin)"
-  if [[ -x "$bin" ]]; then return; fi
+  # The build is redone when the patch changes (its SHA-256 is kept beside the binary).
+  patch_sha="$(sha256sum "$SPILLWAY_CI_DIR/tansu/storage.patch" | cut -d' ' -f1)"
+  if [[ -x "$bin" && "$(cat "$bin.patch-sha256" 2>/dev/null)" == "$patch_sha" ]]; then return; fi
   step "building tansu $TANSU_VERSION with ci/tansu/storage.patch (first run only, long: ~15 min)"
   work="$SPILLWAY_CACHE/tansu-build"
   rm -rf "$work"
@@ -92,11 +95,14 @@ ensure_tansu() {
   fetch_crate tansu "$TANSU_VERSION" "$TANSU_SHA256" "$work"
   fetch_crate tansu-storage "$TANSU_VERSION" "$TANSU_STORAGE_SHA256" "$work"
   (cd "$work/tansu-storage-$TANSU_VERSION" && git apply "$SPILLWAY_CI_DIR/tansu/storage.patch")
-  printf '\n[patch.crates-io]\ntansu-storage = { path = "../tansu-storage-%s" }\n' \
+  # Its own workspace (whatever Cargo.toml is above the cache), with the patched storage.
+  printf '\n[workspace]\n\n[patch.crates-io]\ntansu-storage = { path = "../tansu-storage-%s" }\n' \
     "$TANSU_VERSION" >>"$work/tansu-$TANSU_VERSION/Cargo.toml"
   (cd "$work/tansu-$TANSU_VERSION" && CARGO_TARGET_DIR="$work/target" \
     cargo build --release --no-default-features --features libsql --bin tansu)
-  install -D -m 755 "$work/target/release/tansu" "$bin"
+  install -D -m 755 "$work/target/release/tansu" "$bin.new"
+  mv "$bin.new" "$bin"
+  echo "$patch_sha" >"$bin.patch-sha256"
   rm -rf "$work"
 }
 

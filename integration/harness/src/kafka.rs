@@ -86,23 +86,26 @@ pub fn from_env() -> Result<Box<dyn KafkaBroker>> {
     Ok(broker)
 }
 
-/// The Tansu binary: `SPILLWAY_TANSU_BIN`, else `tansu` on PATH, else where `ci/test.sh`
-/// installs it (`~/.cache/spillway/tansu-0.6.0-spillway1/bin/tansu`).
+/// The Tansu binary: `SPILLWAY_TANSU_BIN`, else where `ci/test.sh` builds it with its patch
+/// (`~/.cache/spillway/tansu-0.6.0-spillway1/bin/tansu`), else `tansu` on PATH.
 pub fn tansu_bin() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SPILLWAY_TANSU_BIN") {
         return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
-    let on_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("tansu"))
-            .find(|p| p.is_file())
-    });
-    on_path.or_else(|| {
-        let home = std::env::var_os("HOME")?;
+    // The patched build first: an unpatched `tansu` on PATH stops serving after an
+    // idempotent producer's epoch bump (ci/tansu/storage.patch).
+    let cached = std::env::var_os("HOME").and_then(|home| {
         let p = PathBuf::from(home)
             .join(".cache/spillway")
             .join(format!("tansu-{TANSU_BUILD}/bin/tansu"));
         p.is_file().then_some(p)
+    });
+    cached.or_else(|| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("tansu"))
+                .find(|p| p.is_file())
+        })
     })
 }
 

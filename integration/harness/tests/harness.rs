@@ -231,10 +231,11 @@ impl ClientContext for ProducerIdentity {
 
 /// The broker as `ci/lib.sh` builds it (Tansu 0.6.0 with `ci/tansu/storage.patch`).
 /// Fault: the broker frozen (SIGSTOP) until an idempotent producer's message times out, then
-/// thawed. librdkafka then bumps its own epoch (KIP-360: InitProducerId with its id and epoch).
-/// Checks: the broker answers with the next epoch of the same id, takes that producer's writes
-/// again, and still serves a new client. Unpatched, 0.6.0 reached a `todo!()` on that request,
-/// and from then on it answered every client's every request with `UnableToSend`.
+/// thawed. librdkafka then raises its epoch by itself (no request to the broker) and sends its
+/// next batch with the new epoch at sequence 0.
+/// Checks: the broker takes that producer's writes again under the same id with the higher
+/// epoch, and still serves a new client. Unpatched, 0.6.0 panicked on that batch ("more or
+/// less than one row") and from then on answered every request with `UnableToSend`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tansu_serves_an_idempotent_producer_that_bumped_its_epoch() -> Result<()> {
     let broker = blocking(Tansu::start).await?;
@@ -274,12 +275,20 @@ async fn tansu_serves_an_idempotent_producer_that_bumped_its_epoch() -> Result<(
             broker.log_tail(20)
         );
     }
-    let (after_id, after_epoch) = identity.get().context("no producer id after the bump")?;
-    ensure!(
-        after_id == id && after_epoch > epoch,
-        "the producer went from id {id} epoch {epoch} to id {after_id} epoch {after_epoch}: \
-         it did not bump its epoch, so this run did not exercise the fault"
-    );
+    // librdkafka's statistics come every 100 ms: wait for one reporting the bump.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (after_id, after_epoch) = identity.get().context("no producer id after the bump")?;
+        if after_id == id && after_epoch > epoch {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the producer went from id {id} epoch {epoch} to id {after_id} epoch {after_epoch}: \
+             it did not bump its epoch, so this run did not exercise the fault"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let fresh = producer(&bootstrap, &[("enable.idempotence", "true")])?;
     produce(&fresh, "bump", "fresh")
         .await
