@@ -115,6 +115,7 @@ async fn ceiling(bootstrap: &str, topic: &str, per: u64) -> Result<f64> {
     let payload = Envelope {
         received_at_micros: 1,
         request_id: RequestId::from_u128(1),
+        sequenced: false,
         source: None,
         records: recs.iter().map(|r| r.as_slice()).collect(),
     }

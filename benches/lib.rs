@@ -220,7 +220,7 @@ pub fn print_ratios(group: &str, ids: &[(String, u64)], baseline: &str) {
 
 use spillway_core::pgcopy;
 use spillway_core::Mapping;
-use spillway_core::{Envelope, Record, RequestId};
+use spillway_core::{Envelope, ProducerSequence, Record, RequestId};
 
 /// `n` rows as the consumer would write them (one record per message, 4 partitions).
 pub fn rows(n: u64) -> Vec<Record> {
@@ -232,6 +232,7 @@ pub fn rows(n: u64) -> Vec<Record> {
             last_in_message: true,
             received_at_micros: 1_764_000_000_000_000,
             request_id: RequestId::from_u128(0),
+            sequenced: false,
             kafka: None,
             payload: record(i),
         })
@@ -379,7 +380,12 @@ pub async fn produce_backlog_of(
             .collect();
         let env = Envelope {
             received_at_micros: 1_764_000_000_000_000,
-            request_id: RequestId::from_u128(m as u128),
+            // As the producer numbers its messages: the consumer stores each batch's highest.
+            request_id: RequestId::sequenced(ProducerSequence {
+                producer: 1,
+                sequence: m,
+            }),
+            sequenced: true,
             source: None,
             records: recs.iter().map(|r| r.as_slice()).collect(),
         }

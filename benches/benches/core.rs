@@ -21,6 +21,7 @@ fn batcher(c: &mut Criterion) {
             last_in_message: true,
             received_at_micros: 0,
             request_id: RequestId::from_u128(0),
+            sequenced: false,
             kafka: None,
             payload: record(i),
         })
@@ -70,6 +71,7 @@ fn envelope(c: &mut Criterion) {
         let env = Envelope {
             received_at_micros: 1,
             request_id: RequestId::from_u128(7),
+            sequenced: false,
             source: None,
             records: recs.iter().map(|r| r.as_slice()).collect(),
         };

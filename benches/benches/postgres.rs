@@ -403,6 +403,7 @@ fn whole_batch(records: &[Record]) -> Batch {
             .map(|r| Entry {
                 record: r.clone(),
                 dead_reason: None,
+                copy: false,
             })
             .collect(),
         attempt: 1,

@@ -13,7 +13,8 @@ use spillway_core::partitions::Range;
 use spillway_core::pgcopy::{CopyRows, ROW_OVERHEAD};
 use spillway_core::routing;
 use spillway_core::{
-    Batch, ErrorClass, FlushResult, Mapping, Partition, Partitioning, Position, Router,
+    Batch, ErrorClass, FlushResult, Mapping, Partition, Partitioning, Position, ProducerSequence,
+    Router, StoredPosition,
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
@@ -335,7 +336,12 @@ pub async fn migrate(client: &mut Client, targets: &Targets) -> Result<(), PgFai
              consumer text NOT NULL, topic text NOT NULL, kafka_partition int NOT NULL,
              next_offset bigint NOT NULL, next_index int NOT NULL,
              updated_at timestamptz NOT NULL DEFAULT now(),
-             PRIMARY KEY (consumer, topic, kafka_partition));",
+             PRIMARY KEY (consumer, topic, kafka_partition));
+         CREATE TABLE IF NOT EXISTS spillway_producer_sequences (
+             consumer text NOT NULL, topic text NOT NULL, kafka_partition int NOT NULL,
+             producer bigint NOT NULL, sequence bigint NOT NULL,
+             updated_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (consumer, topic, kafka_partition, producer));",
     )
     .await
     .map_err(|e| classify(&e))?;
@@ -552,6 +558,51 @@ pub async fn position(
     Ok(Position::new(row.get(0), row.get::<_, i32>(1) as u32))
 }
 
+/// How long a producer's highest sequence is kept after the last batch that moved it. A copy
+/// follows its original within the producer's delivery timeout (seconds), so this only has
+/// to outlast a consumer that stopped between the two.
+pub const PRODUCER_SEQUENCES_KEPT_DAYS: i32 = 7;
+
+/// [`position`], and the highest sequence of each producer whose messages were written before
+/// it (those kept less than [`PRODUCER_SEQUENCES_KEPT_DAYS`]; older ones are deleted here).
+pub async fn stored_position(
+    client: &Client,
+    name: &str,
+    topic: &str,
+    partition: Partition,
+) -> Result<StoredPosition, PgFailure> {
+    let position = position(client, name, topic, partition).await?;
+    client
+        .execute(
+            "DELETE FROM spillway_producer_sequences
+             WHERE consumer = $1 AND topic = $2 AND kafka_partition = $3
+               AND updated_at < now() - make_interval(days => $4)",
+            &[&name, &topic, &partition, &PRODUCER_SEQUENCES_KEPT_DAYS],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    let rows = client
+        .query(
+            "SELECT producer, sequence FROM spillway_producer_sequences
+             WHERE consumer = $1 AND topic = $2 AND kafka_partition = $3",
+            &[&name, &topic, &partition],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    Ok(StoredPosition {
+        partition,
+        position,
+        // Stored as bigint: the bits of the u64s.
+        producers: rows
+            .iter()
+            .map(|r| ProducerSequence {
+                producer: r.get::<_, i64>(0) as u64,
+                sequence: r.get::<_, i64>(1) as u64,
+            })
+            .collect(),
+    })
+}
+
 /// Every stored position of `topic` for the consumer `name`.
 pub async fn positions(
     client: &Client,
@@ -654,6 +705,32 @@ async fn move_position(
     Ok(moved == 1)
 }
 
+/// Stores, beside the position the batch moves, the highest sequence of each producer whose
+/// messages the batch ends ([`Batch::producer_sequences`]).
+async fn store_producer_sequences(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    topic: &str,
+    batch: &Batch,
+    ended: &[ProducerSequence],
+) -> Result<(), tokio_postgres::Error> {
+    if ended.is_empty() {
+        return Ok(());
+    }
+    let producers: Vec<i64> = ended.iter().map(|at| at.producer as i64).collect();
+    let sequences: Vec<i64> = ended.iter().map(|at| at.sequence as i64).collect();
+    tx.execute(
+        "INSERT INTO spillway_producer_sequences AS s
+             (consumer, topic, kafka_partition, producer, sequence)
+         SELECT $1, $2, $3, p, q FROM unnest($4::bigint[], $5::bigint[]) AS u(p, q)
+         ON CONFLICT (consumer, topic, kafka_partition, producer)
+         DO UPDATE SET sequence = GREATEST(s.sequence, EXCLUDED.sequence), updated_at = now()",
+        &[&name, &topic, &batch.partition, &producers, &sequences],
+    )
+    .await
+    .map(|_| ())
+}
+
 /// One table's share of a batch in COPY BINARY, ready before a connection is taken.
 #[derive(Debug)]
 pub struct EncodedRows {
@@ -696,7 +773,7 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
     // Each table's buffer, sized for its rows in one pass over the batch.
     let mut sizes = vec![0; targets.tables.len()];
     for (e, t) in batch.entries.iter().zip(&routes) {
-        if e.dead_reason.is_none() {
+        if e.is_row() {
             let columns = targets.tables[*t].mapping.columns().len();
             sizes[*t] += e.record.payload.len() + ROW_OVERHEAD + 16 * columns;
         }
@@ -710,7 +787,9 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
     let mut refused = Vec::new();
     for (i, (e, t)) in batch.entries.iter().zip(&routes).enumerate() {
         let (copy, entries, dead) = &mut copies[*t];
-        if e.dead_reason.is_some() {
+        if e.copy {
+            continue;
+        } else if e.dead_reason.is_some() {
             dead.push(i);
         } else if let Err(err) = copy.push(&e.record) {
             refused.push((i, err.to_string()));
@@ -824,7 +903,8 @@ impl Targets {
 }
 
 /// Writes a batch in one transaction: the partition's position (kept under the consumer's
-/// `name`) moves from `start` to `end` (only if it still holds `start`), each table's rows
+/// `name`) moves from `start` to `end` (only if it still holds `start`) with the producers'
+/// highest sequences ([`stored_position`]), each table's rows
 /// (encoded by [`encode_rows`]) go in by COPY BINARY (appended, or into a staging table and
 /// merged by key: [`crate::upsert`]), the dead letters beside them. Each error is classified
 /// by the statement that raised it. Merges also say what they did.
@@ -856,10 +936,18 @@ pub async fn flush(
         Ok(tx) => tx,
         Err(e) => return (staged(Bookkeeping, &e, &[]), None),
     };
+    let ended = batch.producer_sequences();
     if batch.position_with_rows {
         // The row lock taken here serialises competing writers of one partition: a zombie
-        // waits, then finds the position moved and rolls back.
-        match move_position(&tx, name, topic, batch).await {
+        // waits, then finds the position moved and rolls back. The producers' sequences go
+        // in the same round trip (the server runs the two in order).
+        let moved = futures::future::try_join(
+            move_position(&tx, name, topic, batch),
+            store_producer_sequences(&tx, name, topic, batch, &ended),
+        )
+        .await
+        .map(|(moved, ())| moved);
+        match moved {
             Ok(true) => {}
             Ok(false) => {
                 let result = match tx.rollback().await {
@@ -869,6 +957,11 @@ pub async fn flush(
                 return (result, None);
             }
             Err(e) => return (staged(Bookkeeping, &e, &[]), None),
+        }
+    }
+    if !batch.position_with_rows {
+        if let Err(e) = store_producer_sequences(&tx, name, topic, batch, &ended).await {
+            return (staged(Bookkeeping, &e, &[]), None);
         }
     }
     let mut merged: Option<Merged> = None;

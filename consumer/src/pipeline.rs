@@ -16,7 +16,7 @@ use spillway_core::metrics::{
 };
 use spillway_core::{
     BatchId, BatcherConfig, Command, ConsumerMachine, EpochTags, ErrorClass, Exit, FlushResult,
-    KafkaCommand, Mutation, Notice, Partition, PartitionLag, Position,
+    KafkaCommand, Mutation, Notice, Partition, PartitionLag, Position, StoredPosition,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -42,6 +42,7 @@ pub struct Metrics {
     rows: Counter,
     batches: Counter,
     dead_letters: Counter,
+    copies: Counter,
     retries: Counter,
     fenced: Counter,
     dropped: Counter,
@@ -94,6 +95,10 @@ impl Metrics {
         let dead_letters = counter(
             "spillway_consumer_dead_letters_total",
             "Records committed to the dead-letter table.",
+        );
+        let copies = counter(
+            "spillway_consumer_copies_skipped_total",
+            "Second copies of messages already written, skipped: a producer's Kafka client stored them again after an answer was lost.",
         );
         let retries = counter(
             "spillway_consumer_flush_retries_total",
@@ -212,6 +217,7 @@ impl Metrics {
             rows,
             batches,
             dead_letters,
+            copies,
             retries,
             fenced,
             dropped,
@@ -314,7 +320,7 @@ struct PendingAssignment {
 }
 
 type FlushDone = (BatchId, FlushResult, Duration);
-type PositionsRead = Result<Vec<(Partition, Position)>, PgFailure>;
+type PositionsRead = Result<Vec<StoredPosition>, PgFailure>;
 
 pub(crate) struct Pipeline {
     settings: Settings,
@@ -734,10 +740,20 @@ impl Pipeline {
                 position,
                 rows,
                 dead_letters,
+                copies,
             } => {
-                let _ = (partition, position);
                 self.metrics.rows.inc_by(rows as u64);
                 self.metrics.dead_letters.inc_by(dead_letters as u64);
+                if copies > 0 {
+                    self.metrics.copies.inc_by(copies as u64);
+                    tracing::info!(
+                        partition,
+                        ?position,
+                        copies,
+                        "skipped second copies of messages already written (the producer's Kafka \
+                         client stored them again after an answer was lost): nothing written twice"
+                    );
+                }
                 self.metrics.batches.inc();
                 self.metrics.batch_size.observe(rows as f64);
                 if !self.machine.config().mutated(Mutation::CommitKafkaFirst) {
@@ -888,7 +904,7 @@ impl Pipeline {
                 let conn = pool.open(turn?).await?;
                 let mut out = Vec::with_capacity(partitions.len());
                 for p in partitions {
-                    out.push((p, pg::position(conn.client(), &name, &topic, p).await?));
+                    out.push(pg::stored_position(conn.client(), &name, &topic, p).await?);
                 }
                 conn.release();
                 Ok(out)
@@ -931,7 +947,7 @@ impl Pipeline {
                             .and_then(|e| e.offset().to_raw())
                             .filter(|o| *o >= 0)
                             .unwrap_or(0);
-                        (*p, Position::new(offset, 0))
+                        StoredPosition::new(*p, Position::new(offset, 0))
                     })
                     .collect())
             })

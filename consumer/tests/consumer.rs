@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use spillway_consumer::{RunningConsumer, Settings};
-use spillway_core::{Envelope, RequestId};
+use spillway_core::{Envelope, ProducerSequence, RequestId};
 use spillway_harness::metrics::sample_sum;
 use spillway_harness::postgres::{connect, copy_backends};
 use spillway_harness::{FaultProxy, Faults, KafkaBroker, PostgresServer, Tansu};
@@ -106,6 +106,7 @@ async fn produce(
         let env = Envelope {
             received_at_micros: 1_764_000_000_000_000 + n as i64,
             request_id: RequestId::from_u128(n as u128),
+            sequenced: false,
             source: None,
             records: chunk.iter().map(|r| r.as_bytes()).collect(),
         };
@@ -357,6 +358,97 @@ async fn a_consumer_killed_between_the_postgres_and_kafka_commits_adds_no_duplic
     wait_rows(&s.pg.url(), 3000, Duration::from_secs(60)).await?;
     assert_exactly_once(&s.pg.url(), 0..3000).await?;
     stop(consumer).await
+}
+
+/// Writes one message per `(producer, sequence, ids)`, in this order, to a one-partition
+/// topic, each a sequenced envelope (the producer's ids) holding the records of `ids`: the same
+/// `(producer, sequence)` twice is what a producer's Kafka client leaves when it re-sends a
+/// message whose answer was lost at a new epoch.
+async fn produce_sequenced(
+    bootstrap: &str,
+    messages: &[(u64, u64, std::ops::Range<u64>)],
+) -> Result<()> {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .create()?;
+    for (producer, sequence, ids) in messages {
+        let records: Vec<String> = ids.clone().map(|id| format!(r#"{{"id": {id}}}"#)).collect();
+        let payload = Envelope {
+            received_at_micros: 1_764_000_000_000_000,
+            request_id: RequestId::sequenced(ProducerSequence {
+                producer: *producer,
+                sequence: *sequence,
+            }),
+            sequenced: true,
+            source: None,
+            records: records.iter().map(|r| r.as_bytes()).collect(),
+        }
+        .encode();
+        p.send(
+            FutureRecord::<(), _>::to(TOPIC).payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// Fault: Kafka holds second copies of messages (a producer's client re-sent them after their
+/// answers were lost), some read by the consumer that wrote the original, one by a new consumer
+/// process after a restart. Invariant: every record exactly once; each copy is counted as
+/// skipped; another producer's lower sequence numbers are not copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_messages_already_written_are_skipped_also_after_a_restart() -> Result<()> {
+    const P: u64 = 0xA11CE;
+    const Q: u64 = 0xB0B;
+    let s = stack(1).await?;
+    let bootstrap = s.broker.bootstrap();
+    let mut first: Vec<(u64, u64, std::ops::Range<u64>)> =
+        (0..10).map(|n| (P, n, n * 10..n * 10 + 10)).collect();
+    // Copies of 3 and 7, each after later messages of its producer, then one more message so
+    // that its rows show the copies were read.
+    first.extend([(P, 3, 30..40), (P, 7, 70..80), (P, 10, 100..110)]);
+    produce_sequenced(&bootstrap, &first).await?;
+    let consumer = start(settings(&bootstrap, &s.pg.url())).await?;
+    wait_rows(&s.pg.url(), 110, Duration::from_secs(60)).await?;
+    assert_exactly_once(&s.pg.url(), 0..110).await?;
+    let skipped = metric(&consumer, "spillway_consumer_copies_skipped_total")?;
+    ensure!(skipped == 2.0, "{skipped} copies skipped, 2 expected");
+    stop(consumer).await?;
+
+    // The new process knows the highest sequence only from what Postgres stored.
+    produce_sequenced(
+        &bootstrap,
+        &[(P, 5, 50..60), (Q, 0, 200..205), (P, 11, 110..120)],
+    )
+    .await?;
+    let consumer = start(settings(&bootstrap, &s.pg.url())).await?;
+    wait_rows(&s.pg.url(), 125, Duration::from_secs(60)).await?;
+    assert_exactly_once(&s.pg.url(), (0..120).chain(200..205)).await?;
+    let skipped = metric(&consumer, "spillway_consumer_copies_skipped_total")?;
+    ensure!(
+        skipped == 1.0,
+        "{skipped} copies skipped after the restart, 1 expected"
+    );
+    stop(consumer).await?;
+    let c = connect(&s.pg.url()).await?;
+    let stored: BTreeMap<i64, i64> = c
+        .query(
+            "SELECT producer, sequence FROM spillway_producer_sequences",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    ensure!(
+        stored == BTreeMap::from([(P as i64, 11), (Q as i64, 0)]),
+        "stored sequences: {stored:?}"
+    );
+    Ok(())
 }
 
 /// Fault: a second consumer joins the group mid-stream (rebalance), then the first stops.
@@ -752,6 +844,7 @@ async fn produce_typed(bootstrap: &str, messages: &[Vec<String>]) -> Result<()> 
         let env = Envelope {
             received_at_micros: 1_764_000_000_000_000 + n as i64,
             request_id: RequestId::from_u128(n as u128 + 1),
+            sequenced: false,
             source: None,
             records: records.iter().map(|r| r.as_bytes()).collect(),
         };

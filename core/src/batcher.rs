@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::adaptive::{AdaptiveConfig, BatchSizer};
-use crate::envelope::RequestId;
+use crate::envelope::{ProducerSequence, RequestId};
 use crate::error::ConfigError;
 use crate::ledger::{OffsetLedger, Partition, Position};
 use crate::retry::{RetryConfig, RetryPolicy};
@@ -48,6 +48,8 @@ pub struct Record {
     pub received_at_micros: i64,
     /// The request's id (zero for a message that is not an envelope).
     pub request_id: RequestId,
+    /// Whether the id is [sequenced](RequestId::sequenced).
+    pub sequenced: bool,
     /// The Kafka message's key, timestamp and headers, shared by the message's records; only
     /// when a column maps them (`None` otherwise).
     pub kafka: Option<Arc<KafkaMeta>>,
@@ -85,6 +87,11 @@ impl Record {
         Position::new(self.offset, self.index)
     }
 
+    /// Its message's place in its producer's order, if the id is sequenced.
+    pub fn producer_sequence(&self) -> Option<ProducerSequence> {
+        self.sequenced.then(|| self.request_id.producer_sequence())
+    }
+
     /// Where the record after it stands.
     pub fn next_position(&self) -> Position {
         if self.last_in_message {
@@ -101,13 +108,25 @@ impl Record {
     }
 }
 
-/// A record in a batch: to be written as a row, or dead-lettered with a reason.
+/// A record in a batch: to be written as a row, dead-lettered with a reason, or skipped as a
+/// copy of a message already written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// The record.
     pub record: Record,
     /// `Some(reason)` when the record goes to the dead-letter table instead of the records table.
     pub dead_reason: Option<String>,
+    /// A second copy of a message in Kafka (the producer's client stored it again after an
+    /// answer was lost): it stands for the whole message, is written nowhere, and only moves
+    /// the partition's position past it.
+    pub copy: bool,
+}
+
+impl Entry {
+    /// Whether the record is written as a row.
+    pub fn is_row(&self) -> bool {
+        self.dead_reason.is_none() && !self.copy
+    }
 }
 
 /// Identifies a batch while it is in flight.
@@ -145,7 +164,7 @@ impl Batch {
     pub fn rows(&self) -> impl Iterator<Item = &Record> {
         self.entries
             .iter()
-            .filter(|e| e.dead_reason.is_none())
+            .filter(|e| e.is_row())
             .map(|e| &e.record)
     }
 
@@ -159,6 +178,33 @@ impl Batch {
     /// Number of rows to write.
     pub fn row_count(&self) -> usize {
         self.rows().count()
+    }
+
+    /// Copies skipped.
+    pub fn copy_count(&self) -> usize {
+        self.entries.iter().filter(|e| e.copy).count()
+    }
+
+    /// For each producer whose messages this batch ends (written, dead-lettered or skipped as
+    /// copies), the highest sequence among them: stored with the batch's position, so that a
+    /// consumer reading the partition again from that position knows which later messages are
+    /// copies. A message the batch holds only the first records of is not ended here.
+    pub fn producer_sequences(&self) -> Vec<ProducerSequence> {
+        let mut highest: BTreeMap<u64, u64> = BTreeMap::new();
+        for e in &self.entries {
+            if let Some(at) = e
+                .record
+                .producer_sequence()
+                .filter(|_| e.record.last_in_message)
+            {
+                let high = highest.entry(at.producer).or_insert(at.sequence);
+                *high = (*high).max(at.sequence);
+            }
+        }
+        highest
+            .into_iter()
+            .map(|(producer, sequence)| ProducerSequence { producer, sequence })
+            .collect()
     }
 
     fn bytes(&self) -> usize {
@@ -208,6 +254,8 @@ pub enum AfterFlush {
         rows: usize,
         /// Records dead-lettered.
         dead_letters: usize,
+        /// Copies of messages already written, skipped.
+        copies: usize,
     },
     /// Will be tried again, not before `at`.
     RetryAt {
@@ -471,16 +519,28 @@ impl Batcher {
 
     /// Buffers a record to be written as a row.
     pub fn push(&mut self, record: Record, now: Instant) -> Push {
-        self.push_entry(record, None, now)
+        self.push_entry(record, None, false, now)
+    }
+
+    /// Buffers a copy of a message already written ([`Entry::copy`]): `record` stands for the
+    /// whole message (its index 0, marked last).
+    pub fn push_copy(&mut self, record: Record, now: Instant) -> Push {
+        self.push_entry(record, None, true, now)
     }
 
     /// Buffers a record that must go to the dead-letter table (for example a message that is
     /// not a valid envelope), keeping its place in the partition's order.
     pub fn push_dead_letter(&mut self, record: Record, reason: String, now: Instant) -> Push {
-        self.push_entry(record, Some(reason), now)
+        self.push_entry(record, Some(reason), false, now)
     }
 
-    fn push_entry(&mut self, record: Record, dead_reason: Option<String>, now: Instant) -> Push {
+    fn push_entry(
+        &mut self,
+        record: Record,
+        dead_reason: Option<String>,
+        copy: bool,
+        now: Instant,
+    ) -> Push {
         let size = record.size();
         let Some(lane) = self.lanes.get(&record.partition) else {
             return Push::Unassigned(record);
@@ -508,6 +568,7 @@ impl Batcher {
             entry: Entry {
                 record,
                 dead_reason,
+                copy,
             },
         });
         self.stats.buffered_records += 1;
@@ -677,13 +738,14 @@ impl Batcher {
                     position: batch.end,
                     rows: batch.row_count(),
                     dead_letters: batch.dead_letters().count(),
+                    copies: batch.copy_count(),
                 }
             }
             FlushOutcome::Retriable { .. } => self.requeue_after_failure(batch, now),
             FlushOutcome::Poison { reason, culprit } => {
                 let mut entries = batch.entries;
                 let live: Vec<usize> = (0..entries.len())
-                    .filter(|&i| entries[i].dead_reason.is_none())
+                    .filter(|&i| entries[i].is_row())
                     .collect();
                 if live.len() == 1 {
                     // Rejected alone: this record is the bad one.
@@ -705,9 +767,7 @@ impl Batcher {
                 // A culprit named by the database is only a hint: cut around it, so it is
                 // tried alone, and a record is dead-lettered only when it fails by itself.
                 // Without a hint, bisect.
-                let cuts = match culprit
-                    .filter(|&c| c < entries.len() && entries[c].dead_reason.is_none())
-                {
+                let cuts = match culprit.filter(|&c| c < entries.len() && entries[c].is_row()) {
                     Some(c) => vec![c, c + 1],
                     None => vec![live[live.len() / 2]],
                 };
@@ -732,7 +792,7 @@ impl Batcher {
                 let mut entries = batch.entries;
                 let mut marked = 0u64;
                 for (i, reason) in records {
-                    if let Some(e) = entries.get_mut(i).filter(|e| e.dead_reason.is_none()) {
+                    if let Some(e) = entries.get_mut(i).filter(|e| e.is_row()) {
                         e.dead_reason = Some(reason);
                         marked += 1;
                     }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crate::batcher::{
     AfterFlush, Batch, BatchId, Batcher, BatcherConfig, FlushOutcome, KafkaMeta, Push, Record,
 };
-use crate::envelope::{Envelope, RequestId};
+use crate::envelope::{Envelope, ProducerSequence, RequestId};
 use crate::error::ConfigError;
 use crate::ledger::{Partition, Position};
 use crate::retry::RetryPolicy;
@@ -66,11 +66,13 @@ pub enum Mutation {
     /// Postgres's and commits each batch's end to Kafka, synchronously, when it sends the batch
     /// to Postgres), and batches are written without the compare-and-set.
     CommitKafkaFirst,
+    /// A second copy of a message in Kafka is written like any other message.
+    WriteCopies,
 }
 
 impl Mutation {
     /// Every mutation, with the name `SPILLWAY_SIM_MUTATE` / `SPILLWAY_MUTATE` selects it by.
-    pub const ALL: [(&'static str, Mutation); 7] = [
+    pub const ALL: [(&'static str, Mutation); 8] = [
         ("epoch-before-seek", Mutation::EpochBeforeSeek),
         ("accept-gaps", Mutation::AcceptGaps),
         ("global-pause", Mutation::GlobalPause),
@@ -78,6 +80,7 @@ impl Mutation {
         ("position-before-rows", Mutation::PositionBeforeRows),
         ("drop-failed-batch", Mutation::DropFailedBatch),
         ("commit-kafka-first", Mutation::CommitKafkaFirst),
+        ("write-copies", Mutation::WriteCopies),
     ];
 
     /// The mutation called `name`.
@@ -193,6 +196,33 @@ struct PartitionState {
     /// What Kafka was last told: `None` when unknown (just assigned).
     kafka_paused: Option<bool>,
     seek_attempts: u32,
+    /// Per producer, the highest sequence among the messages before the partition's next
+    /// position (stored ones, then each one pushed whole): a sequenced message at or below it
+    /// is a copy.
+    producers: BTreeMap<u64, u64>,
+}
+
+/// A partition's stored position, and what was stored with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredPosition {
+    /// Partition.
+    pub partition: Partition,
+    /// Where its next record is.
+    pub position: Position,
+    /// Per producer, the highest sequence among the messages before `position`
+    /// ([`Batch::producer_sequences`], kept for as long as the store keeps it).
+    pub producers: Vec<ProducerSequence>,
+}
+
+impl StoredPosition {
+    /// A position with nothing else stored (no sequenced message was written before it).
+    pub fn new(partition: Partition, position: Position) -> Self {
+        StoredPosition {
+            partition,
+            position,
+            producers: Vec::new(),
+        }
+    }
 }
 
 /// A message the Kafka side polled.
@@ -290,6 +320,8 @@ pub enum Notice {
         rows: usize,
         /// Records dead-lettered.
         dead_letters: usize,
+        /// Copies of messages already written, skipped (a producer's client stored them twice).
+        copies: usize,
     },
     /// A flush failed and will be retried.
     Retrying {
@@ -587,6 +619,7 @@ impl ConsumerMachine {
                     phase: Phase::Positioning,
                     kafka_paused: None,
                     seek_attempts: 0,
+                    producers: BTreeMap::new(),
                 },
             );
             self.sync_pause(p);
@@ -600,17 +633,23 @@ impl ConsumerMachine {
     }
 
     /// The stored positions were read.
-    pub fn on_positions(&mut self, positions: &[(Partition, Position)], now: Instant) {
+    pub fn on_positions(&mut self, positions: &[StoredPosition], now: Instant) {
         if self.exited {
             return;
         }
-        for &(p, at) in positions {
-            let Some(state) = self.partitions.get(&p) else {
+        for stored in positions {
+            let (p, at) = (stored.partition, stored.position);
+            let Some(state) = self.partitions.get_mut(&p) else {
                 continue;
             };
             if state.phase != Phase::Positioning {
                 continue;
             }
+            state.producers = stored
+                .producers
+                .iter()
+                .map(|at| (at.producer, at.sequence))
+                .collect();
             self.batcher.assign(p, at);
             let epoch = self.new_epoch();
             // Kafka needs a start offset now (the assignment may be waiting for it); a
@@ -739,10 +778,33 @@ impl ConsumerMachine {
             last_in_message: true,
             received_at_micros: 0,
             request_id: RequestId::from_u128(0),
+            sequenced: false,
             kafka: None,
             payload,
         };
-        let pushed = match message.payload.as_deref().map(Envelope::decode) {
+        let decoded = message.payload.as_deref().map(Envelope::decode);
+        let order = match &decoded {
+            Some(Ok(env)) => env.producer_sequence(),
+            _ => None,
+        };
+        let copy = order.filter(|at| {
+            !self.config.mutated(Mutation::WriteCopies)
+                && self.partitions.get(&p).is_some_and(|s| {
+                    s.producers
+                        .get(&at.producer)
+                        .is_some_and(|&high| at.sequence <= high)
+                })
+        });
+        let pushed = match decoded {
+            Some(Ok(env)) if copy.is_some() => self.batcher.push_copy(
+                Record {
+                    received_at_micros: env.received_at_micros,
+                    request_id: env.request_id,
+                    sequenced: true,
+                    ..single(Vec::new())
+                },
+                now,
+            ),
             Some(Ok(env)) if env.records.is_empty() => self.batcher.push_dead_letter(
                 single(message.payload.clone().unwrap_or_default()),
                 "an envelope with no records".into(),
@@ -759,6 +821,7 @@ impl ConsumerMachine {
                         last_in_message: i + 1 == n,
                         received_at_micros: env.received_at_micros,
                         request_id: env.request_id,
+                        sequenced: env.sequenced,
                         kafka: message.kafka.clone(),
                         payload: r.to_vec(),
                     };
@@ -779,8 +842,17 @@ impl ConsumerMachine {
                 now,
             ),
         };
-        if let Push::Full(_) = pushed {
-            self.buffer_full(p);
+        match pushed {
+            Push::Full(_) => self.buffer_full(p),
+            Push::Accepted | Push::Skipped => {
+                // The whole message is buffered (or was written before): later messages of
+                // its producer at or below its sequence are copies.
+                if let (Some(at), Some(s)) = (order, self.partitions.get_mut(&p)) {
+                    let high = s.producers.entry(at.producer).or_insert(at.sequence);
+                    *high = (*high).max(at.sequence);
+                }
+            }
+            Push::Unassigned(_) => {}
         }
         self.settle(now);
     }
@@ -843,12 +915,14 @@ impl ConsumerMachine {
                 position,
                 rows,
                 dead_letters,
+                copies,
             } => {
                 self.notice(Notice::Committed {
                     partition,
                     position,
                     rows,
                     dead_letters,
+                    copies,
                 });
                 if !self.config.mutated(Mutation::CommitKafkaFirst) {
                     self.kafka(KafkaCommand::Commit {
@@ -1273,7 +1347,7 @@ mod tests {
 
     fn reading(m: &mut ConsumerMachine, p: Partition, now: Instant) -> Epoch {
         m.on_assigned(&[p], now);
-        m.on_positions(&[(p, Position::BEGINNING)], now);
+        m.on_positions(&[StoredPosition::new(p, Position::BEGINNING)], now);
         let mut epoch = 0;
         while let Some(c) = m.poll_command() {
             if let Command::Kafka(KafkaCommand::Seek { epoch: e, .. }) = c {
@@ -1288,6 +1362,7 @@ mod tests {
         Envelope {
             received_at_micros: 1,
             request_id: RequestId::from_u128(1),
+            sequenced: false,
             source: None,
             records: records.to_vec(),
         }

@@ -7,12 +7,18 @@
 //! Wire format, version 1 (all integers big-endian):
 //!
 //! ```text
-//! "SPWY"  u8 version=1  u8 flags(bit0: has source)
+//! "SPWY"  u8 version=1  u8 flags(bit0: has source, bit1: sequenced request id)
 //! i64 received_at (UTC microseconds since the Unix epoch)
-//! [16] request id
+//! [16] request id (sequenced: u64 producer id, then u64 sequence number)
 //! if has source: u16 length, UTF-8 bytes
 //! u32 record count, then per record: u32 length, bytes
 //! ```
+//!
+//! A *sequenced* request id names the producer's Kafka client and numbers its messages in the
+//! order it handed them to that client, so within one partition one producer's messages are in
+//! increasing sequence order, except a copy: the same message stored again after an answer was
+//! lost (librdkafka re-sends it at a new epoch after a timeout). The consumer skips copies by
+//! that order ([`crate::consumer`]). A reader that does not know bit 1 ignores it.
 
 use std::fmt;
 
@@ -20,7 +26,10 @@ const MAGIC: &[u8; 4] = b"SPWY";
 /// The format version this crate writes.
 pub const VERSION: u8 = 1;
 const FLAG_SOURCE: u8 = 1;
+const FLAG_SEQUENCED: u8 = 2;
 const HEADER_LEN: usize = 4 + 1 + 1 + 8 + 16;
+/// Where the request id is in an encoded envelope.
+const REQUEST_ID_AT: usize = 4 + 1 + 1 + 8;
 
 /// A request id: 128 bits, shown as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,6 +40,29 @@ impl RequestId {
     pub fn from_u128(n: u128) -> Self {
         RequestId(n.to_be_bytes())
     }
+
+    /// The id of a producer's `sequence`-th message: the producer's id, then the number.
+    pub fn sequenced(at: ProducerSequence) -> Self {
+        Self::from_u128((u128::from(at.producer) << 64) | u128::from(at.sequence))
+    }
+
+    /// Reads an id built by [`RequestId::sequenced`].
+    pub fn producer_sequence(&self) -> ProducerSequence {
+        let n = u128::from_be_bytes(self.0);
+        ProducerSequence {
+            producer: (n >> 64) as u64,
+            sequence: n as u64,
+        }
+    }
+}
+
+/// Which producer client wrote a message, and its place in that client's order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProducerSequence {
+    /// Random, one per Kafka client of a producer process.
+    pub producer: u64,
+    /// Counts that client's messages in the order it was given them.
+    pub sequence: u64,
 }
 
 impl fmt::Display for RequestId {
@@ -55,6 +87,8 @@ pub struct Envelope<'a> {
     pub received_at_micros: i64,
     /// The id the producer gave the request (also returned to the client).
     pub request_id: RequestId,
+    /// Whether the id is [sequenced](RequestId::sequenced).
+    pub sequenced: bool,
     /// Optional free-form origin (for example the client's address or token name).
     pub source: Option<&'a str>,
     /// The records, each the exact JSON bytes the client sent.
@@ -109,11 +143,13 @@ impl<'a> Envelope<'a> {
         let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.push(if self.source.is_some() {
+        let source = if self.source.is_some() {
             FLAG_SOURCE
         } else {
             0
-        });
+        };
+        let sequenced = if self.sequenced { FLAG_SEQUENCED } else { 0 };
+        out.push(source | sequenced);
         out.extend_from_slice(&self.received_at_micros.to_be_bytes());
         out.extend_from_slice(&self.request_id.0);
         if let Some(source) = self.source {
@@ -129,6 +165,15 @@ impl<'a> Envelope<'a> {
             out.extend_from_slice(&record[..len as usize]);
         }
         out
+    }
+
+    /// Replaces the request id of an envelope [`Envelope::encode`] made (the producer stamps
+    /// the sequenced id at the moment it hands the message to Kafka). Does nothing to bytes
+    /// too short to be one.
+    pub fn stamp_request_id(encoded: &mut [u8], id: RequestId) {
+        if let Some(at) = encoded.get_mut(REQUEST_ID_AT..HEADER_LEN) {
+            at.copy_from_slice(&id.0);
+        }
     }
 
     /// Decodes a message, borrowing the records from `bytes`.
@@ -171,9 +216,15 @@ impl<'a> Envelope<'a> {
         Ok(Envelope {
             received_at_micros,
             request_id,
+            sequenced: flags & FLAG_SEQUENCED != 0,
             source,
             records,
         })
+    }
+
+    /// Where the message stands in its producer's order, if its id is sequenced.
+    pub fn producer_sequence(&self) -> Option<ProducerSequence> {
+        self.sequenced.then(|| self.request_id.producer_sequence())
     }
 }
 
@@ -205,6 +256,7 @@ mod tests {
         Envelope {
             received_at_micros: 1_764_000_000_123_456,
             request_id: RequestId::from_u128(0xDEAD_BEEF),
+            sequenced: false,
             source: Some("10.0.0.1"),
             records: vec![br#"{"a":1}"#, b"[1, 2]", b"\"x\""],
         }
@@ -216,6 +268,35 @@ mod tests {
         let bytes = e.encode();
         assert_eq!(bytes.len(), e.encoded_len());
         assert_eq!(Envelope::decode(&bytes).unwrap(), e);
+    }
+
+    #[test]
+    fn a_sequenced_id_carries_its_producer_and_number_and_says_so() {
+        let at = ProducerSequence {
+            producer: 0xFEED_0000_0000_0001,
+            sequence: 41,
+        };
+        let e = Envelope {
+            request_id: RequestId::sequenced(at),
+            sequenced: true,
+            ..sample()
+        };
+        let mut bytes = Envelope {
+            request_id: RequestId::from_u128(0),
+            ..e.clone()
+        }
+        .encode();
+        Envelope::stamp_request_id(&mut bytes, e.request_id);
+        assert_eq!(bytes, e.encode());
+        let back = Envelope::decode(&bytes).unwrap();
+        assert_eq!(back.producer_sequence(), Some(at));
+        assert_eq!(back.source, Some("10.0.0.1"));
+        assert_eq!(
+            Envelope::decode(&sample().encode())
+                .unwrap()
+                .producer_sequence(),
+            None
+        );
     }
 
     #[test]
@@ -246,12 +327,14 @@ mod tests {
         fn any_envelope_round_trips(
             at in any::<i64>(),
             id in any::<u128>(),
+            sequenced in any::<bool>(),
             source in proptest::option::of(".{0,40}"),
             records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..20),
         ) {
             let e = Envelope {
                 received_at_micros: at,
                 request_id: RequestId::from_u128(id),
+                sequenced,
                 source: source.as_deref(),
                 records: records.iter().map(|r| r.as_slice()).collect(),
             };

@@ -39,9 +39,9 @@ pub use batcher::{
 pub use columns::{ColumnSpec, ColumnType, ConvertError, Mapping, Meta, SpecError};
 pub use consumer::{
     Command, ConsumerConfig, ConsumerMachine, ConsumerStats, Epoch, EpochTags, Exit, FlushResult,
-    KafkaCommand, Message, Mutation, Notice, PartitionLag, Phase,
+    KafkaCommand, Message, Mutation, Notice, PartitionLag, Phase, StoredPosition,
 };
-pub use envelope::{DecodeError, Envelope, RequestId};
+pub use envelope::{DecodeError, Envelope, ProducerSequence, RequestId};
 pub use error::{ConfigError, ErrorClass};
 pub use ledger::{OffsetLedger, Partition, Position};
 pub use partitions::{Interval, Partitioning, Retention};

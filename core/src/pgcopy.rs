@@ -139,6 +139,7 @@ mod tests {
             last_in_message: true,
             received_at_micros: PG_EPOCH_OFFSET_MICROS + 5,
             request_id: RequestId::from_u128(1),
+            sequenced: false,
             kafka: None,
             payload: payload.as_bytes().to_vec(),
         }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use spillway_core::{
     AdaptiveConfig, Batch, BatcherConfig, Command, ConsumerConfig, ConsumerMachine, Envelope,
     EpochTags, Exit, FlushResult, Jitter, KafkaCommand, Message, Mutation, Notice, PartitionLag,
-    Phase, Position, RequestId, RetryConfig,
+    Phase, Position, RequestId, RetryConfig, StoredPosition,
 };
 
 type Partition = i32;
@@ -494,6 +494,7 @@ impl Sim {
             let envelope = Envelope {
                 received_at_micros: 1,
                 request_id: RequestId::from_u128(self.produced as u128),
+                sequenced: false,
                 source: None,
                 records: bodies.iter().map(Vec::as_slice).collect(),
             };
@@ -1003,7 +1004,13 @@ impl Sim {
                         .on_seek_failed(p, e, "seek failed".into(), now)
                 }
                 Event::Message(msg) => member.machine.on_message(msg, now),
-                Event::Positions(ps) => member.machine.on_positions(&ps, now),
+                Event::Positions(ps) => {
+                    let stored: Vec<StoredPosition> = ps
+                        .iter()
+                        .map(|&(p, at)| StoredPosition::new(p, at))
+                        .collect();
+                    member.machine.on_positions(&stored, now)
+                }
                 Event::PositionsFailed => {
                     member
                         .machine

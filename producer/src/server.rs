@@ -12,12 +12,12 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use spillway_core::metrics::{
     self, Counter, Gauge, Histogram, Labelled, Registry, LATENCY_SECONDS, SIZES,
 };
-use spillway_core::{Envelope, RequestId};
+use spillway_core::{Envelope, ProducerSequence, RequestId};
 use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
@@ -234,8 +234,55 @@ struct State {
 
 struct KafkaClient {
     generation: u64,
-    producer: FutureProducer,
+    producer: Arc<SequencedProducer>,
     created: Instant,
+}
+
+/// A Kafka client that numbers its messages. Each message's request id is the client's id and
+/// the message's sequence number ([`RequestId::sequenced`]), stamped while holding the lock the
+/// message is handed to librdkafka under: within a partition, the client's messages are in
+/// Kafka in sequence order. A copy that librdkafka stores again (it re-sends a message whose
+/// answer was lost at a new epoch after a timeout) repeats a sequence the partition already
+/// has, and the consumer skips it.
+struct SequencedProducer {
+    id: u64,
+    producer: FutureProducer,
+    next: Mutex<u64>,
+}
+
+impl SequencedProducer {
+    fn new(producer: FutureProducer) -> Arc<Self> {
+        Arc::new(SequencedProducer {
+            // Never 0, so no sequenced id is the all-zero id of a message that is not an
+            // envelope.
+            id: fastrand::u64(1..),
+            producer,
+            next: Mutex::new(0),
+        })
+    }
+
+    /// Stamps `payload` (an encoded envelope) with the next request id and hands it to the
+    /// client.
+    fn send(
+        &self,
+        topic: &str,
+        payload: &mut [u8],
+        key: Option<&[u8]>,
+    ) -> Result<(RequestId, DeliveryFuture), KafkaError> {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let id = RequestId::sequenced(ProducerSequence {
+            producer: self.id,
+            sequence: *next,
+        });
+        Envelope::stamp_request_id(payload, id);
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(&*payload);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        let delivery = self.producer.send_result(record).map_err(|(e, _)| e)?;
+        *next += 1;
+        Ok((id, delivery))
+    }
 }
 
 /// The shortest time between two client replacements, so a broker that rejects every client
@@ -243,9 +290,9 @@ struct KafkaClient {
 const CLIENT_RESET_INTERVAL: Duration = Duration::from_secs(2);
 
 impl State {
-    fn producer(&self) -> (u64, FutureProducer) {
+    fn producer(&self) -> (u64, Arc<SequencedProducer>) {
         let k = self.kafka.read().unwrap_or_else(|p| p.into_inner());
-        (k.generation, k.producer.clone())
+        (k.generation, Arc::clone(&k.producer))
     }
 
     /// After `error` on a message sent by client `generation`: if the error says the broker no
@@ -274,7 +321,8 @@ impl State {
         }
         match self.kafka_config.create::<FutureProducer>() {
             Ok(fresh) => {
-                let old = std::mem::replace(&mut k.producer, fresh);
+                // A new client id too: the old client may still store messages.
+                let old = std::mem::replace(&mut k.producer, SequencedProducer::new(fresh));
                 k.generation += 1;
                 k.created = Instant::now();
                 self.metrics.client_resets.inc();
@@ -335,7 +383,8 @@ impl RunningProducer {
         }
         let (_, producer) = self.state.producer();
         let flushed =
-            tokio::task::spawn_blocking(move || producer.flush(Timeout::After(grace))).await;
+            tokio::task::spawn_blocking(move || producer.producer.flush(Timeout::After(grace)))
+                .await;
         match flushed {
             Ok(Ok(())) => {
                 tracing::info!("Kafka client flushed; every acknowledged request is durable")
@@ -434,7 +483,7 @@ pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
         max_message_bytes,
         kafka: std::sync::RwLock::new(KafkaClient {
             generation: 0,
-            producer,
+            producer: SequencedProducer::new(producer),
             created: Instant::now(),
         }),
         kafka_config: cfg,
@@ -662,7 +711,7 @@ fn render_metrics(state: &State) -> Result<String, std::fmt::Error> {
     state
         .metrics
         .queue_depth
-        .set(state.producer().1.in_flight_count() as i64);
+        .set(state.producer().1.producer.in_flight_count() as i64);
     state.metrics.registry.render()
 }
 
@@ -681,6 +730,7 @@ async fn ready(state: &Arc<State>) -> Result<(), String> {
     let topic = state.settings.topic.clone();
     let result = tokio::task::spawn_blocking(move || {
         producer
+            .producer
             .client()
             .fetch_metadata(Some(&topic), Duration::from_secs(2))
             .map_err(|e| format!("Kafka is not reachable: {e}"))
@@ -825,11 +875,12 @@ where
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0);
-    let request_id = RequestId::from_u128(fastrand::u128(..));
     let source = header(headers, "x-spillway-source");
     let envelope = Envelope {
         received_at_micros,
-        request_id,
+        // Stamped when the message is handed to Kafka (`SequencedProducer::send`).
+        request_id: RequestId::from_u128(0),
+        sequenced: true,
         source,
         records,
     };
@@ -846,17 +897,15 @@ where
         ));
     }
     let count = envelope.records.len();
-    let payload = envelope.encode();
+    let mut payload = envelope.encode();
     let sent = Instant::now();
     let (generation, producer) = state.producer();
-    let mut record = FutureRecord::<[u8], [u8]>::to(&state.settings.topic).payload(&payload);
-    if let Some(key) = key {
-        record = record.key(key);
-    }
-    let delivery = producer.send_result(record).map_err(|(e, _)| {
-        state.replace_client_after(generation, &e);
-        kafka_refusal(&e, state)
-    })?;
+    let (request_id, delivery) = producer
+        .send(&state.settings.topic, &mut payload, key)
+        .map_err(|e| {
+            state.replace_client_after(generation, &e);
+            kafka_refusal(&e, state)
+        })?;
     drop(producer);
     if mutation::active(Mutation::AckBeforeKafka) {
         // MUTATION ack-before-kafka: answer now. The delivery report is only watched in the

@@ -36,10 +36,12 @@ fn batch(start: i64, messages: &[&[&str]]) -> Batch {
                     last_in_message: index + 1 == records.len(),
                     received_at_micros: 1_764_000_000_000_000,
                     request_id: RequestId::from_u128(1),
+                    sequenced: false,
                     kafka: None,
                     payload: r.as_bytes().to_vec(),
                 },
                 dead_reason: None,
+                copy: false,
             });
         }
     }
@@ -225,6 +227,7 @@ async fn produce_by_key(p: &FutureProducer, keys: &[u64], messages: &[Vec<String
         let env = Envelope {
             received_at_micros: 1_764_000_000_000_000,
             request_id: RequestId::from_u128(u128::from(*key)),
+            sequenced: false,
             source: None,
             records: records.iter().map(|r| r.as_bytes()).collect(),
         };

@@ -33,6 +33,7 @@ fn rec(partition: Partition, offset: i64, index: u32, last: bool) -> Record {
         last_in_message: last,
         received_at_micros: 0,
         request_id: RequestId::from_u128(0),
+        sequenced: false,
         kafka: None,
         payload: format!("{{\"o\":{offset},\"i\":{index}}}").into_bytes(),
     }
@@ -174,7 +175,8 @@ fn a_failed_flush_is_retried_with_the_same_records_after_backoff() {
             partition: 0,
             position: Position::new(2, 0),
             rows: 2,
-            dead_letters: 0
+            dead_letters: 0,
+            copies: 0,
         }
     );
     assert_eq!(
@@ -229,7 +231,8 @@ fn unconvertible_records_are_dead_lettered_and_the_rest_flushed_again_at_once() 
             partition: 0,
             position: Position::new(4, 0),
             rows: 2,
-            dead_letters: 2
+            dead_letters: 2,
+            copies: 0,
         }
     );
     assert_eq!(b.stats().dead_lettered, 2);
@@ -690,6 +693,7 @@ fn a_record_counts_its_payload_and_overhead() {
         last_in_message: true,
         received_at_micros: 0,
         request_id: RequestId::from_u128(0),
+        sequenced: false,
         kafka: None,
         payload: vec![b'x'; 100],
     };

@@ -28,6 +28,7 @@ fn record(payload: &str) -> Record {
         last_in_message: false,
         received_at_micros: PG_EPOCH_OFFSET_MICROS + 1_000_000,
         request_id: RequestId::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+        sequenced: false,
         kafka: None,
         payload: payload.as_bytes().to_vec(),
     }
