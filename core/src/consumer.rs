@@ -1369,6 +1369,120 @@ mod tests {
         .encode()
     }
 
+    fn sequenced(producer: u64, sequence: u64, records: &[&[u8]]) -> Vec<u8> {
+        Envelope {
+            received_at_micros: 1,
+            request_id: RequestId::sequenced(ProducerSequence { producer, sequence }),
+            sequenced: true,
+            source: None,
+            records: records.to_vec(),
+        }
+        .encode()
+    }
+
+    /// Feeds partition 0's messages from `offset` on, then shuts down: the batch it flushes.
+    fn flushed(
+        m: &mut ConsumerMachine,
+        epoch: Epoch,
+        offset: i64,
+        payloads: Vec<Vec<u8>>,
+    ) -> Batch {
+        let now = Instant::now();
+        for (i, payload) in payloads.into_iter().enumerate() {
+            m.on_message(
+                Message {
+                    partition: 0,
+                    offset: offset + i as i64,
+                    epoch,
+                    kafka: None,
+                    payload: Some(payload),
+                },
+                now,
+            );
+        }
+        m.on_shutdown(now);
+        let batch = std::iter::from_fn(|| m.poll_command()).find_map(|c| match c {
+            Command::Flush(b) => Some(b),
+            _ => None,
+        });
+        Arc::unwrap_or_clone(batch.expect("a batch at shutdown"))
+    }
+
+    /// A second copy of a message (same producer, a sequence the partition already passed) is
+    /// one entry written nowhere that moves the position past it; another producer's lower
+    /// sequence is not a copy. The batch stores each producer's highest sequence.
+    #[test]
+    fn a_copy_is_written_nowhere_and_the_batch_stores_each_producers_highest_sequence() {
+        let mut m = ConsumerMachine::new(ConsumerConfig::default()).unwrap();
+        let epoch = reading(&mut m, 0, Instant::now());
+        let batch = flushed(
+            &mut m,
+            epoch,
+            0,
+            vec![
+                sequenced(7, 0, &[b"1", b"2"]),
+                sequenced(7, 1, &[b"3"]),
+                sequenced(7, 0, &[b"1", b"2"]),
+                sequenced(9, 0, &[b"4"]),
+            ],
+        );
+        let rows: Vec<&[u8]> = batch.rows().map(|r| r.payload.as_slice()).collect();
+        assert_eq!(rows, [b"1", b"2", b"3", b"4"]);
+        assert_eq!(batch.copy_count(), 1);
+        assert!(batch.entries[3].copy && batch.entries[3].record.offset == 2);
+        assert_eq!(batch.dead_letters().count(), 0);
+        assert_eq!(batch.end, Position::new(4, 0));
+        let high = |producer, sequence| ProducerSequence { producer, sequence };
+        assert_eq!(batch.producer_sequences(), [high(7, 1), high(9, 0)]);
+    }
+
+    /// What was stored with the position decides: a message the store has as written is a
+    /// copy, one whose first record only was written is read on from its second, not skipped.
+    #[test]
+    fn the_stored_sequences_decide_and_a_partly_written_message_is_not_a_copy() {
+        let now = Instant::now();
+        let start = |position: Position, producers: Vec<ProducerSequence>| {
+            let mut m = ConsumerMachine::new(ConsumerConfig::default()).unwrap();
+            m.on_assigned(&[0], now);
+            m.on_positions(
+                &[StoredPosition {
+                    partition: 0,
+                    position,
+                    producers,
+                }],
+                now,
+            );
+            let epoch = std::iter::from_fn(|| m.poll_command())
+                .find_map(|c| match c {
+                    Command::Kafka(KafkaCommand::Seek { epoch, .. }) => Some(epoch),
+                    _ => None,
+                })
+                .unwrap();
+            m.on_seek_done(0, epoch, now);
+            (m, epoch)
+        };
+        let at = |sequence| ProducerSequence {
+            producer: 7,
+            sequence,
+        };
+        // Stored inside message 5 (its first record written, the message not ended).
+        let (mut m, epoch) = start(Position::new(5, 1), vec![at(4)]);
+        let batch = flushed(&mut m, epoch, 5, vec![sequenced(7, 5, &[b"1", b"2"])]);
+        let rows: Vec<&[u8]> = batch.rows().map(|r| r.payload.as_slice()).collect();
+        assert_eq!(rows, [b"2"]);
+        assert_eq!(batch.producer_sequences(), [at(5)]);
+        // Stored after message 5: a later message carrying sequence 5 again is a copy.
+        let (mut m, epoch) = start(Position::new(6, 0), vec![at(5)]);
+        let batch = flushed(
+            &mut m,
+            epoch,
+            6,
+            vec![sequenced(7, 5, &[b"1", b"2"]), sequenced(7, 6, &[b"3"])],
+        );
+        let rows: Vec<&[u8]> = batch.rows().map(|r| r.payload.as_slice()).collect();
+        assert_eq!((rows, batch.copy_count()), (vec![&b"3"[..]], 1));
+    }
+
     /// An envelope with no records is dead-lettered in its place, so the next message is not
     /// taken for a gap.
     #[test]

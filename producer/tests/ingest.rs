@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use spillway_core::Envelope;
+use spillway_core::{Envelope, ProducerSequence, RequestId};
 use spillway_harness::http::{Answer, HttpClient};
 use spillway_harness::kafka::{message_count, read_all, watermarks};
 use spillway_harness::{KafkaBroker, Mock, Tansu};
@@ -99,6 +99,76 @@ async fn a_200_means_the_request_is_one_envelope_readable_from_kafka() -> Result
         Envelope::decode(&bytes)?.records,
         vec![&b"{\"n\":1}"[..], b"{\"n\":2}"]
     );
+    producer.shutdown().await;
+    Ok(())
+}
+
+/// The producer and sequence an answer's `request_id` names.
+fn producer_sequence(answer: &Answer) -> Result<ProducerSequence> {
+    let id = answer.json()["request_id"]
+        .as_str()
+        .context("request_id")?
+        .to_string();
+    Ok(RequestId::from_u128(u128::from_str_radix(&id, 16)?).producer_sequence())
+}
+
+/// Requests sent by many connections at once: every message carries the producer client's id
+/// and a sequence number of its own, and within each partition the sequences rise with the
+/// offsets (what lets the consumer tell a second copy of a message from a new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_message_is_numbered_and_the_numbers_rise_in_each_partition() -> Result<()> {
+    let broker = tansu().await?;
+    let producer = start(settings(&broker)).await?;
+    let url = producer.store_url();
+    let senders: Vec<_> = (0..8)
+        .map(|t| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let http = HttpClient::new();
+                let mut answers = Vec::new();
+                for n in 0..25 {
+                    let body = format!(r#"{{"t": {t}, "n": {n}}}"#);
+                    answers.push(http.post(&url, "application/json", body).await?);
+                }
+                anyhow::Ok(answers)
+            })
+        })
+        .collect();
+    let mut answered = BTreeMap::new();
+    for s in senders {
+        for a in s.await?? {
+            ensure!(a.status == 200, "{}", a.body);
+            answered.insert(coordinates(&a)?, producer_sequence(&a)?);
+        }
+    }
+    let bootstrap = broker.bootstrap();
+    let all = blocking(move || read_all(&bootstrap, TOPIC, Duration::from_secs(30))).await?;
+    ensure!(
+        all.len() == 200,
+        "{} messages in Kafka, 200 sent",
+        all.len()
+    );
+    let mut last: BTreeMap<i32, u64> = BTreeMap::new();
+    let mut producers = std::collections::BTreeSet::new();
+    for ((partition, offset), bytes) in &all {
+        let at = Envelope::decode(bytes)?
+            .producer_sequence()
+            .context("a message without a sequenced id")?;
+        ensure!(
+            answered.get(&(*partition, *offset)) == Some(&at),
+            "the answer for {partition}/{offset} named another id than the message carries"
+        );
+        if let Some(before) = last.insert(*partition, at.sequence) {
+            ensure!(
+                at.sequence > before,
+                "partition {partition}: sequence {} at offset {offset} after {before}",
+                at.sequence
+            );
+        }
+        producers.insert(at.producer);
+    }
+    ensure!(producers.len() == 1, "one client, ids {producers:?}");
+    ensure!(last.len() == 2, "both partitions written: {last:?}");
     producer.shutdown().await;
     Ok(())
 }
@@ -496,6 +566,7 @@ async fn a_client_the_broker_no_longer_accepts_is_replaced() -> Result<()> {
         .post(&producer.store_url(), "application/json", "{}")
         .await?;
     assert_eq!(a.status, 200, "{}", a.body);
+    let first_client = producer_sequence(&a)?.producer;
     mock.cluster().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 3],
@@ -508,6 +579,12 @@ async fn a_client_the_broker_no_longer_accepts_is_replaced() -> Result<()> {
             .await?;
         answers.push(a.status);
         if a.status == 200 {
+            // A new client numbers its messages afresh, under an id of its own.
+            let last_client = producer_sequence(&a)?.producer;
+            assert_ne!(
+                first_client, last_client,
+                "the replaced client's id was kept"
+            );
             break;
         }
         assert_eq!(a.status, 503, "{}", a.body);
