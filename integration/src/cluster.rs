@@ -742,10 +742,7 @@ impl Cluster {
             &done.spec.id_field,
         )
         .await?;
-        self.tl.note(format!(
-            "keyed verdict on {table}: {} keys, {} states in Kafka, {} deleted last; {} rows wrong, {} keys across partitions",
-            v.keys, v.states, v.deleted, v.wrong, v.split
-        ));
+        self.tl.note(format!("keyed verdict on {table}: {v}"));
         if !v.passed() {
             let detail = format!(
                 "{table} does not hold each key's last state: {} wrong (first: {:?}), {} keys across partitions, {} keys",

@@ -43,6 +43,17 @@ impl KeyedVerdict {
     }
 }
 
+/// The one-line summary loadgen prints and the chaos suite notes.
+impl std::fmt::Display for KeyedVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} keys, {} states in Kafka, {} deleted last; {} rows wrong, {} keys across partitions",
+            self.keys, self.states, self.deleted, self.wrong, self.split
+        )
+    }
+}
+
 /// One state as Kafka holds it.
 #[derive(Clone, Copy, Debug)]
 struct State {

@@ -147,13 +147,8 @@ impl Report<'_> {
             Some((table, Some(k))) => {
                 let _ = writeln!(
                     s,
-                    "keyed verdict on {table}: {} — {} keys, {} states in Kafka, {} deleted last; {} rows wrong, {} keys across partitions",
+                    "keyed verdict on {table}: {} — {k}",
                     if k.passed() { "PASS" } else { "FAIL" },
-                    k.keys,
-                    k.states,
-                    k.deleted,
-                    k.wrong,
-                    k.split
                 );
                 if !k.wrong_sample.is_empty() {
                     let _ = writeln!(s, "wrong rows (sample): {:?}", k.wrong_sample);
