@@ -354,10 +354,22 @@ pub async fn produce_backlog(
     records: u64,
     per_message: u64,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    produce_backlog_of(bootstrap, topic, json_topic, records, per_message, record).await
+    let sequenced = true;
+    produce_backlog_of(
+        bootstrap,
+        topic,
+        json_topic,
+        records,
+        per_message,
+        record,
+        sequenced,
+    )
+    .await
 }
 
-/// [`produce_backlog`] with records made by `record` (e.g. [`typed_record`]).
+/// [`produce_backlog`] with records made by `record` (e.g. [`typed_record`]), and sequenced
+/// request ids as the producer's (or, to measure what they cost the consumer, unsequenced ones
+/// as an older producer's).
 pub async fn produce_backlog_of(
     bootstrap: &str,
     topic: &str,
@@ -365,6 +377,7 @@ pub async fn produce_backlog_of(
     records: u64,
     per_message: u64,
     record: fn(u64) -> Vec<u8>,
+    sequenced: bool,
 ) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -385,7 +398,7 @@ pub async fn produce_backlog_of(
                 producer: 1,
                 sequence: m,
             }),
-            sequenced: true,
+            sequenced,
             source: None,
             records: recs.iter().map(|r| r.as_slice()).collect(),
         }

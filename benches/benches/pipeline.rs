@@ -55,9 +55,24 @@ fn pipeline(c: &mut Criterion) {
         RECORDS,
         10,
         typed_record,
+        true,
     ))
     .expect("typed backlog");
-    for topic in ["backlog", "typed_backlog"] {
+    // The same records as `backlog` without sequenced request ids (an older producer's): the
+    // consumer then stores no producer sequences, which is what they cost.
+    rt.block_on(broker.create_topic("unsequenced_backlog", partitions))
+        .expect("topic");
+    rt.block_on(produce_backlog_of(
+        &broker.bootstrap(),
+        "unsequenced_backlog",
+        None,
+        RECORDS,
+        10,
+        spillway_benches::record,
+        false,
+    ))
+    .expect("unsequenced backlog");
+    for topic in ["backlog", "typed_backlog", "unsequenced_backlog"] {
         if let Err(e) = backlog_intact(&broker.bootstrap(), topic, RECORDS / 10) {
             panic!("the backlog is not whole, the drains would never end: {e}");
         }
@@ -153,6 +168,11 @@ fn pipeline(c: &mut Criterion) {
             spillway_core::Mapping::default(),
         ),
         ("consumer_drain_typed", "typed_backlog", typed_mapping()),
+        (
+            "consumer_drain_unsequenced",
+            "unsequenced_backlog",
+            spillway_core::Mapping::default(),
+        ),
     ] {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -217,6 +237,15 @@ fn pipeline(c: &mut Criterion) {
             );
         }
     }
+    // What storing the producers' sequences with each batch costs a drain.
+    print_ratios(
+        GROUP,
+        &[
+            ("consumer_drain_unsequenced".into(), RECORDS),
+            ("consumer_drain_backlog".into(), RECORDS),
+        ],
+        "consumer_drain_unsequenced",
+    );
     // µs per record: this process's, and Postgres's (the postmaster and its backends).
     let per_record = |name: &str| {
         cpu.borrow()

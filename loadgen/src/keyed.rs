@@ -66,7 +66,9 @@ struct State {
 
 /// Reads every message of `topic` up to its high watermarks (at most `within`), and returns
 /// the states of run `run_id` (records with `"kind":"state"` whose `id_field` is
-/// `<run_id>-<seq>`) by key.
+/// `<run_id>-<seq>`) by key. A second copy of a message (its request id seen before in the
+/// partition: the producer's Kafka client stored it twice) is the consumer's to skip, so it
+/// is no state here either.
 fn read_states(
     brokers: &str,
     topic: &str,
@@ -94,6 +96,7 @@ fn read_states(
     let prefix = format!("{run_id}-");
     let mut by_key: BTreeMap<i64, Vec<State>> = BTreeMap::new();
     let mut read: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
     let deadline = Instant::now() + within;
     while ends
         .iter()
@@ -112,6 +115,9 @@ fn read_states(
         let Some(env) = m.payload().and_then(|p| Envelope::decode(p).ok()) else {
             continue;
         };
+        if !seen.insert((m.partition(), env.request_id)) {
+            continue;
+        }
         for (index, raw) in env.records.iter().enumerate() {
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else {
                 continue;
