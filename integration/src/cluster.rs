@@ -1,6 +1,7 @@
 //! A scenario's world: its seed and timeline, the services as child processes, the servers,
 //! the traffic, the evidence checks and the verdict.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use spillway_core::{Envelope, RequestId};
 use spillway_harness::http::HttpClient;
 use spillway_harness::postgres::{connect, copies_in_progress, CopyInProgress};
 use spillway_harness::{
@@ -639,10 +641,33 @@ impl Cluster {
         duration: Duration,
         spec: Option<PayloadSpec>,
     ) -> Traffic {
+        self.traffic_over(
+            ctx,
+            profile,
+            duration,
+            spec,
+            RunConfig::new(String::new(), vec![]).connections,
+        )
+    }
+
+    /// [`Cluster::traffic`] over `connections` client connections (each sends one request at
+    /// a time): enough of them keep the requests arriving at the profile's rate while the
+    /// producer holds every answer.
+    pub(crate) fn traffic_over(
+        &self,
+        ctx: &Ctx,
+        profile: RateProfile,
+        duration: Duration,
+        spec: Option<PayloadSpec>,
+        connections: usize,
+    ) -> Traffic {
         let run_id = format!("c{:x}", ctx.seed);
         let schedule = profile.schedule(duration);
         let spec = spec.unwrap_or_else(|| PayloadSpec::generated((1, 5), (100, 300)));
-        let cfg = RunConfig::new(self.producer.url("/store"), schedule);
+        let cfg = RunConfig {
+            connections,
+            ..RunConfig::new(self.producer.url("/store"), schedule)
+        };
         let payloads = PayloadGen::new(spec.clone(), &run_id, ctx.seed);
         let shape = match &profile {
             RateProfile::Replay { .. } => "a replayed schedule".to_string(),
@@ -754,6 +779,19 @@ impl Cluster {
             }
         }
         Ok(v)
+    }
+
+    /// Reads the topic back from Kafka (every message, through the broker's proxy if it has
+    /// one) and counts the copies in it: messages whose envelope carries a request id that an
+    /// earlier message of the same partition already carried, which only a retry of the
+    /// producer's writes can leave. Call it once every request has its answer.
+    pub(crate) async fn copies_in_kafka(&self) -> Result<KafkaCopies> {
+        let bootstrap = self.broker.bootstrap();
+        let messages = tokio::task::spawn_blocking(move || {
+            spillway_harness::kafka::read_all(&bootstrap, TOPIC, Duration::from_secs(60))
+        })
+        .await??;
+        Ok(KafkaCopies::count(&messages))
     }
 
     fn log_tails(&self) -> String {
@@ -954,6 +992,62 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// The same request stored more than once in Kafka ([`Cluster::copies_in_kafka`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct KafkaCopies {
+    /// Messages read (the whole topic).
+    pub(crate) messages: usize,
+    /// Messages that repeat the request id of an earlier message of their partition.
+    pub(crate) copies: u64,
+    /// The first copy: its request id, its partition, the first offset and its own.
+    pub(crate) first: Option<(RequestId, i32, i64, i64)>,
+}
+
+impl KafkaCopies {
+    /// Counts the copies among messages keyed by (partition, offset), in that order; a message
+    /// that is not an envelope is nobody's copy.
+    fn count(messages: &BTreeMap<(i32, i64), Vec<u8>>) -> Self {
+        let mut seen: HashMap<(i32, RequestId), i64> = HashMap::new();
+        let mut c = KafkaCopies {
+            messages: messages.len(),
+            ..KafkaCopies::default()
+        };
+        for (&(partition, offset), payload) in messages {
+            let Ok(envelope) = Envelope::decode(payload) else {
+                continue;
+            };
+            let id = envelope.request_id;
+            match seen.get(&(partition, id)) {
+                Some(&original) => {
+                    c.copies += 1;
+                    c.first.get_or_insert((id, partition, original, offset));
+                }
+                None => {
+                    seen.insert((partition, id), offset);
+                }
+            }
+        }
+        c
+    }
+}
+
+impl std::fmt::Display for KafkaCopies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "copies in Kafka left by the producer's retries: {} (of {} messages",
+            self.copies, self.messages
+        )?;
+        if let Some((id, partition, original, copy)) = &self.first {
+            write!(
+                f,
+                "; the first: request {id} in partition {partition} at offsets {original} and {copy}"
+            )?;
+        }
+        write!(f, ")")
+    }
+}
+
 /// A COPY caught in progress and stalled by the held link.
 pub(crate) struct StalledCopy {
     pub(crate) copy: CopyInProgress,
@@ -1050,4 +1144,42 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 pub(crate) async fn pause(d: Duration) {
     tokio::time::sleep(d).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(id: u128) -> Vec<u8> {
+        Envelope {
+            received_at_micros: 0,
+            request_id: RequestId::from_u128(id),
+            source: None,
+            records: vec![b"{}"],
+        }
+        .encode()
+    }
+
+    #[test]
+    fn a_copy_repeats_a_request_id_of_its_own_partition() {
+        let messages = BTreeMap::from([
+            ((0, 0), envelope(1)),
+            ((0, 1), envelope(2)),
+            ((0, 2), b"not an envelope".to_vec()),
+            ((0, 3), envelope(1)),
+            ((0, 4), envelope(1)),
+            // Another partition's request 2 is another request's.
+            ((1, 0), envelope(2)),
+        ]);
+        let c = KafkaCopies::count(&messages);
+        assert_eq!(
+            c,
+            KafkaCopies {
+                messages: 6,
+                copies: 2,
+                first: Some((RequestId::from_u128(1), 0, 0, 3)),
+            }
+        );
+        assert!(c.to_string().contains(": 2 (of 6 messages"), "{c}");
+    }
 }

@@ -1,4 +1,4 @@
-//! The fourteen scenarios. Each one states its fault, the evidence it records that the fault
+//! The fifteen scenarios. Each one states its fault, the evidence it records that the fault
 //! happened as described (the scenario fails without it, in every [`Run`]), and what it checks
 //! of the pipeline's behaviour; then loadgen's verdict judges the records.
 
@@ -412,6 +412,134 @@ pub async fn broker_killed_under_load(run: Run) -> Result<()> {
             ctx.check(survived, || {
                 format!(
                     "the producer did not survive the broker's faults:\n{}",
+                    c.producer.process.log_tail(30)
+                )
+            })
+        },
+    )
+    .await
+}
+
+/// 15. Fault: the broker's answers lost under constant load (100 requests/s over 1,024 client
+///     connections, so requests keep arriving while every answer waits): after a seeded 2-3 s,
+///     the proxy in front of the broker forwards every request but drops the answers on each
+///     connection once it has carried 4 KiB of requests (a new connection's handshake is
+///     answered, the produce requests after it are not), for a seeded 4-6 s, longer than the
+///     producer's 3 s delivery timeout. Then it heals; a connection that lost answers stays
+///     deaf until its client gives up on it, and once the producer acknowledges again every
+///     connection is reset (as the broken link would; the consumer would otherwise wait for
+///     its 60 s socket timeout).
+///     The broker stores produce requests whose acknowledgements never arrive. A request
+///     times out with its first message; librdkafka's idempotent producer drops the timed-out
+///     messages, bumps its epoch (locally) and re-sends the younger messages of the same
+///     request, already stored, at sequence 0 of the new epoch: the broker stores them again,
+///     and once a connection answers, they are acknowledged (librdkafka issue #4953;
+///     idempotence alone does not prevent it).
+///     Evidence: request bytes reached the broker and answer bytes were dropped while the fault
+///     lasted, and the clients opened new connections meanwhile. The copies in Kafka
+///     (messages repeating an earlier message's request id in their partition) are counted
+///     and noted, not required: whether the broker stores a request twice depends on timing.
+///     Checks: every 2xx'd record in Postgres exactly once although Kafka may hold it twice;
+///     only 200/429/503 answers and no dropped connection; 503s seen; the producer
+///     acknowledges again after the heal, and its process stayed up.
+///
+///     No record can be acknowledged while the answers are lost, so none is required to be.
+pub async fn broker_answers_lost_under_load(run: Run) -> Result<()> {
+    // A new connection's handshake (ApiVersions, Metadata: a few hundred bytes) is answered;
+    // what it carries next (the backlog of a connection that had gone deaf, sent at once) is
+    // not. The connections open when the fault starts have sent more already.
+    const ANSWERED_BYTES: u64 = 4 << 10;
+    chaos(
+        "broker_answers_lost_under_load",
+        run,
+        Duration::from_secs(150),
+        |mut ctx| async move {
+            let mut c = Cluster::start(
+                &ctx,
+                Opts {
+                    broker_proxy: true,
+                    ..Opts::default()
+                },
+            )
+            .await?;
+            let producer_pid = c.producer.process.pid();
+            // 1,024 connections: the requests keep arriving at 100/s while every answer waits,
+            // so what the producer queues spans all ages up to its delivery timeout.
+            let traffic = c.traffic_over(
+                &ctx,
+                RateProfile::Constant { rate: 100.0 },
+                Duration::from_secs(25),
+                None,
+                1024,
+            );
+            let Some(proxy) = c.broker_proxy.as_ref() else {
+                bail!("no proxy in front of the broker");
+            };
+            pause(Duration::from_millis(ctx.rng.u64(2000..3000))).await;
+            let lost_for = Duration::from_millis(ctx.rng.u64(4000..6000));
+            let (sent, dropped, accepted) = (
+                proxy.bytes_towards_server(),
+                proxy.answer_bytes_dropped(),
+                proxy.accepted(),
+            );
+            proxy.set(Faults {
+                drop_answers_after_upstream_bytes: Some(ANSWERED_BYTES),
+                ..Faults::default()
+            });
+            c.tl.note(format!(
+                "the broker's answers dropped for {lost_for:?}, each connection's after its first \
+                 {ANSWERED_BYTES} bytes of requests (its requests still reach it)"
+            ));
+            pause(lost_for).await;
+            proxy.heal();
+            let (sent, dropped, reconnected) = (
+                proxy.bytes_towards_server() - sent,
+                proxy.answer_bytes_dropped() - dropped,
+                proxy.accepted() - accepted,
+            );
+            c.tl.note(format!(
+                "healed: {sent} bytes of requests reached the broker and {dropped} bytes of its \
+                 answers were dropped meanwhile; {reconnected} connections opened meanwhile \
+                 (clients giving up on deaf ones)"
+            ));
+            ensure!(
+                sent > 0 && dropped > 0,
+                "the answers were not lost under load: {sent} bytes of requests reached the \
+                 broker and {dropped} bytes of answers were dropped"
+            );
+            // The producer's connection stays deaf until it gives up on it by itself (its
+            // requests time out, which bumps its epoch): then it re-sends on a new connection.
+            acknowledging_again(&c, &traffic).await?;
+            // The consumer's deaf connections would wait for its 60 s socket timeout: the
+            // broken link's connections are reset.
+            proxy.reset_all();
+            c.tl.note("every connection reset");
+            let done = traffic.done().await?;
+            c.tl.note(c.copies_in_kafka().await?.to_string());
+            c.verdict(&ctx, &done).await?;
+            let result = &done.result;
+            let refused = result.statuses.get(&503).copied().unwrap_or(0);
+            ctx.check(refused > 0, || {
+                format!(
+                    "no 503 while the broker's answers were lost: {:?}",
+                    result.statuses
+                )
+            })?;
+            let unclear: Vec<_> = result
+                .statuses
+                .keys()
+                .filter(|s| ![200, 429, 503].contains(*s))
+                .collect();
+            ctx.check(unclear.is_empty(), || {
+                format!("answers other than 200, 429 and 503: {:?}", result.statuses)
+            })?;
+            ctx.check(result.transport_errors == 0, || {
+                format!("{} requests lost their connection", result.transport_errors)
+            })?;
+            let survived = c.producer.process.running() && c.producer.process.pid() == producer_pid;
+            ctx.check(survived, || {
+                format!(
+                    "the producer did not survive the lost answers:\n{}",
                     c.producer.process.log_tail(30)
                 )
             })

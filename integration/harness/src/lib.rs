@@ -12,7 +12,7 @@
 //!   [`kafka::Mock`] (librdkafka's in-process mock cluster with fault injection) or
 //!   [`kafka::External`] (a cluster you already run), picked by `SPILLWAY_TEST_KAFKA`.
 //! - [`proxy::FaultProxy`]: a TCP proxy whose faults (latency, bandwidth, blackhole, reset,
-//!   refuse, cut after N bytes) switch at run time.
+//!   refuse, cut after N bytes, drop the answers) switch at run time.
 //!
 //! Every server listens on 127.0.0.1 on a free port and is torn down when its handle drops,
 //! also when a test panics. Tests, benches and loadgen's local mode all use these pieces.

@@ -1,7 +1,8 @@
 //! A TCP proxy with faults that switch at run time, after Toxiproxy's toxics: latency with
 //! jitter, a bandwidth limit, a blackhole, holding every byte until released (a COPY frozen
-//! in the middle, nothing lost), resetting every open connection, refusing new ones, and
-//! cutting a connection after N bytes towards the server (a COPY cut in the middle).
+//! in the middle, nothing lost), resetting every open connection, refusing new ones, cutting a
+//! connection after N bytes towards the server (a COPY cut in the middle), and losing the
+//! server's answers while its requests still arrive.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -32,6 +33,14 @@ pub struct Faults {
     pub refuse: bool,
     /// Forward this many client-to-server bytes per connection, then reset both sides.
     pub cut_after_upstream_bytes: Option<u64>,
+    /// Forward every client-to-server byte, but once a connection has forwarded this many,
+    /// read and discard every server-to-client byte of it: requests reach the server and take
+    /// effect, their answers never arrive. `Some(0)` loses every answer; a larger number lets
+    /// a new connection's handshake through and loses the answers to what follows. A
+    /// connection that lost an answer loses every later one too, also once this is lifted (a
+    /// stream cut in the middle of a frame cannot resume): only a new connection is answered
+    /// again.
+    pub drop_answers_after_upstream_bytes: Option<u64>,
 }
 
 struct Shared {
@@ -47,6 +56,10 @@ struct Shared {
     held: AtomicUsize,
     /// The first bytes of each held client-to-server chunk, by a number of its own.
     held_heads: Mutex<HashMap<u64, Vec<u8>>>,
+    /// Client-to-server bytes forwarded.
+    towards_server: AtomicU64,
+    /// Server-to-client bytes discarded by `drop_answers_after_upstream_bytes`.
+    answers_dropped: AtomicU64,
     next_id: AtomicU64,
     accepted: AtomicU64,
 }
@@ -91,6 +104,8 @@ impl FaultProxy {
             upstream_ports: Mutex::new(HashMap::new()),
             held: AtomicUsize::new(0),
             held_heads: Mutex::new(HashMap::new()),
+            towards_server: AtomicU64::new(0),
+            answers_dropped: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
         });
@@ -166,6 +181,19 @@ impl FaultProxy {
             .collect()
     }
 
+    /// Client-to-server bytes forwarded since start: what the server was sent, for example
+    /// while its answers were dropped.
+    pub fn bytes_towards_server(&self) -> u64 {
+        self.shared.towards_server.load(Ordering::Relaxed)
+    }
+
+    /// Server-to-client bytes discarded since start (see
+    /// [`Faults::drop_answers_after_upstream_bytes`]): answers
+    /// the server sent that never reached their client.
+    pub fn answer_bytes_dropped(&self) -> u64 {
+        self.shared.answers_dropped.load(Ordering::Relaxed)
+    }
+
     /// Connections accepted since start (refused ones included).
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
@@ -203,8 +231,10 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
                 let _ = client.set_nodelay(true);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                let up = pump(cr, sw, conn_shared.clone(), true);
-                let down = pump(sr, cw, conn_shared.clone(), false);
+                // Client-to-server bytes forwarded on this connection, read by both directions.
+                let sent = Arc::new(AtomicU64::new(0));
+                let up = pump(cr, sw, conn_shared.clone(), sent.clone(), true);
+                let down = pump(sr, cw, conn_shared.clone(), sent, false);
                 // A cut or reset in one direction ends both.
                 tokio::select! {
                     _ = up => {}
@@ -224,10 +254,13 @@ async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     shared: Arc<Shared>,
+    sent: Arc<AtomicU64>,
     upstream: bool,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
-    let mut forwarded: u64 = 0;
+    // Set once this direction (towards the client) discarded an answer: see
+    // `drop_answers_after_upstream_bytes`.
+    let mut lost_an_answer = false;
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => {
@@ -242,11 +275,21 @@ async fn pump(
         if faults.blackhole {
             continue;
         }
+        let deaf = faults
+            .drop_answers_after_upstream_bytes
+            .is_some_and(|after| sent.load(Ordering::Relaxed) >= after);
+        if !upstream && (deaf || lost_an_answer) {
+            lost_an_answer = true;
+            shared
+                .answers_dropped
+                .fetch_add(n as u64, Ordering::Relaxed);
+            continue;
+        }
         let mut chunk = &buf[..n];
         let mut cut = false;
         if upstream {
             if let Some(limit) = faults.cut_after_upstream_bytes {
-                let room = limit.saturating_sub(forwarded) as usize;
+                let room = limit.saturating_sub(sent.load(Ordering::Relaxed)) as usize;
                 if chunk.len() >= room {
                     chunk = &chunk[..room];
                     cut = true;
@@ -268,7 +311,12 @@ async fn pump(
         if to.write_all(chunk).await.is_err() {
             return;
         }
-        forwarded += chunk.len() as u64;
+        if upstream {
+            sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            shared
+                .towards_server
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
         if cut {
             return;
         }

@@ -410,6 +410,66 @@ async fn proxy_reset_refuse_and_blackhole_are_seen_by_a_real_client() -> Result<
     Ok(())
 }
 
+/// Dropped answers: the server runs what it is sent (the INSERT commits) but its answer never
+/// arrives; the connection that lost it stays deaf once healed, a new one is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_drop_answers_lets_requests_through_and_loses_their_answers() -> Result<()> {
+    let (pg, proxy, url) = proxied_postgres().await?;
+    let c = connect(&url).await?;
+    let observer = connect(&pg.url()).await?;
+    let sent = proxy.bytes_towards_server();
+    proxy.set(Faults {
+        drop_answers_after_upstream_bytes: Some(0),
+        ..Faults::default()
+    });
+    let insert = c.simple_query("INSERT INTO t VALUES (1)");
+    tokio::pin!(insert);
+    let rows = || async {
+        let n: i64 = observer
+            .query_one("SELECT count(*) FROM t", &[])
+            .await?
+            .get(0);
+        anyhow::Ok(n)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rows().await? == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the INSERT never reached the server"
+        );
+        ensure!(
+            tokio::time::timeout(Duration::from_millis(10), insert.as_mut())
+                .await
+                .is_err(),
+            "the INSERT was answered through a proxy that drops answers"
+        );
+    }
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(300), insert.as_mut())
+            .await
+            .is_err(),
+        "the committed INSERT's answer must be lost"
+    );
+    ensure!(
+        proxy.bytes_towards_server() > sent && proxy.answer_bytes_dropped() > 0,
+        "the request's bytes and the lost answer's must be counted"
+    );
+    proxy.heal();
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(300), c.simple_query("SELECT 1"))
+            .await
+            .is_err(),
+        "a connection that lost an answer must stay deaf once healed"
+    );
+    connect(&url).await?.simple_query("SELECT 1").await?;
+    assert_eq!(
+        rows().await?,
+        1,
+        "the INSERT whose answer was lost committed once"
+    );
+    Ok(())
+}
+
 /// Hold: a COPY stalls where it is (the server shows it in progress, its byte count still)
 /// and, once released, finishes with every row: nothing was dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
