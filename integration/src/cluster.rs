@@ -1154,6 +1154,7 @@ mod tests {
         Envelope {
             received_at_micros: 0,
             request_id: RequestId::from_u128(id),
+            sequenced: false,
             source: None,
             records: vec![b"{}"],
         }

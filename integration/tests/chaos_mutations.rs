@@ -46,3 +46,11 @@ async fn drop_failed_batch_loses_the_batch_killed_mid_flush() -> Result<()> {
     let run = Run::mutant("drop-failed-batch", Role::Consumer, Harm::Loss);
     scenarios::backend_killed_mid_flush(run).await
 }
+
+/// Writing every message, copies too: the messages the producer's Kafka client stored twice
+/// while the broker's answers were lost are in Postgres twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_copies_duplicates_what_the_producer_stored_twice() -> Result<()> {
+    let run = Run::mutant("write-copies", Role::Consumer, Harm::Duplicates);
+    scenarios::broker_answers_lost_under_load(run).await
+}
