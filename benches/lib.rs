@@ -381,9 +381,12 @@ pub async fn produce_backlog_of(
 ) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
+    // Idempotent, as the producer's: the consumer relies on sequenced messages staying in
+    // order within a partition.
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("acks", "all")
+        .set("enable.idempotence", "true")
         .set("linger.ms", "10")
         .create()?;
     let mut pending = Vec::new();

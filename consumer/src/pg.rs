@@ -340,6 +340,7 @@ pub async fn migrate(client: &mut Client, targets: &Targets) -> Result<(), PgFai
          CREATE TABLE IF NOT EXISTS spillway_producer_sequences (
              consumer text NOT NULL, topic text NOT NULL, kafka_partition int NOT NULL,
              producer bigint NOT NULL, sequence bigint NOT NULL,
+             next_offset bigint NOT NULL, next_index int NOT NULL,
              updated_at timestamptz NOT NULL DEFAULT now(),
              PRIMARY KEY (consumer, topic, kafka_partition, producer));",
     )
@@ -565,13 +566,17 @@ pub const PRODUCER_SEQUENCES_KEPT_DAYS: i32 = 7;
 
 /// [`position`], and the highest sequence of each producer whose messages were written before
 /// it (those kept less than [`PRODUCER_SEQUENCES_KEPT_DAYS`]; older ones are deleted here).
+/// A sequence stored at a position past the partition's (an operator moved the position back
+/// to write the records again) is ignored: the messages after the position are then all
+/// written, copies included, until the next batch stores the sequences afresh.
 pub async fn stored_position(
     client: &Client,
     name: &str,
     topic: &str,
     partition: Partition,
 ) -> Result<StoredPosition, PgFailure> {
-    let position = position(client, name, topic, partition).await?;
+    // Creates the position if there is none.
+    position(client, name, topic, partition).await?;
     client
         .execute(
             "DELETE FROM spillway_producer_sequences
@@ -581,23 +586,36 @@ pub async fn stored_position(
         )
         .await
         .map_err(|e| classify(&e))?;
+    // One statement, so the position and the sequences are of one moment.
     let rows = client
         .query(
-            "SELECT producer, sequence FROM spillway_producer_sequences
-             WHERE consumer = $1 AND topic = $2 AND kafka_partition = $3",
+            "SELECT o.next_offset, o.next_index, s.producer, s.sequence
+             FROM spillway_offsets o
+             LEFT JOIN spillway_producer_sequences s
+               ON s.consumer = o.consumer AND s.topic = o.topic
+              AND s.kafka_partition = o.kafka_partition
+              AND (s.next_offset, s.next_index) <= (o.next_offset, o.next_index)
+             WHERE o.consumer = $1 AND o.topic = $2 AND o.kafka_partition = $3",
             &[&name, &topic, &partition],
         )
         .await
         .map_err(|e| classify(&e))?;
+    let first = rows.first().ok_or_else(|| PgFailure {
+        class: ErrorClass::Retriable,
+        message: format!("spillway_offsets has no position for partition {partition} of {topic}"),
+        row: None,
+    })?;
     Ok(StoredPosition {
         partition,
-        position,
+        position: Position::new(first.get(0), first.get::<_, i32>(1) as u32),
         // Stored as bigint: the bits of the u64s.
         producers: rows
             .iter()
-            .map(|r| ProducerSequence {
-                producer: r.get::<_, i64>(0) as u64,
-                sequence: r.get::<_, i64>(1) as u64,
+            .filter_map(|r| {
+                Some(ProducerSequence {
+                    producer: r.get::<_, Option<i64>>(2)? as u64,
+                    sequence: r.get::<_, Option<i64>>(3)? as u64,
+                })
             })
             .collect(),
     })
@@ -635,7 +653,8 @@ pub fn flush_result(f: PgFailure) -> FlushResult {
 /// Which statement of the flush failed: the same SQLSTATE means different things in each.
 #[derive(Clone, Copy)]
 enum Stage {
-    /// BEGIN, the position's compare-and-set, COMMIT: a data error here is not a record's.
+    /// BEGIN, the position's compare-and-set and the producers' sequences beside it, COMMIT: a
+    /// data error here is not a record's.
     Bookkeeping,
     /// The COPY of the rows: a data error names a record.
     Rows,
@@ -706,7 +725,9 @@ async fn move_position(
 }
 
 /// Stores, beside the position the batch moves, the highest sequence of each producer whose
-/// messages the batch ends ([`Batch::producer_sequences`]).
+/// messages the batch ends ([`Batch::producer_sequences`]), and that position. Batches of a
+/// partition commit in order (the compare-and-set), so each replaces what the one before
+/// stored.
 async fn store_producer_sequences(
     tx: &tokio_postgres::Transaction<'_>,
     name: &str,
@@ -720,12 +741,21 @@ async fn store_producer_sequences(
     let producers: Vec<i64> = ended.iter().map(|at| at.producer as i64).collect();
     let sequences: Vec<i64> = ended.iter().map(|at| at.sequence as i64).collect();
     tx.execute(
-        "INSERT INTO spillway_producer_sequences AS s
-             (consumer, topic, kafka_partition, producer, sequence)
-         SELECT $1, $2, $3, p, q FROM unnest($4::bigint[], $5::bigint[]) AS u(p, q)
+        "INSERT INTO spillway_producer_sequences
+             (consumer, topic, kafka_partition, producer, sequence, next_offset, next_index)
+         SELECT $1, $2, $3, p, q, $6, $7 FROM unnest($4::bigint[], $5::bigint[]) AS u(p, q)
          ON CONFLICT (consumer, topic, kafka_partition, producer)
-         DO UPDATE SET sequence = GREATEST(s.sequence, EXCLUDED.sequence), updated_at = now()",
-        &[&name, &topic, &batch.partition, &producers, &sequences],
+         DO UPDATE SET sequence = EXCLUDED.sequence, next_offset = EXCLUDED.next_offset,
+                       next_index = EXCLUDED.next_index, updated_at = now()",
+        &[
+            &name,
+            &topic,
+            &batch.partition,
+            &producers,
+            &sequences,
+            &batch.end.offset,
+            &(batch.end.index as i32),
+        ],
     )
     .await
     .map(|_| ())
@@ -778,7 +808,7 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
             sizes[*t] += e.record.payload.len() + ROW_OVERHEAD + 16 * columns;
         }
     }
-    let mut copies: Vec<_> = targets
+    let mut buffers: Vec<_> = targets
         .tables
         .iter()
         .zip(sizes)
@@ -786,7 +816,7 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
         .collect();
     let mut refused = Vec::new();
     for (i, (e, t)) in batch.entries.iter().zip(&routes).enumerate() {
-        let (copy, entries, dead) = &mut copies[*t];
+        let (copy, entries, dead) = &mut buffers[*t];
         if e.copy {
             continue;
         } else if e.dead_reason.is_some() {
@@ -800,7 +830,7 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
     if !refused.is_empty() {
         return Err(FlushResult::Unconvertible { records: refused });
     }
-    Ok(copies
+    Ok(buffers
         .into_iter()
         .zip(&targets.tables)
         .map(|((copy, entries, dead), target)| EncodedRows {

@@ -398,10 +398,12 @@ async fn produce_sequenced(
 
 /// Fault: Kafka holds second copies of messages (a producer's client re-sent them after their
 /// answers were lost), some read by the consumer that wrote the original, one by a new consumer
-/// process after a restart. Invariant: every record exactly once; each copy is counted as
+/// process after a restart; then an operator moves the position back to the start to write
+/// everything again. Invariant: every record exactly once, after the rewind too (the stored
+/// sequences, ahead of the position, do not skip what is replayed); each copy is counted as
 /// skipped; another producer's lower sequence numbers are not copies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn copies_of_messages_already_written_are_skipped_also_after_a_restart() -> Result<()> {
+async fn copies_are_skipped_across_a_restart_and_a_rewind_writes_everything_again() -> Result<()> {
     const P: u64 = 0xA11CE;
     const Q: u64 = 0xB0B;
     let s = stack(1).await?;
@@ -448,7 +450,21 @@ async fn copies_of_messages_already_written_are_skipped_also_after_a_restart() -
         stored == BTreeMap::from([(P as i64, 11), (Q as i64, 0)]),
         "stored sequences: {stored:?}"
     );
-    Ok(())
+
+    // An operator writes the partition again from its start.
+    c.batch_execute(
+        "TRUNCATE records; UPDATE spillway_offsets SET next_offset = 0, next_index = 0",
+    )
+    .await?;
+    let consumer = start(settings(&bootstrap, &s.pg.url())).await?;
+    wait_rows(&s.pg.url(), 125, Duration::from_secs(60)).await?;
+    assert_exactly_once(&s.pg.url(), (0..120).chain(200..205)).await?;
+    let skipped = metric(&consumer, "spillway_consumer_copies_skipped_total")?;
+    ensure!(
+        skipped == 3.0,
+        "{skipped} copies skipped on the way again, 3 expected"
+    );
+    stop(consumer).await
 }
 
 /// Fault: a second consumer joins the group mid-stream (rebalance), then the first stops.

@@ -185,17 +185,19 @@ impl Batch {
         self.entries.iter().filter(|e| e.copy).count()
     }
 
-    /// For each producer whose messages this batch ends (written, dead-lettered or skipped as
-    /// copies), the highest sequence among them: stored with the batch's position, so that a
-    /// consumer reading the partition again from that position knows which later messages are
-    /// copies. A message the batch holds only the first records of is not ended here.
+    /// For each producer whose messages this batch ends (written or dead-lettered; not copies),
+    /// the highest sequence among them: stored with the batch's position, so that a consumer
+    /// reading the partition again from that position knows which later messages are copies.
+    /// A message the batch holds only the first records of is not ended here. Within a
+    /// partition a producer's messages that are not copies rise in sequence, so each batch's
+    /// figure is at least the one stored before it.
     pub fn producer_sequences(&self) -> Vec<ProducerSequence> {
         let mut highest: BTreeMap<u64, u64> = BTreeMap::new();
         for e in &self.entries {
             if let Some(at) = e
                 .record
                 .producer_sequence()
-                .filter(|_| e.record.last_in_message)
+                .filter(|_| e.record.last_in_message && !e.copy)
             {
                 let high = highest.entry(at.producer).or_insert(at.sequence);
                 *high = (*high).max(at.sequence);
@@ -759,7 +761,7 @@ impl Batcher {
                     return AfterFlush::Isolating;
                 }
                 if live.is_empty() {
-                    // Only dead letters and still rejected: the shell's dead-letter write is
+                    // Only dead letters (and copies) and still rejected: the shell's dead-letter write is
                     // broken, which no split can fix. Retry with backoff; never drop.
                     let batch = Batch { entries, ..batch };
                     return self.requeue_after_failure(batch, now);

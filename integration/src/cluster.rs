@@ -1013,7 +1013,8 @@ impl KafkaCopies {
             ..KafkaCopies::default()
         };
         for (&(partition, offset), payload) in messages {
-            let Ok(envelope) = Envelope::decode(payload) else {
+            // Only a sequenced id names one message (the consumer skips only those copies).
+            let Some(envelope) = Envelope::decode(payload).ok().filter(|e| e.sequenced) else {
                 continue;
             };
             let id = envelope.request_id;
@@ -1154,7 +1155,7 @@ mod tests {
         Envelope {
             received_at_micros: 0,
             request_id: RequestId::from_u128(id),
-            sequenced: false,
+            sequenced: true,
             source: None,
             records: vec![b"{}"],
         }

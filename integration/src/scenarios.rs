@@ -443,7 +443,8 @@ pub async fn broker_killed_under_load(run: Run) -> Result<()> {
 ///     (messages repeating an earlier message's request id in their partition) are counted
 ///     and noted, not required: whether the broker stores a request twice depends on timing.
 ///     Checks: every 2xx'd record in Postgres exactly once although Kafka may hold it twice;
-///     only 200/429/503 answers and no dropped connection; 503s seen; the producer
+///     the consumer skipped exactly as many copies as Kafka holds (none written, none of the
+///     other messages taken for one); only 200/429/503 answers and no dropped connection; 503s seen; the producer
 ///     acknowledges again after the heal, and its process stayed up.
 ///
 ///     No record can be acknowledged while the answers are lost, so none is required to be.
@@ -518,8 +519,20 @@ pub async fn broker_answers_lost_under_load(run: Run) -> Result<()> {
             proxy.reset_all();
             c.tl.note("every connection reset");
             let done = traffic.done().await?;
-            c.tl.note(c.copies_in_kafka().await?.to_string());
             c.verdict(&ctx, &done).await?;
+            // Read once the pipeline is quiet: the consumer has read every message.
+            let copies = c.copies_in_kafka().await?;
+            c.tl.note(copies.to_string());
+            let skipped = c
+                .consumer_metric(0, "spillway_consumer_copies_skipped_total")
+                .await?;
+            ctx.check(skipped == copies.copies as f64, || {
+                format!(
+                    "the consumer skipped {skipped} copies (spillway_consumer_copies_skipped_total), \
+                     Kafka holds {}",
+                    copies.copies
+                )
+            })?;
             let result = &done.result;
             let refused = result.statuses.get(&503).copied().unwrap_or(0);
             ctx.check(refused > 0, || {

@@ -66,9 +66,9 @@ struct State {
 
 /// Reads every message of `topic` up to its high watermarks (at most `within`), and returns
 /// the states of run `run_id` (records with `"kind":"state"` whose `id_field` is
-/// `<run_id>-<seq>`) by key. A second copy of a message (its request id seen before in the
-/// partition: the producer's Kafka client stored it twice) is the consumer's to skip, so it
-/// is no state here either.
+/// `<run_id>-<seq>`) by key. A second copy of a sequenced message (its request id seen before
+/// in the partition: the producer's Kafka client stored it twice) is the consumer's to skip,
+/// so it is no state here either.
 fn read_states(
     brokers: &str,
     topic: &str,
@@ -115,7 +115,7 @@ fn read_states(
         let Some(env) = m.payload().and_then(|p| Envelope::decode(p).ok()) else {
             continue;
         };
-        if !seen.insert((m.partition(), env.request_id)) {
+        if env.sequenced && !seen.insert((m.partition(), env.request_id)) {
             continue;
         }
         for (index, raw) in env.records.iter().enumerate() {

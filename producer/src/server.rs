@@ -253,9 +253,7 @@ struct SequencedProducer {
 impl SequencedProducer {
     fn new(producer: FutureProducer) -> Arc<Self> {
         Arc::new(SequencedProducer {
-            // Never 0, so no sequenced id is the all-zero id of a message that is not an
-            // envelope.
-            id: fastrand::u64(1..),
+            id: random_client_id(),
             producer,
             next: Mutex::new(0),
         })
@@ -274,14 +272,31 @@ impl SequencedProducer {
             producer: self.id,
             sequence: *next,
         });
+        // Taken before the send: a number is never used twice (a refused send leaves a gap,
+        // which is harmless).
+        *next += 1;
         Envelope::stamp_request_id(payload, id);
         let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(&*payload);
         if let Some(key) = key {
             record = record.key(key);
         }
         let delivery = self.producer.send_result(record).map_err(|(e, _)| e)?;
-        *next += 1;
         Ok((id, delivery))
+    }
+}
+
+/// A Kafka client's id: 64 random bits from the OS's source (std seeds `RandomState` from
+/// it), never 0 (the id of a message that is not an envelope). Two clients with one id would
+/// mix their sequences, so it is not drawn from a time-seeded generator.
+fn random_client_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let id = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        if id != 0 {
+            return id;
+        }
     }
 }
 
