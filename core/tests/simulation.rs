@@ -7,7 +7,16 @@
 //!   whose pause flag outlives a revocation (as librdkafka's may); seeks that fail or land late;
 //!   stale messages redelivered with old epochs; fetch errors; retention that deletes records
 //!   nobody read yet (a real gap).
-//! - Postgres: a positions table with the compare-and-set, rows and dead letters; outages;
+//! - Producers: one to three Kafka clients that number their messages (sequenced request ids,
+//!   in each client's order within a partition), and sometimes an old producer whose ids are not
+//!   sequenced (but may look like a live client's). *Copies*: a client stores one of a
+//!   partition's last few sequenced messages a second time (librdkafka re-sends a message whose
+//!   answer was lost), the same bytes later in the log, maybe after later messages of that
+//!   client. A copy's records are its original's.
+//! - Postgres: a positions table with the compare-and-set, storing with each position the
+//!   batch's producers' sequences (the highest per producer, in the same transaction, so also
+//!   when the answer is lost or a hung transaction commits late) and returning them with the
+//!   positions read; rows and dead letters; outages;
 //!   connections lost before or after the commit (the commit's fate unknown to the consumer);
 //!   transactions that hang past the flush deadline and commit (or not) later; records the COPY
 //!   rejects by content, with right, wrong or no hints; records with a value that does not
@@ -18,11 +27,14 @@
 //!   believe they own a partition.
 //!
 //! Each seed draws its own fault *mix* (swarm testing) and its own timing. After every step the
-//! simulator checks: no record is written twice; only bad records are dead-lettered; no stored
-//! position passes a record that is neither written nor dead-lettered; no consumer buffers past
-//! its bound. After the faults stop it checks liveness: within a bounded simulated time every
-//! partition is written to its end (or stopped exactly at a gap retention made), then a
-//! shutdown drains and exits.
+//! simulator checks: no record is written twice, a record being known by its original message
+//! (so writing a copy is writing twice); no message skipped as a copy is an original; only bad
+//! records are dead-lettered; no stored position passes a record that is neither written nor
+//! dead-lettered (a copy's records by its original's); no consumer buffers past its bound.
+//! After the faults stop it checks liveness: within a bounded simulated time every partition
+//! is written to its end (or stopped exactly at a gap retention made), then a shutdown drains
+//! and exits. Evidence counts say how many copies Kafka held, how many the consumers skipped,
+//! and how many of those only the stored sequences could tell.
 //!
 //! `SPILLWAY_SIM_SEEDS=N` runs N seeds (default 1000); `SPILLWAY_SIM_SEED=S` replays one seed;
 //! `SPILLWAY_SIM_MUTATE=<name>` runs the machine with a known bug (see `Mutation::ALL`). A
@@ -35,7 +47,7 @@ use std::time::{Duration, Instant};
 use spillway_core::{
     AdaptiveConfig, Batch, BatcherConfig, Command, ConsumerConfig, ConsumerMachine, Envelope,
     EpochTags, Exit, FlushResult, Jitter, KafkaCommand, Message, Mutation, Notice, PartitionLag,
-    Phase, Position, RequestId, RetryConfig, StoredPosition,
+    Phase, Position, ProducerSequence, RequestId, RetryConfig, StoredPosition,
 };
 
 type Partition = i32;
@@ -93,6 +105,9 @@ struct Faults {
     crashes: f64,
     zombies: f64,
     retention: f64,
+    /// A producer's client stores a message a second time (librdkafka re-sends it after its
+    /// answer was lost): a copy of a recent sequenced message, later in the same partition.
+    copies: f64,
 }
 
 impl Faults {
@@ -118,6 +133,7 @@ impl Faults {
             crashes: on(0.001),
             zombies: on(0.002),
             retention: on(0.0005),
+            copies: on(0.01),
         };
         f.pg_outages = rng.chance(0.5);
         f
@@ -144,6 +160,7 @@ impl Faults {
             crashes: 0.0,
             zombies: 0.0,
             retention: 0.0,
+            copies: 0.0,
         }
     }
 }
@@ -164,6 +181,11 @@ enum Kind {
 struct LogMessage {
     payload: Vec<u8>,
     kinds: Vec<Kind>,
+    /// The offset of the message this one is a copy of; its own offset for an original. A
+    /// copy's records are the original's: written once, whichever offset they were read at.
+    origin: i64,
+    /// Its producer's client and sequence, if the envelope is sequenced.
+    order: Option<ProducerSequence>,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +201,8 @@ impl Log {
     }
 }
 
+/// A record's identity: its partition, the offset of its *original* message, its index. A copy
+/// of a message has the same keys as the original.
 type Key = (Partition, i64, u32);
 
 #[derive(Debug)]
@@ -205,6 +229,9 @@ struct Transaction {
 #[derive(Debug, Default)]
 struct Postgres {
     positions: BTreeMap<Partition, Position>,
+    /// Per partition and producer, the highest sequence stored with a position (GREATEST, in
+    /// the position's transaction).
+    producers: BTreeMap<Partition, BTreeMap<u64, u64>>,
     rows: BTreeMap<Key, u32>,
     dead: BTreeMap<Key, u32>,
     down_until: Option<Instant>,
@@ -220,7 +247,7 @@ enum Event {
     SeekDone(Partition, u64),
     SeekFailed(Partition, u64),
     Message(Message),
-    Positions(Vec<(Partition, Position)>),
+    Positions(Vec<StoredPosition>),
     PositionsFailed,
     Flushed(spillway_core::BatchId, FlushResult),
     GroupView(Vec<PartitionLag>),
@@ -240,6 +267,9 @@ struct Member {
     inbox: VecDeque<(Instant, Event)>,
     stalled_until: Option<Instant>,
     exited: Option<Exit>,
+    /// Per partition, the stored position the machine last started reading from (evidence
+    /// that a copy was recognised by the stored sequences, not by what the member read).
+    read_from: BTreeMap<Partition, Position>,
 }
 
 #[derive(Debug)]
@@ -263,6 +293,10 @@ struct Sim {
     next_incarnation: u64,
     produced: usize,
     to_produce: usize,
+    /// The producers' Kafka clients: each one's id and next sequence.
+    producers: Vec<ProducerSequence>,
+    /// The share of messages from an old producer, whose request ids are not sequenced.
+    unsequenced: f64,
     trace: VecDeque<String>,
     counts: BTreeMap<&'static str, u64>,
     /// A broken invariant found while performing a command.
@@ -320,6 +354,15 @@ impl Sim {
             view_interval: Duration::from_secs(2),
             mutation,
         };
+        // Never 0, as the producer's; drawn from the whole range, so one may have the high bit
+        // set (stored as a bigint by the real consumer).
+        let producers = (0..1 + rng.below(3))
+            .map(|_| ProducerSequence {
+                producer: rng.next().max(1),
+                sequence: 0,
+            })
+            .collect();
+        let unsequenced = if rng.chance(0.5) { 0.2 } else { 0.0 };
         let start = Instant::now();
         let mut sim = Sim {
             to_produce: 40 + rng.below(160) as usize,
@@ -337,6 +380,8 @@ impl Sim {
             restart_at: Vec::new(),
             next_incarnation: 0,
             produced: 0,
+            producers,
+            unsequenced,
             trace: VecDeque::new(),
             counts: BTreeMap::new(),
             violation: None,
@@ -379,6 +424,7 @@ impl Sim {
             inbox: VecDeque::new(),
             stalled_until: None,
             exited: None,
+            read_from: BTreeMap::new(),
         }));
         let m = self.members.len() - 1;
         self.log(format!("m{m} joins the group"));
@@ -464,10 +510,13 @@ impl Sim {
             return;
         }
         let p = self.rng.below(self.logs.len() as u64) as i32;
+        let origin = self.logs[&p].end();
         let message = if self.rng.chance(self.active.undecodable) {
             LogMessage {
                 payload: b"not an envelope".to_vec(),
                 kinds: vec![Kind::Undecodable],
+                origin,
+                order: None,
             }
         } else {
             let n = 1 + self.rng.below(4) as usize;
@@ -491,16 +540,34 @@ impl Sim {
                     _ => format!("{{\"n\":{}}}", self.produced * 10 + i).into_bytes(),
                 })
                 .collect();
+            let client = self.rng.below(self.producers.len() as u64) as usize;
+            let (request_id, order) = if self.rng.chance(self.unsequenced) {
+                // An old producer's id is 128 random bits, which may read as a live client's id
+                // with a high sequence: only the flag says whether it is sequenced.
+                let lookalike = ProducerSequence {
+                    producer: self.producers[client].producer,
+                    sequence: u64::MAX - self.produced as u64,
+                };
+                (RequestId::sequenced(lookalike), None)
+            } else {
+                // One client's messages reach every partition in its order (it numbers them
+                // under the lock it hands them to Kafka with).
+                let at = self.producers[client];
+                self.producers[client].sequence += 1;
+                (RequestId::sequenced(at), Some(at))
+            };
             let envelope = Envelope {
                 received_at_micros: 1,
-                request_id: RequestId::from_u128(self.produced as u128),
-                sequenced: false,
+                request_id,
+                sequenced: order.is_some(),
                 source: None,
                 records: bodies.iter().map(Vec::as_slice).collect(),
             };
             LogMessage {
                 payload: envelope.encode(),
                 kinds,
+                origin,
+                order,
             }
         };
         *self.counts.entry("records produced").or_default() += message.kinds.len() as u64;
@@ -510,6 +577,42 @@ impl Sim {
             .messages
             .push(message);
         self.produced += 1;
+    }
+
+    /// A producer's client stores one of a partition's last few sequenced messages again
+    /// (librdkafka re-sends a message whose answer was lost, at a new epoch): the same bytes,
+    /// after the original and maybe after later messages of the same client. Never
+    /// acknowledged on its own: its records are the original's.
+    fn store_copy(&mut self) {
+        if !self.rng.chance(self.active.copies) {
+            return;
+        }
+        let p = self.rng.below(self.logs.len() as u64) as i32;
+        let log = self.logs.get_mut(&p).expect("partition");
+        let recent = log
+            .messages
+            .len()
+            .saturating_sub(1 + self.rng.below(5) as usize);
+        let sequenced: Vec<usize> = (recent..log.messages.len())
+            .filter(|&o| log.messages[o].order.is_some())
+            .collect();
+        if sequenced.is_empty() {
+            return;
+        }
+        let of = sequenced[self.rng.below(sequenced.len() as u64) as usize];
+        let original = &log.messages[of];
+        let copy = LogMessage {
+            payload: original.payload.clone(),
+            kinds: original.kinds.clone(),
+            origin: original.origin,
+            order: original.order,
+        };
+        let (origin, at) = (copy.origin, log.end());
+        log.messages.push(copy);
+        self.log(format!(
+            "partition {p}: offset {at} is a copy of offset {origin}"
+        ));
+        self.count("copies in kafka");
     }
 
     /// Retention deletes records after the stored position that may not be read yet.
@@ -574,22 +677,25 @@ impl Sim {
         self.pg.down_until.is_some_and(|t| t > self.now)
     }
 
-    /// What the transaction does to the tables, as the real flush's SQL would.
-    fn apply(&mut self, batch: &Batch) -> Result<FlushResult, Failure> {
+    /// What the transaction does to the tables, as the real flush's SQL would. `member` flushed
+    /// it (`usize::MAX` when it is gone), for the evidence counts.
+    fn apply(&mut self, batch: &Batch, member: usize) -> Result<FlushResult, Failure> {
         let p = batch.partition;
         let stored = self.stored(p);
         let cas_ok = !batch.check_start || stored == batch.start;
+        // The shell stores these with the position, in its transaction.
+        let ended = batch.producer_sequences();
         if !batch.position_with_rows {
             // The position commits on its own first.
             if !cas_ok {
                 return Ok(FlushResult::Fenced);
             }
-            self.set_position(p, batch.end)?;
+            self.set_position(p, batch.end, &ended)?;
         } else if !cas_ok {
             return Ok(FlushResult::Fenced);
         }
         let rows: Vec<usize> = (0..batch.entries.len())
-            .filter(|&i| batch.entries[i].dead_reason.is_none())
+            .filter(|&i| batch.entries[i].is_row())
             .collect();
         if let Some(&bad) = rows
             .iter()
@@ -615,7 +721,26 @@ impl Sim {
         }
         for e in &batch.entries {
             let r = &e.record;
-            let key = (r.partition, r.offset, r.index);
+            let Some(key) = self.identity(r.partition, r.offset, r.index) else {
+                return Err(Failure {
+                    what: format!(
+                        "a batch holds record {}@{}#{}, which Kafka never had",
+                        r.partition, r.offset, r.index
+                    ),
+                });
+            };
+            if e.copy {
+                // Written nowhere: it must stand for a message that is a copy.
+                if key.1 == r.offset {
+                    return Err(Failure {
+                        what: format!(
+                            "message {}@{} was skipped as a copy, but it is an original",
+                            r.partition, r.offset
+                        ),
+                    });
+                }
+                continue;
+            }
             let kind = self.kind(key);
             let dead = e.dead_reason.is_some();
             if dead && kind == Some(Kind::Good) {
@@ -636,13 +761,35 @@ impl Sim {
             let total = self.pg.rows.get(&key).copied().unwrap_or(0)
                 + self.pg.dead.get(&key).copied().unwrap_or(0);
             if total > 1 {
+                let copy = if key.1 == r.offset {
+                    String::new()
+                } else {
+                    format!(" (this time from its copy at offset {})", r.offset)
+                };
                 return Err(Failure {
-                    what: format!("record {key:?} written twice"),
+                    what: format!("record {key:?} written twice{copy}"),
                 });
             }
         }
         if batch.position_with_rows {
-            self.set_position(p, batch.end)?;
+            self.set_position(p, batch.end, &ended)?;
+        }
+        // Evidence: copies skipped, and those only the stored sequences could tell (their
+        // original is before the position the member started reading from).
+        let read_from = self
+            .members
+            .get(member)
+            .and_then(Option::as_ref)
+            .and_then(|m| m.read_from.get(&p).copied());
+        for e in batch.entries.iter().filter(|e| e.copy) {
+            self.count("copies skipped");
+            let origin = self.identity(p, e.record.offset, 0).map(|k| k.1);
+            if origin
+                .zip(read_from)
+                .is_some_and(|(o, from)| o < from.offset)
+            {
+                self.count("copies known by the stored sequences");
+            }
         }
         Ok(FlushResult::Written)
     }
@@ -655,6 +802,29 @@ impl Sim {
             .unwrap_or(Position::BEGINNING)
     }
 
+    /// What the store returns for a partition: its position and the sequences stored with it.
+    fn stored_position(&self, p: Partition) -> StoredPosition {
+        StoredPosition {
+            partition: p,
+            position: self.stored(p),
+            producers: self.pg.producers.get(&p).map_or_else(Vec::new, |high| {
+                high.iter()
+                    .map(|(&producer, &sequence)| ProducerSequence { producer, sequence })
+                    .collect()
+            }),
+        }
+    }
+
+    /// The identity of the record at `offset`, `index`: a copy's records are its original's.
+    fn identity(&self, p: Partition, offset: i64, index: u32) -> Option<Key> {
+        let m = self
+            .logs
+            .get(&p)?
+            .messages
+            .get(usize::try_from(offset).ok()?)?;
+        Some((p, m.origin, index))
+    }
+
     fn kind(&self, (p, offset, index): Key) -> Option<Kind> {
         let m = self
             .logs
@@ -664,9 +834,21 @@ impl Sim {
         m.kinds.get(index as usize).copied()
     }
 
-    /// Stores a position, checking that every record before it is written or dead-lettered.
-    fn set_position(&mut self, p: Partition, to: Position) -> Result<(), Failure> {
+    /// Stores a position and the producers' sequences that go with it (the highest per
+    /// producer, as the real upsert's GREATEST), checking that every record before it is
+    /// written or dead-lettered (a copy's records by its original's).
+    fn set_position(
+        &mut self,
+        p: Partition,
+        to: Position,
+        ended: &[ProducerSequence],
+    ) -> Result<(), Failure> {
         self.pg.positions.insert(p, to);
+        let high = self.pg.producers.entry(p).or_default();
+        for at in ended {
+            let h = high.entry(at.producer).or_insert(at.sequence);
+            *h = (*h).max(at.sequence);
+        }
         let from = self
             .pg
             .checked_to
@@ -687,11 +869,16 @@ impl Sim {
                     what: format!("partition {p}'s position {to} passes the end of the log"),
                 });
             };
-            let key = (p, at.offset, at.index);
+            let key = (p, m.origin, at.index);
             if !self.pg.rows.contains_key(&key) && !self.pg.dead.contains_key(&key) {
+                let copy = if m.origin == at.offset {
+                    String::new()
+                } else {
+                    format!(" (read from its copy at offset {})", at.offset)
+                };
                 return Err(Failure {
                     what: format!(
-                        "partition {p}'s stored position moved to {to}, past record {key:?}, which is neither written nor dead-lettered"
+                        "partition {p}'s stored position moved to {to}, past record {key:?}{copy}, which is neither written nor dead-lettered"
                     ),
                 });
             }
@@ -716,7 +903,7 @@ impl Sim {
             .entries
             .iter()
             .enumerate()
-            .filter(|(_, e)| e.dead_reason.is_none() && e.record.payload == b"unconvertible")
+            .filter(|(_, e)| e.is_row() && e.record.payload == b"unconvertible")
             .map(|(i, _)| (i, "column n (bigint from /n): a string".to_string()))
             .collect();
         if !records.is_empty() {
@@ -800,7 +987,7 @@ impl Sim {
                             reason: "connection refused".into(),
                         }
                     } else {
-                        self.apply(&t.batch)?
+                        self.apply(&t.batch, member)?
                     };
                     self.deliver(member, inc, Event::Flushed(id, result));
                 }
@@ -808,7 +995,7 @@ impl Sim {
                     self.retriable(member, inc, id, "connection lost before commit")
                 }
                 Fate::LostAfter => {
-                    let applied = self.apply(&t.batch)?;
+                    let applied = self.apply(&t.batch, member)?;
                     self.log(format!(
                         "m{member}'s batch {id:?} commits ({applied:?}) but the answer is lost"
                     ));
@@ -817,7 +1004,7 @@ impl Sim {
                 Fate::Hang { apply_at } => {
                     let deadline_passed = t.at <= self.now;
                     if apply_at.is_some_and(|a| a <= self.now) {
-                        let applied = self.apply(&t.batch)?;
+                        let applied = self.apply(&t.batch, member)?;
                         self.log(format!(
                             "m{member}'s hung batch {id:?} finally commits ({applied:?})"
                         ));
@@ -1005,11 +1192,12 @@ impl Sim {
                 }
                 Event::Message(msg) => member.machine.on_message(msg, now),
                 Event::Positions(ps) => {
-                    let stored: Vec<StoredPosition> = ps
-                        .iter()
-                        .map(|&(p, at)| StoredPosition::new(p, at))
-                        .collect();
-                    member.machine.on_positions(&stored, now)
+                    for stored in &ps {
+                        if member.machine.phase(stored.partition) == Some(Phase::Positioning) {
+                            member.read_from.insert(stored.partition, stored.position);
+                        }
+                    }
+                    member.machine.on_positions(&ps, now)
                 }
                 Event::PositionsFailed => {
                     member
@@ -1062,8 +1250,8 @@ impl Sim {
         match command {
             Command::ReadPositions(ps) => {
                 let fails = self.pg_down() || self.rng.chance(self.active.lost_before_commit);
-                let positions: Vec<(Partition, Position)> =
-                    ps.iter().map(|p| (*p, self.stored(*p))).collect();
+                let positions: Vec<StoredPosition> =
+                    ps.iter().map(|p| self.stored_position(*p)).collect();
                 let at = now + self.rng.millis(1, 50);
                 self.log(format!("m{m} -> read positions {ps:?}"));
                 let member = self.members[m].as_mut().expect("performing");
@@ -1165,6 +1353,7 @@ impl Sim {
         self.now += Duration::from_millis(1 + self.rng.below(40));
         if faults {
             self.produce();
+            self.store_copy();
             self.retention();
             self.faults_in_the_group();
         }
@@ -1319,8 +1508,38 @@ fn describe(e: &Event) -> Option<String> {
         Event::Revoked(ps) => format!("revoked {ps:?}"),
         Event::SeekDone(p, e) => format!("seek done {p} (epoch {e})"),
         Event::SeekFailed(p, e) => format!("seek failed {p} (epoch {e})"),
-        Event::Message(m) => format!("message {}@{} epoch {}", m.partition, m.offset, m.epoch),
-        Event::Positions(ps) => format!("positions {ps:?}"),
+        Event::Message(m) => {
+            let order = m
+                .payload
+                .as_deref()
+                .and_then(|b| Envelope::decode(b).ok()?.producer_sequence())
+                .map_or(String::new(), |at| {
+                    format!(" ({:x}:{})", at.producer, at.sequence)
+                });
+            format!(
+                "message {}@{} epoch {}{order}",
+                m.partition, m.offset, m.epoch
+            )
+        }
+        Event::Positions(ps) => {
+            let ps: Vec<String> = ps
+                .iter()
+                .map(|s| {
+                    let producers: Vec<String> = s
+                        .producers
+                        .iter()
+                        .map(|at| format!("{:x}:{}", at.producer, at.sequence))
+                        .collect();
+                    format!(
+                        "{} at {} [{}]",
+                        s.partition,
+                        s.position,
+                        producers.join(" ")
+                    )
+                })
+                .collect();
+            format!("positions {}", ps.join(", "))
+        }
         Event::PositionsFailed => "positions unavailable".into(),
         Event::Flushed(id, r) => format!("flushed {id:?}: {r:?}"),
         Event::GroupView(_) => return None,
@@ -1424,6 +1643,7 @@ fn every_mutation_is_caught() {
         "global-pause",
         "no-compare-and-set",
         "position-before-rows",
+        "write-copies",
     ];
     let mut missed = Vec::new();
     for name in must_catch {
