@@ -806,7 +806,13 @@ impl ConsumerMachine {
                 now,
             ),
             Some(Ok(env)) if env.records.is_empty() => self.batcher.push_dead_letter(
-                single(message.payload.clone().unwrap_or_default()),
+                // With its id: a batch ending it stores its sequence, as for any message.
+                Record {
+                    received_at_micros: env.received_at_micros,
+                    request_id: env.request_id,
+                    sequenced: env.sequenced,
+                    ..single(message.payload.clone().unwrap_or_default())
+                },
                 "an envelope with no records".into(),
                 now,
             ),
