@@ -12,7 +12,7 @@ use spillway_loadgen::payload::{state_columns, typed_columns, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
 
 use crate::cluster::{
-    blocking, chaos, pause, slow_link, spiky, strings, Cluster, Done, Opts, Traffic,
+    blocking, chaos, pause, slow_link, spiky, strings, Cluster, Ctx, Done, Opts, Traffic,
     SESSION_TIMEOUT, STATEMENT_TIMEOUT,
 };
 use crate::prometheus::Prometheus;
@@ -392,32 +392,13 @@ pub async fn broker_killed_under_load(run: Run) -> Result<()> {
             acknowledging_again(&c, &traffic).await?;
             let done = traffic.done().await?;
             c.verdict(&ctx, &done).await?;
-            let result = &done.result;
-            let refused = result.statuses.get(&503).copied().unwrap_or(0);
-            ctx.check(refused > 0, || {
-                format!(
-                    "no 503 while the broker was unreachable: {:?}",
-                    result.statuses
-                )
-            })?;
-            let unclear: Vec<_> = result
-                .statuses
-                .keys()
-                .filter(|s| ![200, 429, 503].contains(*s))
-                .collect();
-            ctx.check(unclear.is_empty(), || {
-                format!("answers other than 200, 429 and 503: {:?}", result.statuses)
-            })?;
-            ctx.check(result.transport_errors == 0, || {
-                format!("{} requests lost their connection", result.transport_errors)
-            })?;
-            let survived = c.producer.process.running() && c.producer.process.pid() == producer_pid;
-            ctx.check(survived, || {
-                format!(
-                    "the producer did not survive the broker's faults:\n{}",
-                    c.producer.process.log_tail(30)
-                )
-            })
+            answered_clearly_and_survived(
+                &ctx,
+                &mut c,
+                &done,
+                producer_pid,
+                "the broker was unreachable",
+            )
         },
     )
     .await
@@ -533,35 +514,51 @@ pub async fn broker_answers_lost_under_load(run: Run) -> Result<()> {
                     copies.copies
                 )
             })?;
-            let result = &done.result;
-            let refused = result.statuses.get(&503).copied().unwrap_or(0);
-            ctx.check(refused > 0, || {
-                format!(
-                    "no 503 while the broker's answers were lost: {:?}",
-                    result.statuses
-                )
-            })?;
-            let unclear: Vec<_> = result
-                .statuses
-                .keys()
-                .filter(|s| ![200, 429, 503].contains(*s))
-                .collect();
-            ctx.check(unclear.is_empty(), || {
-                format!("answers other than 200, 429 and 503: {:?}", result.statuses)
-            })?;
-            ctx.check(result.transport_errors == 0, || {
-                format!("{} requests lost their connection", result.transport_errors)
-            })?;
-            let survived = c.producer.process.running() && c.producer.process.pid() == producer_pid;
-            ctx.check(survived, || {
-                format!(
-                    "the producer did not survive the lost answers:\n{}",
-                    c.producer.process.log_tail(30)
-                )
-            })
+            answered_clearly_and_survived(
+                &ctx,
+                &mut c,
+                &done,
+                producer_pid,
+                "the broker's answers were lost",
+            )
         },
     )
     .await
+}
+
+/// The broker scenarios' checks of the producer: some requests were answered 503 while
+/// `fault` lasted, none got another status than 200, 429 or 503, none lost its connection,
+/// and the producer process (`pid` at the start) never died.
+fn answered_clearly_and_survived(
+    ctx: &Ctx,
+    c: &mut Cluster,
+    done: &Done,
+    pid: Option<i32>,
+    fault: &str,
+) -> Result<()> {
+    let result = &done.result;
+    let refused = result.statuses.get(&503).copied().unwrap_or(0);
+    ctx.check(refused > 0, || {
+        format!("no 503 while {fault}: {:?}", result.statuses)
+    })?;
+    let unclear: Vec<_> = result
+        .statuses
+        .keys()
+        .filter(|s| ![200, 429, 503].contains(*s))
+        .collect();
+    ctx.check(unclear.is_empty(), || {
+        format!("answers other than 200, 429 and 503: {:?}", result.statuses)
+    })?;
+    ctx.check(result.transport_errors == 0, || {
+        format!("{} requests lost their connection", result.transport_errors)
+    })?;
+    let survived = c.producer.process.running() && c.producer.process.pid() == pid;
+    ctx.check(survived, || {
+        format!(
+            "the producer did not survive while {fault}:\n{}",
+            c.producer.process.log_tail(30)
+        )
+    })
 }
 
 /// Waits (at most 20 s) until the producer acknowledges a request it had not before.
