@@ -540,14 +540,7 @@ pub async fn position(
     topic: &str,
     partition: Partition,
 ) -> Result<Position, PgFailure> {
-    client
-        .execute(
-            "INSERT INTO spillway_offsets (consumer, topic, kafka_partition, next_offset, next_index)
-             VALUES ($1, $2, $3, 0, 0) ON CONFLICT DO NOTHING",
-            &[&name, &topic, &partition],
-        )
-        .await
-        .map_err(|e| classify(&e))?;
+    create_position(client, name, topic, partition).await?;
     let row = client
         .query_one(
             "SELECT next_offset, next_index FROM spillway_offsets
@@ -557,6 +550,24 @@ pub async fn position(
         .await
         .map_err(|e| classify(&e))?;
     Ok(Position::new(row.get(0), row.get::<_, i32>(1) as u32))
+}
+
+/// Stores a position at the beginning for a partition that has none.
+async fn create_position(
+    client: &Client,
+    name: &str,
+    topic: &str,
+    partition: Partition,
+) -> Result<(), PgFailure> {
+    client
+        .execute(
+            "INSERT INTO spillway_offsets (consumer, topic, kafka_partition, next_offset, next_index)
+             VALUES ($1, $2, $3, 0, 0) ON CONFLICT DO NOTHING",
+            &[&name, &topic, &partition],
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| classify(&e))
 }
 
 /// How long a producer's highest sequence is kept after the last batch that moved it. A copy
@@ -575,8 +586,7 @@ pub async fn stored_position(
     topic: &str,
     partition: Partition,
 ) -> Result<StoredPosition, PgFailure> {
-    // Creates the position if there is none.
-    position(client, name, topic, partition).await?;
+    create_position(client, name, topic, partition).await?;
     client
         .execute(
             "DELETE FROM spillway_producer_sequences

@@ -199,8 +199,7 @@ impl Batch {
                 .producer_sequence()
                 .filter(|_| e.record.last_in_message && !e.copy)
             {
-                let high = highest.entry(at.producer).or_insert(at.sequence);
-                *high = (*high).max(at.sequence);
+                at.raise(&mut highest);
             }
         }
         highest

@@ -787,7 +787,7 @@ impl ConsumerMachine {
             Some(Ok(env)) => env.producer_sequence(),
             _ => None,
         };
-        let copy = order.filter(|at| {
+        let copy = order.is_some_and(|at| {
             !self.config.mutated(Mutation::WriteCopies)
                 && self.partitions.get(&p).is_some_and(|s| {
                     s.producers
@@ -795,24 +795,17 @@ impl ConsumerMachine {
                         .is_some_and(|&high| at.sequence <= high)
                 })
         });
+        // One entry for a whole envelope, with its id: a batch ending it stores its sequence.
+        let whole = |env: &Envelope, payload: Vec<u8>| Record {
+            received_at_micros: env.received_at_micros,
+            request_id: env.request_id,
+            sequenced: env.sequenced,
+            ..single(payload)
+        };
         let pushed = match decoded {
-            Some(Ok(env)) if copy.is_some() => self.batcher.push_copy(
-                Record {
-                    received_at_micros: env.received_at_micros,
-                    request_id: env.request_id,
-                    sequenced: true,
-                    ..single(Vec::new())
-                },
-                now,
-            ),
+            Some(Ok(env)) if copy => self.batcher.push_copy(whole(&env, Vec::new()), now),
             Some(Ok(env)) if env.records.is_empty() => self.batcher.push_dead_letter(
-                // With its id: a batch ending it stores its sequence, as for any message.
-                Record {
-                    received_at_micros: env.received_at_micros,
-                    request_id: env.request_id,
-                    sequenced: env.sequenced,
-                    ..single(message.payload.clone().unwrap_or_default())
-                },
+                whole(&env, message.payload.clone().unwrap_or_default()),
                 "an envelope with no records".into(),
                 now,
             ),
@@ -854,8 +847,7 @@ impl ConsumerMachine {
                 // The whole message is buffered (or was written before): later messages of
                 // its producer at or below its sequence are copies.
                 if let (Some(at), Some(s)) = (order, self.partitions.get_mut(&p)) {
-                    let high = s.producers.entry(at.producer).or_insert(at.sequence);
-                    *high = (*high).max(at.sequence);
+                    at.raise(&mut s.producers);
                 }
             }
             Push::Unassigned(_) => {}

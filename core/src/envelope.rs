@@ -65,6 +65,15 @@ pub struct ProducerSequence {
     pub sequence: u64,
 }
 
+impl ProducerSequence {
+    /// Raises `highest`'s entry for this producer to this sequence if it is lower (or has
+    /// none): the highest sequence seen per producer.
+    pub fn raise(self, highest: &mut std::collections::BTreeMap<u64, u64>) {
+        let high = highest.entry(self.producer).or_insert(self.sequence);
+        *high = (*high).max(self.sequence);
+    }
+}
+
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in self.0 {

@@ -846,8 +846,7 @@ impl Sim {
         self.pg.positions.insert(p, to);
         let high = self.pg.producers.entry(p).or_default();
         for at in ended {
-            let h = high.entry(at.producer).or_insert(at.sequence);
-            *h = (*h).max(at.sequence);
+            at.raise(high);
         }
         let from = self
             .pg

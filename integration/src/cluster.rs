@@ -1,7 +1,7 @@
 //! A scenario's world: its seed and timeline, the services as child processes, the servers,
 //! the traffic, the evidence checks and the verdict.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,7 +16,7 @@ use spillway_harness::{
     free_port, postgres_from_env, ChildProcess, FaultProxy, Faults, KafkaBroker, PostgresServer,
     Tansu,
 };
-use spillway_loadgen::keyed::{verify_latest_per_key, KeyedVerdict};
+use spillway_loadgen::keyed::{verify_latest_per_key, KeyedVerdict, RequestsSeen};
 use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
 use spillway_loadgen::runner::{self, Live, RunConfig, RunResult};
@@ -1007,25 +1007,19 @@ impl KafkaCopies {
     /// Counts the copies among messages keyed by (partition, offset), in that order; a message
     /// that is not an envelope is nobody's copy.
     fn count(messages: &BTreeMap<(i32, i64), Vec<u8>>) -> Self {
-        let mut seen: HashMap<(i32, RequestId), i64> = HashMap::new();
+        let mut seen = RequestsSeen::default();
         let mut c = KafkaCopies {
             messages: messages.len(),
             ..KafkaCopies::default()
         };
         for (&(partition, offset), payload) in messages {
-            // Only a sequenced id names one message (the consumer skips only those copies).
-            let Some(envelope) = Envelope::decode(payload).ok().filter(|e| e.sequenced) else {
+            let Ok(envelope) = Envelope::decode(payload) else {
                 continue;
             };
-            let id = envelope.request_id;
-            match seen.get(&(partition, id)) {
-                Some(&original) => {
-                    c.copies += 1;
-                    c.first.get_or_insert((id, partition, original, offset));
-                }
-                None => {
-                    seen.insert((partition, id), offset);
-                }
+            if let Some(original) = seen.original_of(partition, offset, &envelope) {
+                c.copies += 1;
+                c.first
+                    .get_or_insert((envelope.request_id, partition, original, offset));
             }
         }
         c

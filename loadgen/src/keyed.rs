@@ -8,14 +8,14 @@
 //! partition, and compares with the table. A key found in two partitions fails the verdict:
 //! its order is undefined (the producer did not partition by `X-Spillway-Key`).
 
-use std::collections::BTreeMap;
+use std::collections::{hash_map, BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
-use spillway_core::Envelope;
+use spillway_core::{Envelope, RequestId};
 use spillway_harness::postgres::connect;
 use spillway_harness::HarnessError;
 
@@ -51,6 +51,30 @@ impl std::fmt::Display for KeyedVerdict {
             "{} keys, {} states in Kafka, {} deleted last; {} rows wrong, {} keys across partitions",
             self.keys, self.states, self.deleted, self.wrong, self.split
         )
+    }
+}
+
+/// The messages of a topic that are copies of an earlier one, as a reader of the whole topic
+/// tells them: a sequenced envelope whose request id an earlier message of its partition
+/// already carried (the producer's Kafka client stored it twice). Feed each partition's
+/// messages in offset order.
+#[derive(Debug, Default)]
+pub struct RequestsSeen(HashMap<(i32, RequestId), i64>);
+
+impl RequestsSeen {
+    /// If `env`, at `offset` of `partition`, copies an earlier message: that message's offset.
+    /// Otherwise it is remembered as an original.
+    pub fn original_of(&mut self, partition: i32, offset: i64, env: &Envelope) -> Option<i64> {
+        if !env.sequenced {
+            return None;
+        }
+        match self.0.entry((partition, env.request_id)) {
+            hash_map::Entry::Occupied(original) => Some(*original.get()),
+            hash_map::Entry::Vacant(new) => {
+                new.insert(offset);
+                None
+            }
+        }
     }
 }
 
@@ -96,7 +120,7 @@ fn read_states(
     let prefix = format!("{run_id}-");
     let mut by_key: BTreeMap<i64, Vec<State>> = BTreeMap::new();
     let mut read: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = RequestsSeen::default();
     let deadline = Instant::now() + within;
     while ends
         .iter()
@@ -115,7 +139,7 @@ fn read_states(
         let Some(env) = m.payload().and_then(|p| Envelope::decode(p).ok()) else {
             continue;
         };
-        if env.sequenced && !seen.insert((m.partition(), env.request_id)) {
+        if seen.original_of(m.partition(), m.offset(), &env).is_some() {
             continue;
         }
         for (index, raw) in env.records.iter().enumerate() {
