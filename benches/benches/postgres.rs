@@ -284,7 +284,7 @@ struct Written {
 impl Written {
     async fn create(client: &mut Client, name: &str, mapping: &Mapping) -> Self {
         let table = TableName::parse(name).expect("a table name");
-        let targets = Targets::single(Target::new(table.clone(), mapping));
+        let targets = Targets::single(Target::new(table.clone(), mapping), TOPIC);
         Self::migrated(client, targets, table).await
     }
 
@@ -365,15 +365,8 @@ impl Written {
     async fn flush(&self, client: &mut Client, batch: &Batch) -> (Duration, Option<Merged>) {
         let encoded = pg::encode_rows(batch, &self.targets).expect("the bench rows fit");
         let t = Instant::now();
-        let (result, merged) = pg::flush(
-            client,
-            &self.targets,
-            &self.table.plain,
-            TOPIC,
-            batch,
-            encoded,
-        )
-        .await;
+        let (result, merged) =
+            pg::flush(client, &self.targets, &self.table.plain, batch, encoded).await;
         let took = t.elapsed();
         assert!(matches!(result, FlushResult::Written), "{result:?}");
         (took, merged)

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use spillway_core::props::{parse_properties, redact_properties};
 use spillway_core::{
     AdaptiveConfig, BatcherConfig, ColumnSpec, ConfigError, ConsumerConfig, Interval, Jitter,
-    Mapping, Matcher, OnConflict, Partitioning, Retention, RetryConfig, Upsert,
+    Mapping, Matcher, OnConflict, Partitioning, Retention, RetryConfig, Topics, Upsert,
 };
 
 use crate::pg::TableName;
@@ -36,8 +36,11 @@ pub struct Args {
     /// Kafka bootstrap servers (required).
     #[arg(long, env = "KAFKA_BROKERS")]
     pub brokers: Option<String>,
-    /// Topic to read (required).
-    #[arg(long, env = "SPILLWAY_TOPIC")]
+    /// Topic to read (required), or several, comma-separated, each writing its own table:
+    /// TOPIC:TABLE, or just TOPIC for a table of the topic's name, e.g.
+    /// --topic clicks,orders:order_rows (then --name is required and --table and --route are
+    /// refused). With one topic, TOPIC:TABLE is --topic TOPIC --table TABLE.
+    #[arg(long, env = "SPILLWAY_TOPIC", value_name = "TOPIC[:TABLE][,...]")]
     pub topic: Option<String>,
     /// Consumer group; consumers in one group split the partitions [default: spillway].
     #[arg(long, env = "SPILLWAY_GROUP")]
@@ -145,7 +148,8 @@ pub struct Args {
         value_name = "POINTER=VALUE:TABLE"
     )]
     pub route: Vec<String>,
-    /// Routed tables' own settings, from the config file: [[tables]] with name, and any of
+    /// Routed tables' (or several topics' tables') own settings, from the config file:
+    /// [[tables]] with name, and any of
     /// keep-data, upsert-key, on-conflict, delete-when, partition-by, partition-interval,
     /// retention and [[tables.columns]].
     #[arg(skip)]
@@ -182,7 +186,8 @@ pub struct Args {
     pub librdkafka: BTreeMap<String, String>,
 }
 
-/// One `[[tables]]` section of the config file: a routed table's own columns.
+/// One `[[tables]]` section of the config file: a routed table's (or a topic's table's) own
+/// columns.
 #[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct TableEntry {
@@ -245,8 +250,11 @@ impl ColumnEntry {
 pub struct Settings {
     /// Kafka bootstrap servers.
     pub brokers: String,
-    /// Topic.
-    pub topic: String,
+    /// The topics, in the order given (one, usually).
+    pub topics: Topics,
+    /// Each topic's table, in the order of `topics`: the records table first, the others
+    /// among `routed`.
+    pub topic_tables: Vec<String>,
     /// Consumer group.
     pub group: String,
     /// Postgres URL.
@@ -276,7 +284,8 @@ pub struct Settings {
     pub name: Option<String>,
     /// `--route` rules in order, each naming a table of `routed` (or the records table).
     pub routes: Vec<(Matcher, String)>,
-    /// The tables routes name besides the records table, each once, with their columns.
+    /// The tables besides the records table, each once, with their columns: those routes
+    /// name, or the other topics' tables.
     pub routed: Vec<TableSpec>,
     /// The records table's time partitions (`--partition-by`).
     pub partitioning: Option<Partitioning>,
@@ -290,7 +299,7 @@ impl fmt::Debug for Settings {
         let url = redact_url(&self.database_url);
         f.debug_struct("Settings")
             .field("brokers", &self.brokers)
-            .field("topic", &self.topic)
+            .field("topics", &self.topics.to_string())
             .field("group", &self.group)
             .field("database_url", &url)
             .field("table", &self.table.plain)
@@ -329,7 +338,8 @@ impl Settings {
     ) -> Self {
         Settings {
             brokers: brokers.into(),
-            topic: topic.into(),
+            topics: Topics::one(topic),
+            topic_tables: vec!["records".into()],
             group: "spillway".into(),
             database_url: database_url.into(),
             table: TableName::parse("records").expect("valid default"),
@@ -428,18 +438,52 @@ impl Settings {
             "pass --brokers host:port or set KAFKA_BROKERS",
         )?;
         let topic = required(a.topic, "topic", "pass --topic NAME or set SPILLWAY_TOPIC")?;
+        let listed = topic_list(&topic)?;
         let url = required(
             a.database_url,
             "database-url",
             "pass --database-url postgres://... or set DATABASE_URL",
         )?;
-        let mut s = Settings::new(brokers, topic, url);
+        let mut s = Settings::new(brokers, listed[0].0.clone(), url);
+        s.topics = Topics::new(listed.iter().map(|(t, _)| t.clone()).collect())?;
         if let Some(g) = a.group {
             s.group = g;
         }
-        if let Some(t) = a.table {
-            s.table = TableName::parse(&t).map_err(|e| bad("table", e))?;
+        s.table = match (&listed[..], a.table) {
+            ([(_, Some(_))], Some(_)) => {
+                return Err(bad(
+                    "table",
+                    "--topic names the table (TOPIC:TABLE) and so does --table: give it once",
+                ))
+            }
+            ([(_, Some(t))], None) => t.clone(),
+            ([_], Some(t)) => TableName::parse(&t).map_err(|e| bad("table", e))?,
+            ([_], None) => s.table,
+            (_, Some(_)) => {
+                return Err(bad(
+                    "table",
+                    "with several topics each writes its own table: name them in --topic \
+                     (a:table_a,b:table_b), or leave them out for tables of the topics' names",
+                ))
+            }
+            (several, None) => table_of(&several[0])?,
+        };
+        let topic_tables: Vec<TableName> = match &listed[..] {
+            [_] => vec![s.table.clone()],
+            several => several.iter().map(table_of).collect::<Result<_, _>>()?,
+        };
+        for (i, t) in topic_tables.iter().enumerate() {
+            if topic_tables[..i].iter().any(|o| o.plain == t.plain) {
+                return Err(bad(
+                    "topic",
+                    format!(
+                        "two topics write {}: each topic writes its own table",
+                        t.plain
+                    ),
+                ));
+            }
         }
+        s.topic_tables = topic_tables.iter().map(|t| t.plain.clone()).collect();
         if let Some(n) = a.name {
             if n.trim().is_empty() || n.len() > 200 {
                 return Err(bad("name", "must be 1 to 200 characters"));
@@ -549,60 +593,143 @@ impl Settings {
             let table = TableName::parse(table).map_err(|e| bad("route", e))?;
             rules.push((when, table));
         }
+        let several = s.topics.several();
+        if several && !rules.is_empty() {
+            return Err(bad(
+                "route",
+                "--route applies to a consumer of one topic: with several topics each writes \
+                 its own table; run one consumer per topic to route within a topic",
+            ));
+        }
+        if several && s.name.is_none() {
+            return Err(bad(
+                "name",
+                "required with several topics: pass --name NAME, the name their positions are \
+                 kept under (keep it when the list of topics changes)",
+            ));
+        }
         for t in &a.tables {
             let named = |r: &(Matcher, TableName)| r.1.plain == t.name;
-            if t.name == s.table.plain || !rules.iter().any(named) {
+            let routed = t.name != s.table.plain && rules.iter().any(named);
+            if !(routed || several && s.topic_tables.contains(&t.name)) {
                 return Err(bad(
                     "tables",
                     format!(
-                        "[[tables]] {:?} is not a table a --route rule names (the records \
-                         table, {}, takes the top-level settings)",
+                        "[[tables]] {:?} is not a table a --route rule names, nor a table of \
+                         one of several topics (the records table, {}, takes the top-level \
+                         settings)",
                         t.name, s.table.plain
                     ),
                 ));
             }
         }
+        let section = |table: &TableName| a.tables.iter().find(|t| t.name == table.plain);
+        // No section: the top-level settings, partitions included.
+        let top = (s.mapping.clone(), s.partitioning.clone());
+        if several {
+            for (i, table) in topic_tables.into_iter().enumerate() {
+                let (mapping, partitioning) = match section(&table) {
+                    Some(t) => section_spec(t)?,
+                    None => top.clone(),
+                };
+                if i == 0 {
+                    (s.mapping, s.partitioning) = (mapping, partitioning);
+                } else {
+                    s.routed.push(TableSpec {
+                        table,
+                        mapping,
+                        partitioning,
+                    });
+                }
+            }
+        }
         for (when, table) in rules {
             if table != s.table && !s.routed.iter().any(|r| r.table == table) {
-                let (spec, partitioned) = match a.tables.iter().find(|t| t.name == table.plain) {
-                    Some(t) => {
-                        let in_section = |e: ConfigError| bad("tables", format!("{}: {e}", t.name));
-                        let columns = t
-                            .columns
-                            .iter()
-                            .map(|c| c.spec().parse::<ColumnSpec>())
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|e| bad("tables", format!("{}: {e}", t.name)))?;
-                        let spec = mapping(
-                            columns,
-                            t.keep_data,
-                            t.upsert_key.clone(),
-                            t.on_conflict.clone(),
-                            t.delete_when.clone(),
-                        )
-                        .map_err(in_section)?;
-                        let partitioned = partitioning(
-                            t.partition_by.clone(),
-                            t.partition_interval.clone(),
-                            t.retention.clone(),
-                            &spec,
-                        )
-                        .map_err(in_section)?;
-                        (spec, partitioned)
-                    }
-                    // No section: the records table's settings, partitions included.
-                    None => (s.mapping.clone(), s.partitioning.clone()),
+                let (mapping, partitioning) = match section(&table) {
+                    Some(t) => section_spec(t)?,
+                    None => top.clone(),
                 };
                 s.routed.push(TableSpec {
                     table: table.clone(),
-                    mapping: spec,
-                    partitioning: partitioned,
+                    mapping,
+                    partitioning,
                 });
             }
             s.routes.push((when, table.plain));
         }
         Ok(s)
     }
+}
+
+/// `--topic`'s list: each topic, and the table it names (`TOPIC:TABLE`), if it names one.
+/// Kafka's topic names hold no `:`.
+fn topic_list(arg: &str) -> Result<Vec<(String, Option<TableName>)>, ConfigError> {
+    arg.split(',')
+        .map(|item| {
+            let item = item.trim();
+            let (topic, table) = match item.split_once(':') {
+                Some((topic, table)) => (topic.trim(), Some(table.trim())),
+                None => (item, None),
+            };
+            if topic.is_empty() {
+                return Err(bad(
+                    "topic",
+                    format!("{arg:?} holds an empty topic name: write TOPIC[:TABLE][,...]"),
+                ));
+            }
+            let table = table
+                .map(|t| TableName::parse(t).map_err(|e| bad("topic", e)))
+                .transpose()?;
+            Ok((topic.to_string(), table))
+        })
+        .collect()
+}
+
+/// The table a topic of several writes: the one it names, or the table of its name.
+fn table_of((topic, table): &(String, Option<TableName>)) -> Result<TableName, ConfigError> {
+    match table {
+        Some(t) => Ok(t.clone()),
+        // A `.` in a topic's name is no schema.
+        None => TableName::parse(topic)
+            .ok()
+            .filter(|_| !topic.contains('.'))
+            .ok_or_else(|| {
+                bad(
+                    "topic",
+                    format!(
+                        "topic {topic:?} is not a plain table name: name its table, \
+                     --topic {topic}:TABLE"
+                    ),
+                )
+            }),
+    }
+}
+
+/// A `[[tables]]` section's columns and time partitions.
+fn section_spec(t: &TableEntry) -> Result<(Mapping, Option<Partitioning>), ConfigError> {
+    let in_section = |e: ConfigError| bad("tables", format!("{}: {e}", t.name));
+    let columns = t
+        .columns
+        .iter()
+        .map(|c| c.spec().parse::<ColumnSpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("tables", format!("{}: {e}", t.name)))?;
+    let spec = mapping(
+        columns,
+        t.keep_data,
+        t.upsert_key.clone(),
+        t.on_conflict.clone(),
+        t.delete_when.clone(),
+    )
+    .map_err(in_section)?;
+    let partitioned = partitioning(
+        t.partition_by.clone(),
+        t.partition_interval.clone(),
+        t.retention.clone(),
+        &spec,
+    )
+    .map_err(in_section)?;
+    Ok((spec, partitioned))
 }
 
 /// A table's columns from its settings: typed columns, `data` or not, and writing by key.
@@ -957,6 +1084,76 @@ mod tests {
         assert_eq!(e.setting, "tables", "a section no rule names is a mistake");
         assert!(e.to_string().contains("\"orders\""), "{e}");
         assert_eq!(with(&["--name", ""]).unwrap_err().setting, "name");
+    }
+
+    #[test]
+    fn several_topics_each_write_their_own_table_named_or_of_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consumer.toml");
+        std::fs::write(
+            &path,
+            "[[tables]]\nname = \"order_rows\"\nkeep-data = false\nupsert-key = \"id\"\n\
+             [[tables.columns]]\nname = \"id\"\ntype = \"bigint\"\npointer = \"/id\"\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let with = |topics: &str, extra: &[&str]| {
+            let base = ["--brokers", "b:9092", "--database-url", "postgres://h/db"];
+            parse(&[&base[..], &["--topic", topics], extra].concat())
+        };
+        let s = with(
+            "clicks, orders:order_rows",
+            &["--name", "c", "--config", file],
+        )
+        .unwrap();
+        assert_eq!(s.topics.names(), ["clicks", "orders"]);
+        assert_eq!(
+            s.table.plain, "clicks",
+            "the first topic's table is the records table"
+        );
+        assert_eq!(s.topic_tables, ["clicks", "order_rows"]);
+        assert_eq!(s.routed.len(), 1);
+        assert_eq!(s.routed[0].table.plain, "order_rows");
+        assert!(s.routed[0].mapping.upsert().is_some(), "its own section");
+        assert!(s.mapping.keep_data(), "no section: the top-level settings");
+        assert!(s.routes.is_empty());
+        // One topic: TOPIC:TABLE is --table.
+        let s = with("events:ev", &[]).unwrap();
+        assert_eq!((s.table.plain.as_str(), s.name()), ("ev", "ev"));
+        assert!(!s.topics.several());
+        assert_eq!(with("events", &[]).unwrap().table.plain, "records");
+
+        let refused = |topics: &str, extra: &[&str], setting: &str, says: &str| {
+            let e = with(topics, extra).unwrap_err();
+            assert_eq!(e.setting, setting, "{topics} {extra:?}: {e}");
+            assert!(e.to_string().contains(says), "{e}");
+        };
+        refused("a,b", &[], "name", "--name");
+        refused(
+            "a,b",
+            &["--name", "c", "--table", "t"],
+            "table",
+            "own table",
+        );
+        refused("a:t", &["--table", "u"], "table", "give it once");
+        refused(
+            "a,b",
+            &["--name", "c", "--route", "/x=1:t"],
+            "route",
+            "one topic",
+        );
+        refused("a,a", &["--name", "c"], "topic", "twice");
+        refused("a:t,b:t", &["--name", "c"], "topic", "own table");
+        refused(
+            "a,my.events",
+            &["--name", "c"],
+            "topic",
+            "--topic my.events:TABLE",
+        );
+        refused("a,,b", &["--name", "c"], "topic", "empty topic");
+        refused("a:bad-name", &[], "topic", "plain table name");
+        // A section of neither a route nor a topic's table.
+        refused("a", &["--config", file], "tables", "\"order_rows\"");
     }
 
     #[test]

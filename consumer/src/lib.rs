@@ -216,7 +216,7 @@ pub async fn start(settings: Settings) -> Result<RunningConsumer, ConsumerError>
     tokio::spawn(server);
     let (stop, stop_rx) = oneshot::channel();
     let task = tokio::spawn(pipeline.run(stop_rx));
-    tracing::info!(%addr, table = %settings.table.plain, topic = %settings.topic, group = %settings.group, "consumer started");
+    tracing::info!(%addr, table = %settings.table.plain, topics = %settings.topics, group = %settings.group, "consumer started");
     Ok(RunningConsumer {
         addr,
         metrics,
@@ -287,7 +287,7 @@ fn routes(
                 ),
             });
     let readyz = warp::path("readyz").and(warp::get()).then(move || {
-        let (pool, kafka, topic) = (pool.clone(), kafka.clone(), settings.topic.clone());
+        let (pool, kafka, topics) = (pool.clone(), kafka.clone(), settings.topics.clone());
         let health = health.clone();
         async move {
             if !health.ready.load(std::sync::atomic::Ordering::Relaxed) {
@@ -314,7 +314,7 @@ fn routes(
                     format!("not ready: {why}\n"),
                 );
             }
-            match ready(&pool, kafka, topic).await {
+            match ready(&pool, kafka, topics).await {
                 Ok(()) => text(StatusCode::OK, "ready\n".into()),
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
             }
@@ -338,7 +338,11 @@ fn routes(
 /// same brokers, TLS and SASL settings as the pipeline and opens no new connection.
 type KafkaClient = rdkafka::consumer::BaseConsumer<source::Context>;
 
-async fn ready(pool: &pg::Pool, kafka: Arc<KafkaClient>, topic: String) -> Result<(), String> {
+async fn ready(
+    pool: &pg::Pool,
+    kafka: Arc<KafkaClient>,
+    topics: spillway_core::Topics,
+) -> Result<(), String> {
     let pg = async {
         let conn = pool.get().await.map_err(|e| format!("Postgres: {e}"))?;
         conn.client()
@@ -353,10 +357,12 @@ async fn ready(pool: &pg::Pool, kafka: Arc<KafkaClient>, topic: String) -> Resul
         .map_err(|_| "Postgres: no answer within 2 s".to_string())??;
     tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::Consumer;
-        kafka
-            .fetch_metadata(Some(&topic), Duration::from_secs(2))
-            .map(|_| ())
-            .map_err(|e| format!("Kafka: {e}"))
+        for topic in topics.names() {
+            kafka
+                .fetch_metadata(Some(topic), Duration::from_secs(2))
+                .map_err(|e| format!("Kafka ({topic}): {e}"))?;
+        }
+        Ok(())
     })
     .await
     .map_err(|e| e.to_string())?

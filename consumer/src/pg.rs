@@ -11,10 +11,10 @@ use postgres_native_tls::MakeTlsConnector;
 use spillway_core::batcher::Record;
 use spillway_core::partitions::Range;
 use spillway_core::pgcopy::{CopyRows, ROW_OVERHEAD};
-use spillway_core::routing;
+use spillway_core::{routing, topics};
 use spillway_core::{
     Batch, ErrorClass, FlushResult, Mapping, Partition, Partitioning, Position, ProducerSequence,
-    Router, StoredPosition,
+    Router, StoredPosition, Topics,
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
@@ -583,9 +583,14 @@ pub const PRODUCER_SEQUENCES_KEPT_DAYS: i32 = 7;
 pub async fn stored_position(
     client: &Client,
     name: &str,
-    topic: &str,
-    partition: Partition,
+    topics: &Topics,
+    p: Partition,
 ) -> Result<StoredPosition, PgFailure> {
+    let (topic, partition) = topics.split(p).ok_or_else(|| PgFailure {
+        class: ErrorClass::Fatal,
+        message: format!("partition number {p} belongs to none of the topics {topics}: a bug"),
+        row: None,
+    })?;
     create_position(client, name, topic, partition).await?;
     client
         .execute(
@@ -616,7 +621,7 @@ pub async fn stored_position(
         row: None,
     })?;
     Ok(StoredPosition {
-        partition,
+        partition: p,
         position: Position::new(first.get(0), first.get::<_, i32>(1) as u32),
         // Stored as bigint: the bits of the u64s.
         producers: rows
@@ -699,12 +704,14 @@ fn staged(stage: Stage, e: &tokio_postgres::Error, rows: &[usize]) -> FlushResul
     }
 }
 
+/// Where a partition's position is kept: the consumer's name, the topic, Kafka's number.
+type Place<'a> = (&'a str, &'a str, i32);
+
 /// Moves the partition's position from the batch's start to its end, only if it still holds
 /// the start (unless a test runs the `no-compare-and-set` mutation). Returns whether it moved.
 async fn move_position(
     tx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-    topic: &str,
+    (name, topic, partition): Place<'_>,
     batch: &Batch,
 ) -> Result<bool, tokio_postgres::Error> {
     let sql = if batch.check_start {
@@ -723,7 +730,7 @@ async fn move_position(
             &[
                 &name,
                 &topic,
-                &batch.partition,
+                &partition,
                 &batch.end.offset,
                 &(batch.end.index as i32),
                 &batch.start.offset,
@@ -740,8 +747,7 @@ async fn move_position(
 /// stored.
 async fn store_producer_sequences(
     tx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-    topic: &str,
+    (name, topic, partition): Place<'_>,
     batch: &Batch,
     ended: &[ProducerSequence],
 ) -> Result<(), tokio_postgres::Error> {
@@ -760,7 +766,7 @@ async fn store_producer_sequences(
         &[
             &name,
             &topic,
-            &batch.partition,
+            &partition,
             &producers,
             &sequences,
             &batch.end.offset,
@@ -808,7 +814,11 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
     let routes: Vec<usize> = batch
         .entries
         .iter()
-        .map(|e| targets.router.route(&e.record.payload, &mut found))
+        .map(|e| {
+            targets
+                .router(batch.partition)
+                .route(&e.record.payload, &mut found)
+        })
         .collect();
     // Each table's buffer, sized for its rows in one pass over the batch.
     let mut sizes = vec![0; targets.tables.len()];
@@ -897,22 +907,45 @@ impl Target {
     }
 }
 
-/// Every table a consumer writes (the records table first) and the routing between them.
+/// Every table a consumer writes (the records table first), the topics it reads and the
+/// routing between them.
 #[derive(Debug, Clone)]
 pub struct Targets {
-    /// The tables; the router's indexes point here.
+    /// The tables; the routers' indexes point here.
     pub tables: Vec<Target>,
-    /// Which table each record goes to.
-    pub router: Router,
+    /// The topics the batches come from.
+    pub topics: Topics,
+    /// Per topic (in the order of `topics`), which table each record goes to.
+    routers: Vec<Router>,
 }
 
 impl Targets {
-    /// One table, no routing.
-    pub fn single(target: Target) -> Self {
+    /// One table of one topic, no routing.
+    pub fn single(target: Target, topic: &str) -> Self {
         Targets {
             tables: vec![target],
-            router: Router::default(),
+            topics: Topics::one(topic),
+            routers: vec![Router::default()],
         }
+    }
+
+    /// The routing of the records of partition `p` (of one of `topics`).
+    pub fn router(&self, p: Partition) -> &Router {
+        self.routers
+            .get(topics::topic_index(p))
+            .unwrap_or(&self.routers[0])
+    }
+
+    /// The topic and Kafka's number of partition `p`, where its position is kept.
+    pub fn place(&self, p: Partition) -> Result<(&str, i32), PgFailure> {
+        self.topics.split(p).ok_or_else(|| PgFailure {
+            class: ErrorClass::Fatal,
+            message: format!(
+                "partition number {p} belongs to none of the topics {}: a bug; nothing was written",
+                self.topics
+            ),
+            row: None,
+        })
     }
 
     /// The records table, the routed tables and the rules of `settings`.
@@ -935,9 +968,24 @@ impl Targets {
                 (when.clone(), at)
             })
             .collect();
+        let routers = if settings.topics.several() {
+            // Each topic's records go to its table (routes are refused with several topics).
+            let at = |name: &String| {
+                tables
+                    .iter()
+                    .position(|t| &t.table.plain == name)
+                    .unwrap_or(routing::DEFAULT_TABLE)
+            };
+            let mut routers = vec![Router::default()];
+            routers.extend(settings.topic_tables[1..].iter().map(|t| Router::to(at(t))));
+            routers
+        } else {
+            vec![Router::new(rules)]
+        };
         Targets {
             tables,
-            router: Router::new(rules),
+            topics: settings.topics.clone(),
+            routers,
         }
     }
 }
@@ -952,16 +1000,19 @@ pub async fn flush(
     client: &mut Client,
     targets: &Targets,
     name: &str,
-    topic: &str,
     batch: &Batch,
     encoded: Encoded,
 ) -> (FlushResult, Option<Merged>) {
     use Stage::*;
+    let place = match targets.place(batch.partition) {
+        Ok((topic, partition)) => (name, topic, partition),
+        Err(f) => return (flush_result(f), None),
+    };
     if !batch.position_with_rows {
         // The `position-before-rows` mutation: the position commits on its own, first.
         let moved = async {
             let tx = client.transaction().await?;
-            let moved = move_position(&tx, name, topic, batch).await?;
+            let moved = move_position(&tx, place, batch).await?;
             tx.commit().await?;
             Ok::<_, tokio_postgres::Error>(moved)
         }
@@ -982,8 +1033,8 @@ pub async fn flush(
         // waits, then finds the position moved and rolls back. The producers' sequences go
         // in the same round trip (the server runs the two in order).
         let moved = futures::future::try_join(
-            move_position(&tx, name, topic, batch),
-            store_producer_sequences(&tx, name, topic, batch, &ended),
+            move_position(&tx, place, batch),
+            store_producer_sequences(&tx, place, batch, &ended),
         )
         .await
         .map(|(moved, ())| moved);
@@ -1000,7 +1051,7 @@ pub async fn flush(
         }
     }
     if !batch.position_with_rows {
-        if let Err(e) = store_producer_sequences(&tx, name, topic, batch, &ended).await {
+        if let Err(e) = store_producer_sequences(&tx, place, batch, &ended).await {
             return (staged(Bookkeeping, &e, &[]), None);
         }
     }
@@ -1064,7 +1115,10 @@ async fn insert_dead_letters(
     table: &TableName,
     dead: &[(&Record, &str)],
 ) -> Result<u64, tokio_postgres::Error> {
-    let partitions: Vec<i32> = dead.iter().map(|(r, _)| r.partition).collect();
+    let partitions: Vec<i32> = dead
+        .iter()
+        .map(|(r, _)| topics::kafka_partition(r.partition))
+        .collect();
     let offsets: Vec<i64> = dead.iter().map(|(r, _)| r.offset).collect();
     let indexes: Vec<i32> = dead.iter().map(|(r, _)| r.index as i32).collect();
     let received: Vec<Option<SystemTime>> = dead

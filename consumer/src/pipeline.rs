@@ -4,7 +4,7 @@
 //! Kafka commands go to the Kafka thread, flushes and position reads run as tasks, notices
 //! become logs and metrics. It keeps no flow-control state of its own.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,8 +70,8 @@ pub struct Metrics {
     pub(crate) partition_change: Histogram,
     /// Rows in each table's default partition (counted up to 10,000 each round).
     pub(crate) default_rows: Labelled<Gauge>,
-    /// The partitions `lag` has a series for.
-    lagging: Mutex<BTreeSet<Partition>>,
+    /// The (topic, partition) pairs `lag` has a series for.
+    lagging: Mutex<BTreeSet<(String, i32)>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -165,10 +165,10 @@ impl Metrics {
             "spillway_consumer_stopped_partitions",
             "Partitions stopped at an offset gap (see the error log).",
         );
-        let lag = r.gauges(
+        let lag = r.gauges_by(
             "spillway_consumer_lag_records",
-            "Messages in Kafka after the durable position, per partition.",
-            "partition",
+            "Messages in Kafka after the durable position, per partition of each topic.",
+            &["topic", "partition"],
         );
         let merged = r.counters(
             "spillway_consumer_upsert_records_total",
@@ -237,12 +237,12 @@ impl Metrics {
         }
     }
 
-    fn lag_gauge(&self, p: Partition) -> Gauge {
+    fn lag_gauge(&self, topic: &str, partition: i32) -> Gauge {
         self.lagging
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(p);
-        self.lag.get(&p.to_string())
+            .insert((topic.to_string(), partition));
+        self.lag.get_all(&[topic, &partition.to_string()])
     }
 
     /// Rows written so far.
@@ -255,7 +255,7 @@ impl Metrics {
         let lagging = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
         lagging
             .iter()
-            .map(|p| self.lag.get(&p.to_string()).get())
+            .map(|(t, p)| self.lag.get_all(&[t, &p.to_string()]).get())
             .sum()
     }
 
@@ -377,7 +377,7 @@ impl Pipeline {
         }
         let (source, events) = Source::start(
             &cfg,
-            &settings.topic,
+            &settings.topics,
             256,
             tags,
             settings.mapping.needs_kafka_meta(),
@@ -528,7 +528,7 @@ impl Pipeline {
             }
             SourceEvent::Error(e) => {
                 if source::needs_attention(&e) {
-                    tracing::error!(error = %e, topic = %self.settings.topic, "Kafka refuses this consumer: check the topic name, the credentials and the ACLs (-X properties); nothing is read until this is fixed");
+                    tracing::error!(error = %e, topics = %self.settings.topics, "Kafka refuses this consumer: check the topic name, the credentials and the ACLs (-X properties); nothing is read until this is fixed");
                 } else {
                     tracing::debug!(error = %e, "Kafka client event");
                 }
@@ -623,10 +623,7 @@ impl Pipeline {
                 Command::Flush(batch) => {
                     let id = batch.id;
                     let pool = self.pool.clone();
-                    let (name, topic) = (
-                        self.settings.name().to_string(),
-                        self.settings.topic.clone(),
-                    );
+                    let name = self.settings.name().to_string();
                     let targets = self.targets.clone();
                     let rotation = self.rotation.clone();
                     let routed = self.metrics.routed.clone();
@@ -676,7 +673,7 @@ impl Pipeline {
                             let per_table: Vec<usize> =
                                 rows.iter().map(pg::EncodedRows::records).collect();
                             let (result, merged) =
-                                pg::flush(conn.client_mut(), &targets, &name, &topic, &batch, rows)
+                                pg::flush(conn.client_mut(), &targets, &name, &batch, rows)
                                     .await;
                             if matches!(result, FlushResult::Written) && targets.tables.len() > 1 {
                                 for (t, n) in targets.tables.iter().zip(per_table) {
@@ -733,6 +730,20 @@ impl Pipeline {
         None
     }
 
+    /// A partition as logs show it: Kafka's number, after its topic when there are several
+    /// (`orders/3`).
+    fn shown(&self, p: Partition) -> String {
+        match self.settings.topics.split(p) {
+            Some((topic, kafka)) if self.settings.topics.several() => format!("{topic}/{kafka}"),
+            Some((_, kafka)) => kafka.to_string(),
+            None => p.to_string(),
+        }
+    }
+
+    fn shown_all(&self, ps: &[Partition]) -> Vec<String> {
+        ps.iter().map(|p| self.shown(*p)).collect()
+    }
+
     fn on_notice(&mut self, n: Notice) {
         match n {
             Notice::Committed {
@@ -747,7 +758,7 @@ impl Pipeline {
                 if copies > 0 {
                     self.metrics.copies.inc_by(copies as u64);
                     tracing::info!(
-                        partition,
+                        partition = %self.shown(partition),
                         ?position,
                         copies,
                         "skipped second copies of messages already written (the producer's Kafka \
@@ -768,7 +779,7 @@ impl Pipeline {
                 attempt,
                 reason,
             } => tracing::error!(
-                partition,
+                partition = %self.shown(partition),
                 attempt,
                 error = %reason,
                 "Postgres refuses the dead-letter insert: the batch waits and is retried; nothing is dead-lettered in its place. Check constraints or triggers on the dead-letter table"
@@ -776,7 +787,7 @@ impl Pipeline {
             Notice::Fenced { partition } => {
                 self.metrics.fenced.inc();
                 tracing::warn!(
-                    partition,
+                    partition = %self.shown(partition),
                     "another consumer moved this partition's position: this flush wrote nothing; if the partition is still ours it is re-read from the stored position"
                 );
             }
@@ -787,7 +798,7 @@ impl Pipeline {
             } => {
                 self.metrics.gaps.inc();
                 tracing::error!(
-                    partition,
+                    partition = %self.shown(partition),
                     expected,
                     got,
                     "Kafka's offsets jumped past records this consumer never read (retention deleted them, or the topic is compacted): the partition is stopped at its last written record and nothing after the gap is written. Restart to retry; the records in the gap are gone from Kafka"
@@ -795,7 +806,7 @@ impl Pipeline {
             }
             Notice::GapClosed { partition, stored } => {
                 tracing::warn!(
-                    partition,
+                    partition = %self.shown(partition),
                     stored = ?stored,
                     "the partition stopped at a gap was written past it by another writer (a late commit held the missing records): reading it again from the stored position"
                 );
@@ -812,19 +823,20 @@ impl Pipeline {
             Notice::Revoked { partition, dropped } => {
                 if dropped > 0 {
                     tracing::info!(
-                        partition,
+                        partition = %self.shown(partition),
                         dropped,
                         "partition revoked; its unwritten records go to the next owner"
                     );
                 }
             }
             Notice::SeekFailed { partition, reason } => {
-                tracing::warn!(partition, error = %reason, "seek failed; the partition stays paused and the seek is tried again")
+                tracing::warn!(partition = %self.shown(partition), error = %reason, "seek failed; the partition stays paused and the seek is tried again")
             }
             Notice::PositionsUnavailable { reason } => {
                 tracing::debug!(error = %reason, "stored positions unavailable; retrying")
             }
             Notice::Unowned { partitions } => {
+                let partitions = self.shown_all(&partitions);
                 self.metrics.rejoins.inc();
                 tracing::warn!(
                     ?partitions,
@@ -832,6 +844,7 @@ impl Pipeline {
                 );
             }
             Notice::Orphaned { partitions } => {
+                let partitions = self.shown_all(&partitions);
                 self.metrics.rejoins.inc();
                 tracing::warn!(
                     ?partitions,
@@ -842,7 +855,7 @@ impl Pipeline {
                     .not_ready_because
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = format!(
-                    "owns no partition while partitions {partitions:?} have lag nobody writes (rejoining the group)"
+                    "owns no partition while partitions {} have lag nobody writes (rejoining the group)", partitions.join(", ")
                 );
             }
             Notice::Draining { buffered } => {
@@ -869,11 +882,9 @@ impl Pipeline {
     /// synchronously, as the batch is sent to Postgres.
     fn commit_kafka_first(&mut self, partition: Partition, offset: i64) {
         let mut tpl = rdkafka::TopicPartitionList::new();
-        let _ = tpl.add_partition_offset(
-            &self.settings.topic,
-            partition,
-            rdkafka::Offset::Offset(offset),
-        );
+        if let Some((topic, kafka)) = self.settings.topics.split(partition) {
+            let _ = tpl.add_partition_offset(topic, kafka, rdkafka::Offset::Offset(offset));
+        }
         if let Err(e) = self
             .source
             .consumer()
@@ -893,9 +904,9 @@ impl Pipeline {
             return self.read_kafka_positions(partitions);
         }
         let pool = self.pool.clone();
-        let (name, topic) = (
+        let (name, topics) = (
             self.settings.name().to_string(),
-            self.settings.topic.clone(),
+            self.settings.topics.clone(),
         );
         let deadline = self.settings.statement_timeout + self.settings.connect_timeout;
         self.reads.spawn(async move {
@@ -904,7 +915,7 @@ impl Pipeline {
                 let conn = pool.open(turn?).await?;
                 let mut out = Vec::with_capacity(partitions.len());
                 for p in partitions {
-                    out.push(pg::stored_position(conn.client(), &name, &topic, p).await?);
+                    out.push(pg::stored_position(conn.client(), &name, &topics, p).await?);
                 }
                 conn.release();
                 Ok(out)
@@ -925,12 +936,12 @@ impl Pipeline {
     /// offsets, as a consumer that trusts Kafka would.
     fn read_kafka_positions(&mut self, partitions: Vec<Partition>) {
         let consumer = self.source.consumer().clone();
-        let topic = self.settings.topic.clone();
+        let topics = self.settings.topics.clone();
         self.reads.spawn(async move {
             tokio::task::spawn_blocking(move || {
                 let mut tpl = rdkafka::TopicPartitionList::new();
-                for p in &partitions {
-                    tpl.add_partition(&topic, *p);
+                for (topic, kafka) in partitions.iter().filter_map(|p| topics.split(*p)) {
+                    tpl.add_partition(topic, kafka);
                 }
                 let committed = consumer
                     .committed_offsets(tpl, Duration::from_secs(10))
@@ -942,8 +953,9 @@ impl Pipeline {
                 Ok(partitions
                     .iter()
                     .map(|p| {
+                        let (topic, kafka) = topics.split(*p).unwrap_or_default();
                         let offset = committed
-                            .find_partition(&topic, *p)
+                            .find_partition(topic, kafka)
                             .and_then(|e| e.offset().to_raw())
                             .filter(|o| *o >= 0)
                             .unwrap_or(0);
@@ -985,7 +997,7 @@ impl Pipeline {
         views: mpsc::Sender<Vec<PartitionLag>>,
     ) -> tokio::task::JoinHandle<()> {
         let consumer = self.source.consumer().clone();
-        let topic = self.source.topic().to_string();
+        let topics = self.source.topics().clone();
         let metrics = self.metrics.clone();
         let pool = self.pool.clone();
         let name = self.settings.name().to_string();
@@ -997,44 +1009,57 @@ impl Pipeline {
                 let stored = async {
                     let turn = pool.wait_turn().await;
                     let conn = pool.open(turn?).await?;
-                    let positions = pg::positions(conn.client(), &name, &topic).await?;
+                    let mut stored = BTreeMap::new();
+                    for topic in topics.names() {
+                        for (kafka, at) in pg::positions(conn.client(), &name, topic).await? {
+                            if let Some(p) = topics.number(topic, kafka) {
+                                stored.insert(p, at);
+                            }
+                        }
+                    }
                     conn.release();
-                    Ok::<_, PgFailure>(positions)
+                    Ok::<_, PgFailure>(stored)
                 };
                 let Ok(Ok(stored)) = tokio::time::timeout(deadline, stored).await else {
                     continue;
                 };
-                let (consumer, topic) = (consumer.clone(), topic.clone());
+                let (consumer, topics) = (consumer.clone(), topics.clone());
                 let view = tokio::task::spawn_blocking(move || {
-                    let metadata = consumer
-                        .fetch_metadata(Some(&topic), Duration::from_secs(2))
-                        .ok()?;
-                    let partitions: Vec<Partition> = metadata
-                        .topics()
-                        .iter()
-                        .filter(|t| t.name() == topic)
-                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                        .collect();
-                    let mut view = Vec::with_capacity(partitions.len());
-                    for p in partitions {
-                        let (_, high) = consumer
-                            .fetch_watermarks(&topic, p, Duration::from_secs(1))
+                    let mut view = Vec::new();
+                    for topic in topics.names() {
+                        let metadata = consumer
+                            .fetch_metadata(Some(topic), Duration::from_secs(2))
                             .ok()?;
-                        view.push(PartitionLag {
-                            partition: p,
-                            stored: stored.get(&p).copied().unwrap_or(Position::BEGINNING),
-                            high_watermark: high,
-                        });
+                        let partitions: Vec<i32> = metadata
+                            .topics()
+                            .iter()
+                            .filter(|t| t.name() == topic)
+                            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                            .collect();
+                        for kafka in partitions {
+                            let Some(p) = topics.number(topic, kafka) else {
+                                continue;
+                            };
+                            let (_, high) = consumer
+                                .fetch_watermarks(topic, kafka, Duration::from_secs(1))
+                                .ok()?;
+                            view.push(PartitionLag {
+                                partition: p,
+                                stored: stored.get(&p).copied().unwrap_or(Position::BEGINNING),
+                                high_watermark: high,
+                            });
+                        }
                     }
-                    Some(view)
+                    Some((view, topics))
                 })
                 .await
                 .ok()
                 .flatten();
-                let Some(view) = view else { continue };
+                let Some((view, topics)) = view else { continue };
                 for lag in &view {
+                    let (topic, kafka) = topics.split(lag.partition).unwrap_or_default();
                     metrics
-                        .lag_gauge(lag.partition)
+                        .lag_gauge(topic, kafka)
                         .set((lag.high_watermark - lag.stored.offset).max(0));
                 }
                 let _ = views.try_send(view);
@@ -1055,7 +1080,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// may name).
 pub fn fresh_metrics_page() -> Result<String, std::fmt::Error> {
     let m = Metrics::new(&BatcherConfig::default());
-    m.lag_gauge(0).set(0);
+    m.lag_gauge("events", 0).set(0);
     m.registry.render()
 }
 

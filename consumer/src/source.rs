@@ -9,6 +9,9 @@
 //! [`EpochTags`]: the epoch of the last seek that *succeeded*, so a failed seek can never make a
 //! stale message look current. The outcome of each seek goes back as an event, in order with
 //! the messages.
+//!
+//! A consumer of several topics numbers their partitions as [`spillway_core::topics`] says:
+//! this module translates between those numbers and Kafka's (topic, partition) both ways.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -22,7 +25,7 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use spillway_core::{Epoch, EpochTags, KafkaCommand, KafkaMeta, Partition};
+use spillway_core::{Epoch, EpochTags, KafkaCommand, KafkaMeta, Partition, Topics};
 use tokio::sync::mpsc;
 
 /// The start of one assigned partition: its offset and the epoch its messages will carry.
@@ -57,7 +60,7 @@ pub enum SourceEvent {
 
 /// The rebalance handling of the group consumer (see the module documentation).
 pub struct Context {
-    topic: String,
+    topics: Topics,
     events: mpsc::Sender<SourceEvent>,
     tags: Arc<Mutex<EpochTags>>,
     closing: Arc<AtomicBool>,
@@ -66,7 +69,7 @@ pub struct Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("topic", &self.topic)
+            .field("topics", &self.topics)
             .finish()
     }
 }
@@ -84,7 +87,17 @@ impl ConsumerContext for Context {
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         );
-        let partitions: Vec<Partition> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let partitions: Vec<Partition> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let p = self.topics.number(e.topic(), e.partition());
+                if p.is_none() {
+                    tracing::error!(topic = e.topic(), partition = e.partition(), "a partition this consumer cannot number (past the 1,048,576th of its topic, or of a topic it did not ask for): not read");
+                }
+                p
+            })
+            .collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let starts = if self.closing.load(Ordering::Relaxed) {
@@ -98,8 +111,11 @@ impl ConsumerContext for Context {
                 };
                 let mut assigned = TopicPartitionList::new();
                 for (p, offset, _) in &starts {
+                    let Some((topic, kafka)) = self.topics.split(*p) else {
+                        continue;
+                    };
                     if let Err(e) =
-                        assigned.add_partition_offset(&self.topic, *p, Offset::Offset(*offset))
+                        assigned.add_partition_offset(topic, kafka, Offset::Offset(*offset))
                     {
                         tracing::error!(partition = p, error = %e, "cannot set the start offset");
                     }
@@ -178,13 +194,13 @@ pub struct Source {
     commands: std_mpsc::Sender<KafkaCommand>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    topic: String,
+    topics: Topics,
 }
 
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Source")
-            .field("topic", &self.topic)
+            .field("topics", &self.topics)
             .finish()
     }
 }
@@ -194,7 +210,7 @@ impl Source {
     /// returned channel, which holds at most `channel_capacity` of them.
     pub fn start(
         config: &ClientConfig,
-        topic: &str,
+        topics: &Topics,
         channel_capacity: usize,
         tags: EpochTags,
         with_kafka_meta: bool,
@@ -203,17 +219,17 @@ impl Source {
         let tags = Arc::new(Mutex::new(tags));
         let closing = Arc::new(AtomicBool::new(false));
         let context = Context {
-            topic: topic.to_string(),
+            topics: topics.clone(),
             events: events.clone(),
             tags: tags.clone(),
             closing: closing.clone(),
         };
         let consumer: Arc<BaseConsumer<Context>> = Arc::new(config.create_with_context(context)?);
-        consumer.subscribe(&[topic])?;
+        consumer.subscribe(&names(topics))?;
         let (commands, command_rx) = std_mpsc::channel();
         let poller = Poller {
             consumer: consumer.clone(),
-            topic: topic.to_string(),
+            topics: topics.clone(),
             events,
             commands: command_rx,
             tags,
@@ -230,7 +246,7 @@ impl Source {
                 commands,
                 stop: closing,
                 thread: Some(thread),
-                topic: topic.to_string(),
+                topics: topics.clone(),
             },
             rx,
         ))
@@ -246,9 +262,9 @@ impl Source {
         &self.consumer
     }
 
-    /// The topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
+    /// The topics.
+    pub fn topics(&self) -> &Topics {
+        &self.topics
     }
 
     /// Stops polling, leaves the group and joins the thread. Drop the event receiver first:
@@ -269,7 +285,7 @@ impl Drop for Source {
 
 struct Poller {
     consumer: Arc<BaseConsumer<Context>>,
-    topic: String,
+    topics: Topics,
     events: mpsc::Sender<SourceEvent>,
     commands: std_mpsc::Receiver<KafkaCommand>,
     tags: Arc<Mutex<EpochTags>>,
@@ -281,8 +297,19 @@ struct Poller {
 impl Poller {
     fn one(&self, p: Partition) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, p);
+        if let Some((topic, kafka)) = self.topics.split(p) {
+            tpl.add_partition(topic, kafka);
+        }
         tpl
+    }
+
+    /// The core's number of a message's partition.
+    fn number(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Option<Partition> {
+        if self.topics.several() {
+            self.topics.number(m.topic(), m.partition())
+        } else {
+            Some(m.partition())
+        }
     }
 
     fn tags(&self) -> std::sync::MutexGuard<'_, EpochTags> {
@@ -298,9 +325,13 @@ impl Poller {
                 epoch,
             } => {
                 self.tags().seeking(partition, epoch);
+                let Some((topic, kafka)) = self.topics.split(partition) else {
+                    let why = "not a partition of this consumer's topics".to_string();
+                    return Some(SourceEvent::SeekFailed(partition, epoch, why));
+                };
                 let result = self.consumer.seek(
-                    &self.topic,
-                    partition,
+                    topic,
+                    kafka,
                     Offset::Offset(offset),
                     Duration::from_secs(10),
                 );
@@ -329,7 +360,9 @@ impl Poller {
                 offset,
             } => {
                 let mut tpl = TopicPartitionList::new();
-                let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(offset));
+                if let Some((topic, kafka)) = self.topics.split(p) {
+                    let _ = tpl.add_partition_offset(topic, kafka, Offset::Offset(offset));
+                }
                 if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                     tracing::debug!(error = %e, "Kafka commit (informational; Postgres holds the positions)");
                 }
@@ -337,7 +370,7 @@ impl Poller {
             }
             KafkaCommand::Rejoin => {
                 self.consumer.unsubscribe();
-                if let Err(e) = self.consumer.subscribe(&[&self.topic]) {
+                if let Err(e) = self.consumer.subscribe(&names(&self.topics)) {
                     Some(SourceEvent::Error(e))
                 } else {
                     None
@@ -357,13 +390,18 @@ impl Poller {
             }
             let event = match self.consumer.poll(Duration::from_millis(100)) {
                 None => continue,
-                Some(Ok(m)) => SourceEvent::Message(spillway_core::Message {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    epoch: self.tags().tag(m.partition()),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    kafka: self.with_kafka_meta.then(|| Arc::new(kafka_meta(&m))),
-                }),
+                Some(Ok(m)) => {
+                    let Some(partition) = self.number(&m) else {
+                        continue;
+                    };
+                    SourceEvent::Message(spillway_core::Message {
+                        partition,
+                        offset: m.offset(),
+                        epoch: self.tags().tag(partition),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                        kafka: self.with_kafka_meta.then(|| Arc::new(kafka_meta(&m))),
+                    })
+                }
                 Some(Err(e)) => SourceEvent::Error(e),
             };
             if self.events.blocking_send(event).is_err() {
@@ -376,6 +414,10 @@ impl Poller {
         self.consumer.unsubscribe();
         let _ = self.consumer.poll(Duration::from_millis(100));
     }
+}
+
+fn names(topics: &Topics) -> Vec<&str> {
+    topics.names().iter().map(String::as_str).collect()
 }
 
 /// A message's key, timestamp and headers (only when a column maps them).

@@ -20,6 +20,8 @@ use spillway_harness::{FaultProxy, Faults, KafkaBroker, PostgresServer, Tansu};
 mod partitions;
 #[path = "consumer/routing.rs"]
 mod routing;
+#[path = "consumer/topics.rs"]
+mod topics;
 #[path = "consumer/upsert.rs"]
 mod upsert;
 
@@ -85,6 +87,17 @@ async fn produce(
     per_message: usize,
     bad: &[u64],
 ) -> Result<()> {
+    produce_to(bootstrap, TOPIC, ids, per_message, bad).await
+}
+
+/// [`produce`] to `topic`.
+async fn produce_to(
+    bootstrap: &str,
+    topic: &str,
+    ids: std::ops::Range<u64>,
+    per_message: usize,
+    bad: &[u64],
+) -> Result<()> {
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("acks", "all")
@@ -113,7 +126,7 @@ async fn produce(
         let payload = env.encode();
         let key = format!("{n}-{}", fastrand_key());
         let fut = p
-            .send_result(FutureRecord::to(TOPIC).key(&key).payload(&payload))
+            .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
             .map_err(|(e, _)| e)?;
         pending.push(fut);
     }
@@ -157,26 +170,38 @@ async fn wait_rows(url: &str, n: i64, within: Duration) -> Result<()> {
 
 /// The records table holds each id of `expected` exactly once, and nothing else.
 async fn assert_exactly_once(url: &str, expected: impl Iterator<Item = u64>) -> Result<()> {
+    assert_exactly_once_in(url, "records", expected).await
+}
+
+/// [`assert_exactly_once`] for `table`.
+async fn assert_exactly_once_in(
+    url: &str,
+    table: &str,
+    expected: impl Iterator<Item = u64>,
+) -> Result<()> {
     let c = connect(url).await?;
     let rows = c
         .query(
-            "SELECT (data->>'id')::bigint, count(*) FROM records GROUP BY 1",
+            &format!("SELECT (data->>'id')::bigint, count(*) FROM {table} GROUP BY 1"),
             &[],
         )
         .await?;
     let got: BTreeMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let dups: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
-    ensure!(dups.is_empty(), "duplicated ids: {dups:?}");
+    ensure!(dups.is_empty(), "duplicated ids in {table}: {dups:?}");
     let expected: Vec<i64> = expected.map(|i| i as i64).collect();
     let missing: Vec<_> = expected
         .iter()
         .filter(|i| !got.contains_key(i))
         .take(20)
         .collect();
-    ensure!(missing.is_empty(), "lost ids (first 20): {missing:?}");
+    ensure!(
+        missing.is_empty(),
+        "lost ids in {table} (first 20): {missing:?}"
+    );
     ensure!(
         got.len() == expected.len(),
-        "{} ids in the table, {} expected",
+        "{} ids in {table}, {} expected",
         got.len(),
         expected.len()
     );
@@ -318,8 +343,13 @@ async fn postgres_paused_past_the_statement_timeout_loses_and_duplicates_nothing
 /// Runs the consumer binary on `s` with `extra` arguments until the failpoint SIGKILLs it
 /// between its second Postgres commit and the Kafka commit, and checks that it did.
 async fn killed_between_the_commits(s: &Stack, extra: &[&str]) -> Result<()> {
+    let topic = match extra.contains(&"--topic") {
+        true => &[][..],
+        false => &["--topic", TOPIC][..],
+    };
     let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_spillway-consumer"))
-        .args(["--brokers", &s.broker.bootstrap(), "--topic", TOPIC])
+        .args(["--brokers", &s.broker.bootstrap()])
+        .args(topic)
         .args(["--group", "consumers", "--database-url", &s.pg.url()])
         .args(["--listen", "127.0.0.1:0"])
         // The killed member leaves the group at once for the next consumer, not after 45 s.

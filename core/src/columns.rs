@@ -27,6 +27,7 @@ use serde::Deserializer as _;
 use crate::batcher::{KafkaMeta, Record};
 use crate::calendar::days_from_civil;
 use crate::scan;
+use crate::topics::kafka_partition;
 use crate::upsert::{Matcher, Upsert};
 
 /// The base columns every row fills first, in COPY order.
@@ -829,10 +830,13 @@ fn encode_meta(
         }
         (Meta::ReceivedAt, _) => put_timestamp(out, record.received_at_micros)
             .map_err(|r| fail(&record.received_at_micros.to_string(), r))?,
-        (Meta::KafkaPartition, ColumnType::Bigint) => {
-            put_field(out, &i64::from(record.partition).to_be_bytes())
+        (Meta::KafkaPartition, ColumnType::Bigint) => put_field(
+            out,
+            &i64::from(kafka_partition(record.partition)).to_be_bytes(),
+        ),
+        (Meta::KafkaPartition, _) => {
+            put_field(out, &kafka_partition(record.partition).to_be_bytes())
         }
-        (Meta::KafkaPartition, _) => put_field(out, &record.partition.to_be_bytes()),
         (Meta::KafkaOffset, _) => put_field(out, &record.offset.to_be_bytes()),
         (Meta::RecordIndex, ColumnType::Bigint) => {
             put_field(out, &i64::from(record.index).to_be_bytes())

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// A Kafka partition number.
+/// A partition: Kafka's number, or for a consumer of several topics the number
+/// [`crate::topics`] gives it.
 pub type Partition = i32;
 
 /// The next record to write on a partition: record `index` of the message at `offset`.

@@ -6,7 +6,8 @@
 //! ([`batcher`]), how big batches should be ([`adaptive`]), how long to wait before trying
 //! again ([`retry`]), which Kafka position is safe to commit ([`ledger`]), and how a record
 //! becomes a row of typed columns in COPY BINARY ([`columns`], [`pgcopy`]), and which time
-//! partitions a table needs and which are past their retention ([`partitions`]).
+//! partitions a table needs and which are past their retention ([`partitions`]), and how the
+//! partitions of several topics share one number space ([`topics`]).
 //!
 //! It never performs IO and never reads a clock: every method that depends on time takes `now`
 //! as an argument. The services (`spillway-producer`, `spillway-consumer`) are thin shells that
@@ -29,6 +30,7 @@ pub mod props;
 pub mod retry;
 pub mod routing;
 mod scan;
+pub mod topics;
 pub mod upsert;
 
 pub use adaptive::{AdaptiveConfig, BatchSizer};
@@ -48,4 +50,5 @@ pub use partitions::{Interval, Partitioning, Retention};
 pub use pgcopy::CopyRows;
 pub use retry::{Jitter, RetryConfig, RetryPolicy};
 pub use routing::Router;
+pub use topics::Topics;
 pub use upsert::{Matcher, OnConflict, Upsert};

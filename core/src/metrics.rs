@@ -28,21 +28,31 @@ pub const SIZES: &[f64] = &[
     1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 50000.0, 100000.0,
 ];
 
-type LabelSet = [(&'static str, String); 1];
+type LabelSet = Vec<(&'static str, String)>;
 
-/// One family of series that differ by one label (`status`, `partition`).
+/// One family of series that differ by their labels (`status`; `topic` and `partition`).
 #[derive(Debug, Clone)]
 pub struct Labelled<M> {
-    label: &'static str,
+    labels: Vec<&'static str>,
     family: Family<LabelSet, M>,
 }
 
 impl<M: Metric + Default + Clone> Labelled<M> {
-    /// The series for `value`, created on first use; the same series every time after.
+    /// The series for `value` of a family of one label, created on first use; the same
+    /// series every time after.
     pub fn get(&self, value: &str) -> M {
-        self.family
-            .get_or_create(&[(self.label, value.to_string())])
-            .clone()
+        self.get_all(&[value])
+    }
+
+    /// The series for these values, one per label in the order they were registered.
+    pub fn get_all(&self, values: &[&str]) -> M {
+        let set: LabelSet = self
+            .labels
+            .iter()
+            .zip(values)
+            .map(|(l, v)| (*l, v.to_string()))
+            .collect();
+        self.family.get_or_create(&set).clone()
     }
 }
 
@@ -76,9 +86,20 @@ impl Registry {
 
     /// Registers a family of counters that differ by `label`.
     pub fn counters(&mut self, name: &str, help: &str, label: &'static str) -> Labelled<Counter> {
+        self.family(name, help, &[label])
+    }
+
+    fn family<M>(&mut self, name: &str, help: &str, labels: &[&'static str]) -> Labelled<M>
+    where
+        M: Default,
+        Family<LabelSet, M>: Metric,
+    {
         let family = Family::default();
         self.register(name, help, family.clone());
-        Labelled { label, family }
+        Labelled {
+            labels: labels.to_vec(),
+            family,
+        }
     }
 
     /// Registers a gauge.
@@ -90,9 +111,18 @@ impl Registry {
 
     /// Registers a family of gauges that differ by `label`.
     pub fn gauges(&mut self, name: &str, help: &str, label: &'static str) -> Labelled<Gauge> {
-        let family = Family::default();
-        self.register(name, help, family.clone());
-        Labelled { label, family }
+        self.family(name, help, &[label])
+    }
+
+    /// Registers a family of gauges that differ by several labels (given to
+    /// [`Labelled::get_all`] in this order).
+    pub fn gauges_by(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&'static str],
+    ) -> Labelled<Gauge> {
+        self.family(name, help, labels)
     }
 
     /// Registers a histogram with these bucket upper bounds (`+Inf` is implied).
@@ -167,6 +197,19 @@ mod tests {
         let text = r.render().unwrap();
         assert!(
             text.contains("lag_records{partition=\"a\\\"b\\\\c\\nd\"} 7\n"),
+            "{text}"
+        );
+        let by = r.gauges_by("behind", "Behind.", &["topic", "partition"]);
+        by.get_all(&["t", "0"]).set(1);
+        by.get_all(&["u", "0"]).set(2);
+        by.get_all(&["t", "0"]).inc();
+        let text = r.render().unwrap();
+        assert!(
+            text.contains("behind{topic=\"t\",partition=\"0\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("behind{topic=\"u\",partition=\"0\"} 2\n"),
             "{text}"
         );
     }

@@ -8,6 +8,7 @@
 
 use crate::batcher::Record;
 use crate::columns::{encode_field, ConvertError, Mapping, PG_EPOCH_OFFSET_MICROS};
+use crate::topics::kafka_partition;
 
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
@@ -73,7 +74,7 @@ impl<'m, 'a> CopyRows<'m, 'a> {
         let buf = &mut self.buf;
         buf.extend_from_slice(&(m.field_count() as i16).to_be_bytes());
         buf.extend_from_slice(&4i32.to_be_bytes());
-        buf.extend_from_slice(&r.partition.to_be_bytes());
+        buf.extend_from_slice(&kafka_partition(r.partition).to_be_bytes());
         buf.extend_from_slice(&8i32.to_be_bytes());
         buf.extend_from_slice(&r.offset.to_be_bytes());
         buf.extend_from_slice(&4i32.to_be_bytes());

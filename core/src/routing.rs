@@ -1,6 +1,7 @@
 //! Routing: which table a record goes to. `--route POINTER=VALUE:TABLE` rules are tried in
 //! order and the first that holds wins; a record no rule matches (or whose routing cannot be
-//! read: not JSON) goes to the default table. No IO.
+//! read: not JSON) goes to the default table: the records table, or for a consumer of several
+//! topics, the table of the record's topic. No IO.
 
 use crate::columns::{compile_pointers, Node};
 use crate::scan;
@@ -15,6 +16,8 @@ pub struct Router {
     /// (rule, index of its table).
     rules: Vec<(Matcher, usize)>,
     tree: Node,
+    /// Where a record no rule names goes.
+    default: usize,
 }
 
 impl Router {
@@ -22,7 +25,24 @@ impl Router {
     /// the consumer's tables; [`DEFAULT_TABLE`] when none holds).
     pub fn new(rules: Vec<(Matcher, usize)>) -> Self {
         let tree = compile_pointers(rules.iter().map(|(m, _)| Some(m.pointer())));
-        Router { rules, tree }
+        Router {
+            rules,
+            tree,
+            default: DEFAULT_TABLE,
+        }
+    }
+
+    /// No rules: every record goes to the table at `index`.
+    pub fn to(index: usize) -> Self {
+        Router {
+            default: index,
+            ..Router::default()
+        }
+    }
+
+    /// Where a record no rule names goes.
+    pub fn default_table(&self) -> usize {
+        self.default
     }
 
     /// Whether every record goes to the default table.
@@ -33,21 +53,21 @@ impl Router {
     /// The table of the record `json`. `found` is scratch space, reused between records.
     pub fn route<'a>(&self, json: &'a [u8], found: &mut Vec<Option<&'a str>>) -> usize {
         if self.rules.is_empty() {
-            return DEFAULT_TABLE;
+            return self.default;
         }
         found.clear();
         found.resize(self.rules.len(), None);
         let Ok(text) = std::str::from_utf8(json) else {
-            return DEFAULT_TABLE;
+            return self.default;
         };
         if scan::scan(text, &self.tree, found).is_err() {
-            return DEFAULT_TABLE;
+            return self.default;
         }
         self.rules
             .iter()
             .zip(found.iter())
             .find(|((m, _), raw)| m.matches(**raw))
-            .map_or(DEFAULT_TABLE, |((_, table), _)| *table)
+            .map_or(self.default, |((_, table), _)| *table)
     }
 }
 
@@ -84,5 +104,6 @@ mod tests {
         assert_eq!(r.route(br#"{"a":{"b":2}}"#, &mut found), 2);
         assert!(router(&[]).is_empty());
         assert_eq!(router(&[]).route(br#"{"a":1}"#, &mut found), DEFAULT_TABLE);
+        assert_eq!(Router::to(2).route(br#"{"a":1}"#, &mut found), 2);
     }
 }

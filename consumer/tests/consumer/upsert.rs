@@ -82,7 +82,7 @@ async fn write(
 ) -> (FlushResult, Option<spillway_consumer::upsert::Merged>) {
     let rows = pg::encode_rows(b, targets).unwrap();
     let name = targets.tables[0].table.plain.clone();
-    pg::flush(c, targets, &name, TOPIC, b, rows).await
+    pg::flush(c, targets, &name, b, rows).await
 }
 
 /// Fault: a batch committed in Postgres is written again (as after a crash between the
@@ -134,7 +134,7 @@ async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_
     ] {
         let mapping = upsert_mapping(on_conflict);
         let name = TableName::parse(table).unwrap();
-        let target = Targets::single(Target::new(name, &mapping));
+        let target = Targets::single(Target::new(name, &mapping), TOPIC);
         pg::migrate(&mut c, &target)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
