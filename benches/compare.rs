@@ -116,6 +116,7 @@ async fn ceiling(bootstrap: &str, topic: &str, per: u64) -> Result<f64> {
         received_at_micros: 1,
         request_id: RequestId::from_u128(1),
         sequenced: false,
+        idempotency_key: None,
         source: None,
         records: recs.iter().map(|r| r.as_slice()).collect(),
     }

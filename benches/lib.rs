@@ -233,6 +233,7 @@ pub fn rows(n: u64) -> Vec<Record> {
             received_at_micros: 1_764_000_000_000_000,
             request_id: RequestId::from_u128(0),
             sequenced: false,
+            idempotency_key: None,
             kafka: None,
             payload: record(i),
         })
@@ -402,6 +403,7 @@ pub async fn produce_backlog_of(
                 sequence: m,
             }),
             sequenced,
+            idempotency_key: None,
             source: None,
             records: recs.iter().map(|r| r.as_slice()).collect(),
         }

@@ -22,6 +22,7 @@ fn batcher(c: &mut Criterion) {
             received_at_micros: 0,
             request_id: RequestId::from_u128(0),
             sequenced: false,
+            idempotency_key: None,
             kafka: None,
             payload: record(i),
         })
@@ -72,6 +73,7 @@ fn envelope(c: &mut Criterion) {
             received_at_micros: 1,
             request_id: RequestId::from_u128(7),
             sequenced: false,
+            idempotency_key: None,
             source: None,
             records: recs.iter().map(|r| r.as_slice()).collect(),
         };

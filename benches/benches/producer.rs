@@ -36,6 +36,7 @@ fn envelopes(per: usize) -> Vec<Vec<u8>> {
                 received_at_micros: 1,
                 request_id: RequestId::from_u128(r as u128),
                 sequenced: false,
+                idempotency_key: None,
                 source: None,
                 records: recs.iter().map(|x| x.as_slice()).collect(),
             }

@@ -120,6 +120,7 @@ async fn produce_to(
             received_at_micros: 1_764_000_000_000_000 + n as i64,
             request_id: RequestId::from_u128(n as u128),
             sequenced: false,
+            idempotency_key: None,
             source: None,
             records: chunk.iter().map(|r| r.as_bytes()).collect(),
         };
@@ -412,6 +413,7 @@ async fn produce_sequenced(
                 sequence: *sequence,
             }),
             sequenced: true,
+            idempotency_key: None,
             source: None,
             records: records.iter().map(|r| r.as_bytes()).collect(),
         }
@@ -891,6 +893,7 @@ async fn produce_typed(bootstrap: &str, messages: &[Vec<String>]) -> Result<()> 
             received_at_micros: 1_764_000_000_000_000 + n as i64,
             request_id: RequestId::from_u128(n as u128 + 1),
             sequenced: false,
+            idempotency_key: None,
             source: None,
             records: records.iter().map(|r| r.as_bytes()).collect(),
         };

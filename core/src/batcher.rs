@@ -50,6 +50,9 @@ pub struct Record {
     pub request_id: RequestId,
     /// Whether the id is [sequenced](RequestId::sequenced).
     pub sequenced: bool,
+    /// The request's `Idempotency-Key`, shared by its records: the consumer writes the
+    /// records of one key once.
+    pub idempotency_key: Option<Arc<str>>,
     /// The Kafka message's key, timestamp and headers, shared by the message's records; only
     /// when a column maps them (`None` otherwise).
     pub kafka: Option<Arc<KafkaMeta>>,
@@ -101,10 +104,14 @@ impl Record {
         }
     }
 
-    /// The bytes this record counts against the buffer's capacity. The Kafka metadata it
-    /// shares with the other records of its message counts in full for each: an upper bound.
+    /// The bytes this record counts against the buffer's capacity. The Kafka metadata and
+    /// idempotency key it shares with the other records of its message count in full for
+    /// each: an upper bound.
     pub fn size(&self) -> usize {
-        self.payload.len() + RECORD_OVERHEAD + self.kafka.as_ref().map_or(0, |k| k.size())
+        self.payload.len()
+            + RECORD_OVERHEAD
+            + self.kafka.as_ref().map_or(0, |k| k.size())
+            + self.idempotency_key.as_ref().map_or(0, |k| k.len())
     }
 }
 

@@ -779,6 +779,7 @@ impl ConsumerMachine {
             received_at_micros: 0,
             request_id: RequestId::from_u128(0),
             sequenced: false,
+            idempotency_key: None,
             kafka: None,
             payload,
         };
@@ -800,6 +801,7 @@ impl ConsumerMachine {
             received_at_micros: env.received_at_micros,
             request_id: env.request_id,
             sequenced: env.sequenced,
+            idempotency_key: env.idempotency_key.map(Arc::from),
             ..single(payload)
         };
         let pushed = match decoded {
@@ -811,6 +813,7 @@ impl ConsumerMachine {
             ),
             Some(Ok(env)) => {
                 let n = env.records.len();
+                let key: Option<Arc<str>> = env.idempotency_key.map(Arc::from);
                 let mut last = Push::Accepted;
                 for (i, r) in env.records.iter().enumerate() {
                     let record = Record {
@@ -821,6 +824,7 @@ impl ConsumerMachine {
                         received_at_micros: env.received_at_micros,
                         request_id: env.request_id,
                         sequenced: env.sequenced,
+                        idempotency_key: key.clone(),
                         kafka: message.kafka.clone(),
                         payload: r.to_vec(),
                     };
@@ -1361,6 +1365,7 @@ mod tests {
             received_at_micros: 1,
             request_id: RequestId::from_u128(1),
             sequenced: false,
+            idempotency_key: None,
             source: None,
             records: records.to_vec(),
         }
@@ -1372,6 +1377,7 @@ mod tests {
             received_at_micros: 1,
             request_id: RequestId::sequenced(ProducerSequence { producer, sequence }),
             sequenced: true,
+            idempotency_key: None,
             source: None,
             records: records.to_vec(),
         }

@@ -7,12 +7,19 @@
 //! Wire format, version 1 (all integers big-endian):
 //!
 //! ```text
-//! "SPWY"  u8 version=1  u8 flags(bit0: has source, bit1: sequenced request id)
+//! "SPWY"  u8 version=1  u8 flags(bit0: has source, bit1: sequenced request id,
+//!                                  bit2: has idempotency key)
 //! i64 received_at (UTC microseconds since the Unix epoch)
 //! [16] request id (sequenced: u64 producer id, then u64 sequence number)
 //! if has source: u16 length, UTF-8 bytes
+//! if has idempotency key: u8 length (1 to 255), printable ASCII bytes
 //! u32 record count, then per record: u32 length, bytes
 //! ```
+//!
+//! The *idempotency key* is the client's `Idempotency-Key` header: the consumer writes the
+//! records of one key once ([`check_idempotency_key`] says what a key may be). A reader built
+//! before bit 2 cannot read such a message (it dead-letters it as undecodable): upgrade the
+//! consumers before the producers.
 //!
 //! A *sequenced* request id names the producer's Kafka client and numbers its messages in the
 //! order it handed them to that client, so within one partition one producer's messages are in
@@ -27,6 +34,28 @@ const MAGIC: &[u8; 4] = b"SPWY";
 pub const VERSION: u8 = 1;
 const FLAG_SOURCE: u8 = 1;
 const FLAG_SEQUENCED: u8 = 2;
+const FLAG_KEY: u8 = 4;
+
+/// The longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Whether `key` may be an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] printable ASCII
+/// characters (space to `~`). The error says what is wrong.
+pub fn check_idempotency_key(key: &[u8]) -> Result<&str, String> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(format!(
+            "is {} bytes long: a key is 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+            key.len()
+        ));
+    }
+    if let Some(at) = key.iter().position(|b| !(b' '..=b'~').contains(b)) {
+        return Err(format!(
+            "holds byte 0x{:02x} at position {at}: a key is printable ASCII (space to ~)",
+            key[at]
+        ));
+    }
+    std::str::from_utf8(key).map_err(|e| e.to_string())
+}
 const HEADER_LEN: usize = 4 + 1 + 1 + 8 + 16;
 /// Where the request id is in an encoded envelope.
 const REQUEST_ID_AT: usize = 4 + 1 + 1 + 8;
@@ -98,6 +127,8 @@ pub struct Envelope<'a> {
     pub request_id: RequestId,
     /// Whether the id is [sequenced](RequestId::sequenced).
     pub sequenced: bool,
+    /// The client's `Idempotency-Key`, if it sent one (checked by [`check_idempotency_key`]).
+    pub idempotency_key: Option<&'a str>,
     /// Optional free-form origin (for example the client's address or token name).
     pub source: Option<&'a str>,
     /// The records, each the exact JSON bytes the client sent.
@@ -119,6 +150,9 @@ pub enum DecodeErrorKind {
     /// The source metadata is not UTF-8.
     #[error("source metadata is not UTF-8")]
     BadSource,
+    /// The idempotency key is not one [`check_idempotency_key`] accepts.
+    #[error("bad idempotency key: {0}")]
+    BadKey(String),
     /// Bytes are left after the last record.
     #[error("{0} unexpected bytes after the last record")]
     TrailingBytes(usize),
@@ -139,6 +173,7 @@ impl<'a> Envelope<'a> {
     pub fn encoded_len(&self) -> usize {
         HEADER_LEN
             + self.source.map_or(0, |s| 2 + s.len())
+            + self.idempotency_key.map_or(0, |k| 1 + k.len())
             + 4
             + self.records.iter().map(|r| 4 + r.len()).sum::<usize>()
     }
@@ -146,7 +181,7 @@ impl<'a> Envelope<'a> {
     /// Encodes into a new buffer.
     ///
     /// # Panics
-    /// If the source is longer than 65,535 bytes, a record longer than 4 GiB or there are more
+    /// If the source is longer than 65,535 bytes, the idempotency key longer than 255, a record longer than 4 GiB or there are more
     /// than 2^32 records: the producer's request limits keep far below these.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
@@ -158,13 +193,23 @@ impl<'a> Envelope<'a> {
             0
         };
         let sequenced = if self.sequenced { FLAG_SEQUENCED } else { 0 };
-        out.push(source | sequenced);
+        let key = if self.idempotency_key.is_some() {
+            FLAG_KEY
+        } else {
+            0
+        };
+        out.push(source | sequenced | key);
         out.extend_from_slice(&self.received_at_micros.to_be_bytes());
         out.extend_from_slice(&self.request_id.0);
         if let Some(source) = self.source {
             let len = u16::try_from(source.len()).unwrap_or(u16::MAX);
             out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(&source.as_bytes()[..len as usize]);
+        }
+        if let Some(key) = self.idempotency_key {
+            let len = u8::try_from(key.len()).unwrap_or(u8::MAX);
+            out.push(len);
+            out.extend_from_slice(&key.as_bytes()[..len as usize]);
         }
         let count = u32::try_from(self.records.len()).unwrap_or(u32::MAX);
         out.extend_from_slice(&count.to_be_bytes());
@@ -212,6 +257,13 @@ impl<'a> Envelope<'a> {
         } else {
             None
         };
+        let idempotency_key = if flags & FLAG_KEY != 0 {
+            let len = r.take(1, "idempotency key length")?[0] as usize;
+            let raw = r.take(len, "idempotency key")?;
+            Some(check_idempotency_key(raw).map_err(DecodeErrorKind::BadKey)?)
+        } else {
+            None
+        };
         let count = u32::from_be_bytes(r.array("record count")?) as usize;
         // Each record needs at least its 4-byte length: bound the allocation by what is there.
         let mut records = Vec::with_capacity(count.min(r.0.len() / 4));
@@ -226,6 +278,7 @@ impl<'a> Envelope<'a> {
             received_at_micros,
             request_id,
             sequenced: flags & FLAG_SEQUENCED != 0,
+            idempotency_key,
             source,
             records,
         })
@@ -266,6 +319,7 @@ mod tests {
             received_at_micros: 1_764_000_000_123_456,
             request_id: RequestId::from_u128(0xDEAD_BEEF),
             sequenced: false,
+            idempotency_key: None,
             source: Some("10.0.0.1"),
             records: vec![br#"{"a":1}"#, b"[1, 2]", b"\"x\""],
         }
@@ -288,6 +342,7 @@ mod tests {
         let e = Envelope {
             request_id: RequestId::sequenced(at),
             sequenced: true,
+            idempotency_key: None,
             ..sample()
         };
         let mut bytes = Envelope {
@@ -306,6 +361,34 @@ mod tests {
                 .producer_sequence(),
             None
         );
+    }
+
+    #[test]
+    fn an_idempotency_key_travels_with_its_request_and_a_bad_one_is_refused() {
+        let e = Envelope {
+            idempotency_key: Some("order-42 retry"),
+            ..sample()
+        };
+        let bytes = e.encode();
+        assert_eq!(bytes.len(), e.encoded_len());
+        let back = Envelope::decode(&bytes).unwrap();
+        assert_eq!(back.idempotency_key, Some("order-42 retry"));
+        assert_eq!(back.source, Some("10.0.0.1"));
+        assert_eq!(back.records, e.records);
+        assert!(check_idempotency_key(b"").is_err());
+        assert!(check_idempotency_key(&[b'a'; 256]).is_err());
+        assert!(check_idempotency_key(&[b'a'; 255]).is_ok());
+        let tab = check_idempotency_key(b"a\tb").unwrap_err();
+        assert!(tab.contains("0x09 at position 1"), "{tab}");
+        assert!(check_idempotency_key("é".as_bytes()).is_err());
+        // A key byte made unprintable in transit is a decode error, not a key.
+        let at = bytes.windows(5).position(|w| w == b"order").unwrap();
+        let mut bad = bytes.clone();
+        bad[at] = 0x7f;
+        assert!(matches!(
+            Envelope::decode(&bad).unwrap_err().kind,
+            DecodeErrorKind::BadKey(_)
+        ));
     }
 
     #[test]
@@ -337,6 +420,7 @@ mod tests {
             at in any::<i64>(),
             id in any::<u128>(),
             sequenced in any::<bool>(),
+            key in proptest::option::of("[ -~]{1,255}"),
             source in proptest::option::of(".{0,40}"),
             records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..20),
         ) {
@@ -344,6 +428,7 @@ mod tests {
                 received_at_micros: at,
                 request_id: RequestId::from_u128(id),
                 sequenced,
+                idempotency_key: key.as_deref(),
                 source: source.as_deref(),
                 records: records.iter().map(|r| r.as_slice()).collect(),
             };

@@ -141,6 +141,7 @@ mod tests {
             received_at_micros: PG_EPOCH_OFFSET_MICROS + 5,
             request_id: RequestId::from_u128(1),
             sequenced: false,
+            idempotency_key: None,
             kafka: None,
             payload: payload.as_bytes().to_vec(),
         }

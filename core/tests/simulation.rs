@@ -560,6 +560,7 @@ impl Sim {
                 received_at_micros: 1,
                 request_id,
                 sequenced: order.is_some(),
+                idempotency_key: None,
                 source: None,
                 records: bodies.iter().map(Vec::as_slice).collect(),
             };

@@ -1150,6 +1150,7 @@ mod tests {
             received_at_micros: 0,
             request_id: RequestId::from_u128(id),
             sequenced: true,
+            idempotency_key: None,
             source: None,
             records: vec![b"{}"],
         }

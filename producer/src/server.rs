@@ -896,6 +896,7 @@ where
         // Stamped when the message is handed to Kafka (`SequencedProducer::send`).
         request_id: RequestId::from_u128(0),
         sequenced: true,
+        idempotency_key: None,
         source,
         records,
     };

@@ -28,6 +28,7 @@ async fn produce_at(bootstrap: &str, messages: &[(i64, Vec<String>)]) -> Result<
             received_at_micros: *at,
             request_id: RequestId::from_u128(n as u128 + 1),
             sequenced: false,
+            idempotency_key: None,
             source: None,
             records: records.iter().map(|r| r.as_bytes()).collect(),
         };

@@ -37,6 +37,7 @@ fn batch(start: i64, messages: &[&[&str]]) -> Batch {
                     received_at_micros: 1_764_000_000_000_000,
                     request_id: RequestId::from_u128(1),
                     sequenced: false,
+                    idempotency_key: None,
                     kafka: None,
                     payload: r.as_bytes().to_vec(),
                 },
@@ -228,6 +229,7 @@ async fn produce_by_key(p: &FutureProducer, keys: &[u64], messages: &[Vec<String
             received_at_micros: 1_764_000_000_000_000,
             request_id: RequestId::from_u128(u128::from(*key)),
             sequenced: false,
+            idempotency_key: None,
             source: None,
             records: records.iter().map(|r| r.as_bytes()).collect(),
         };

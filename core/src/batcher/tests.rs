@@ -34,6 +34,7 @@ fn rec(partition: Partition, offset: i64, index: u32, last: bool) -> Record {
         received_at_micros: 0,
         request_id: RequestId::from_u128(0),
         sequenced: false,
+        idempotency_key: None,
         kafka: None,
         payload: format!("{{\"o\":{offset},\"i\":{index}}}").into_bytes(),
     }
@@ -694,6 +695,7 @@ fn a_record_counts_its_payload_and_overhead() {
         received_at_micros: 0,
         request_id: RequestId::from_u128(0),
         sequenced: false,
+        idempotency_key: None,
         kafka: None,
         payload: vec![b'x'; 100],
     };

@@ -29,6 +29,7 @@ fn record(payload: &str) -> Record {
         received_at_micros: PG_EPOCH_OFFSET_MICROS + 1_000_000,
         request_id: RequestId::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
         sequenced: false,
+        idempotency_key: None,
         kafka: None,
         payload: payload.as_bytes().to_vec(),
     }
