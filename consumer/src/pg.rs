@@ -775,7 +775,11 @@ async fn store_producer_sequences(
 #[derive(Debug)]
 pub struct EncodedRows {
     data: bytes::Bytes,
-    /// The batch entry of each row, in COPY order.
+    /// The records converted into rows for this table.
+    rows: usize,
+    /// The batch entry of each row sent, in COPY order: all the rows, or, written by a key
+    /// that compares as encoded, only those that decide their key's row
+    /// ([`spillway_core::CopyRows::finish_deciding`]).
     entries: Vec<usize>,
     /// The batch entries dead-lettered into this table's dead letters.
     dead: Vec<usize>,
@@ -786,7 +790,7 @@ pub struct EncodedRows {
 impl EncodedRows {
     /// Records this table gets: rows and dead letters.
     pub fn records(&self) -> usize {
-        self.entries.len() + self.dead.len()
+        self.rows + self.dead.len()
     }
 
     /// For a table partitioned by `received_at`, the intervals its rows fall in (the
@@ -843,8 +847,8 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
     Ok(buffers
         .into_iter()
         .zip(&targets.tables)
-        .map(|((copy, entries, dead), target)| EncodedRows {
-            ranges: match &target.partitioning {
+        .map(|((copy, entries, dead), target)| {
+            let ranges = match &target.partitioning {
                 Some(p) if p.by_received_at() => p.ranges_of(
                     entries
                         .iter()
@@ -852,10 +856,20 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
                         .map(|e| e.record.received_at_micros),
                 ),
                 _ => BTreeSet::new(),
-            },
-            data: bytes::Bytes::from(copy.finish()),
-            entries,
-            dead,
+            };
+            let rows = entries.len();
+            let (data, kept) = copy.finish_deciding();
+            let entries = kept
+                .iter()
+                .filter_map(|k| entries.get(*k).copied())
+                .collect();
+            EncodedRows {
+                ranges,
+                data: bytes::Bytes::from(data),
+                rows,
+                entries,
+                dead,
+            }
         })
         .collect())
 }
@@ -1032,7 +1046,7 @@ pub async fn flush(
             return (staged(Rows, &e, &rows.entries), None);
         }
         if let Some(m) = &target.merge {
-            match m.merge(&tx, rows.entries.len() as u64).await {
+            match m.merge(&tx, rows.rows as u64).await {
                 Ok(counts) => merged = Some(merged.unwrap_or_default() + counts),
                 Err(e) => return (staged(Merge, &e, &[]), None),
             }
