@@ -810,7 +810,12 @@ async fn store_producer_sequences(
 #[derive(Debug)]
 pub struct EncodedRows {
     data: bytes::Bytes,
-    /// The batch entry of each row, in COPY order.
+    /// The batch entry of each record converted into a row for this table, in batch order
+    /// (whether or not it decides its key's row: each claims its request's idempotency key).
+    converted: Vec<usize>,
+    /// The batch entry of each row sent, in COPY order: all the rows, or, written by a key
+    /// that compares as encoded, only those that decide their key's row
+    /// ([`spillway_core::CopyRows::finish_deciding`]).
     entries: Vec<usize>,
     /// The batch entries dead-lettered into this table's dead letters.
     dead: Vec<usize>,
@@ -821,7 +826,7 @@ pub struct EncodedRows {
 impl EncodedRows {
     /// Records this table gets: rows and dead letters.
     pub fn records(&self) -> usize {
-        self.entries.len() + self.dead.len()
+        self.converted.len() + self.dead.len()
     }
 
     /// For a table partitioned by `received_at`, the intervals its rows fall in (the
@@ -892,8 +897,8 @@ fn encode_rows_without(
     Ok(buffers
         .into_iter()
         .zip(&targets.tables)
-        .map(|((copy, entries, dead), target)| EncodedRows {
-            ranges: match &target.partitioning {
+        .map(|((copy, entries, dead), target)| {
+            let ranges = match &target.partitioning {
                 Some(p) if p.by_received_at() => p.ranges_of(
                     entries
                         .iter()
@@ -901,10 +906,18 @@ fn encode_rows_without(
                         .map(|e| e.record.received_at_micros),
                 ),
                 _ => BTreeSet::new(),
-            },
-            data: bytes::Bytes::from(copy.finish()),
-            entries,
-            dead,
+            };
+            let (data, kept) = copy.finish_deciding();
+            EncodedRows {
+                ranges,
+                data: bytes::Bytes::from(data),
+                entries: kept
+                    .iter()
+                    .filter_map(|k| entries.get(*k).copied())
+                    .collect(),
+                converted: entries,
+                dead,
+            }
         })
         .collect())
 }
@@ -1176,7 +1189,7 @@ async fn flush_in(
             return (staged(Rows, &e, &rows.entries), None);
         }
         if let Some(m) = &target.merge {
-            match m.merge(&tx, rows.entries.len() as u64).await {
+            match m.merge(&tx, rows.converted.len() as u64).await {
                 Ok(counts) => merged = Some(merged.unwrap_or_default() + counts),
                 Err(e) => return (staged(Merge, &e, &[]), None),
             }
@@ -1217,7 +1230,7 @@ async fn claim_keys(
 ) -> Result<(Encoded, Repeated), FlushResult> {
     let mut skip = BTreeSet::new();
     for (target, rows) in targets.tables.iter().zip(&encoded) {
-        let entries = || rows.entries.iter().chain(&rows.dead).copied();
+        let entries = || rows.converted.iter().chain(&rows.dead).copied();
         let claims = idempotency::claims(batch, entries());
         if claims.is_empty() {
             continue;

@@ -137,6 +137,31 @@ impl ColumnType {
         }
     }
 
+    /// Whether two values of this type are equal in Postgres (the staging table's default
+    /// equality, as `DISTINCT ON` would compare them) exactly when their COPY BINARY encodings
+    /// are the same bytes: integers, booleans, dates, timestamps, uuids, and text (the
+    /// staging table's collation is the database's, deterministic: text compares by bytes).
+    /// Not so for `numeric` (`1.0 = 1`), `double precision` (`-0 = 0`), `jsonb` (`{"a":1.0}`
+    /// equals `{"a":1}`) and arrays, whose encoding differs between equal values.
+    pub fn equal_as_encoded(self) -> bool {
+        match self {
+            ColumnType::Text
+            | ColumnType::Bigint
+            | ColumnType::Integer
+            | ColumnType::Smallint
+            | ColumnType::Boolean
+            | ColumnType::Timestamptz
+            | ColumnType::TimestamptzSeconds
+            | ColumnType::TimestamptzMillis
+            | ColumnType::Date
+            | ColumnType::Uuid => true,
+            ColumnType::Double
+            | ColumnType::Numeric
+            | ColumnType::Jsonb
+            | ColumnType::TextArray => false,
+        }
+    }
+
     /// The type in `CREATE TABLE` / `ADD COLUMN`.
     pub fn sql(self) -> &'static str {
         match self {
@@ -618,6 +643,20 @@ impl Mapping {
     /// How rows are written by key, if they are.
     pub fn upsert(&self) -> Option<&Upsert> {
         self.upsert.as_ref()
+    }
+
+    /// Whether the rows are written by a key whose values Postgres finds equal exactly when
+    /// their encodings are ([`ColumnType::equal_as_encoded`]): then the records a batch holds
+    /// for each key can be chosen before the staging COPY ([`crate::upsert::deciding_rows`]),
+    /// comparing encoded bytes, with the same outcome as choosing them in SQL.
+    pub fn key_compares_as_encoded(&self) -> bool {
+        self.upsert.as_ref().is_some_and(|u| {
+            u.key.iter().all(|k| {
+                self.columns
+                    .iter()
+                    .any(|c| &c.name == k && c.ty.equal_as_encoded())
+            })
+        })
     }
 
     /// Whether each row carries the `spillway_delete` flag (an upsert with `--delete-when`).

@@ -26,6 +26,16 @@ pub struct CopyRows<'m, 'a> {
     rows: usize,
     /// Each column's value in the row being written (reused: no allocation per row).
     found: Vec<Option<&'a str>>,
+    /// With a key compared as encoded ([`Mapping::key_compares_as_encoded`]): each row's keys.
+    keys: Option<RowKeys>,
+}
+
+/// Each row's start in the buffer, its key (the key columns' encoded fields, one after the
+/// other, ending at `end` in `bytes`) and whether it deletes.
+#[derive(Debug, Default)]
+struct RowKeys {
+    bytes: Vec<u8>,
+    rows: Vec<(usize, usize, bool)>,
 }
 
 impl<'m, 'a> CopyRows<'m, 'a> {
@@ -40,6 +50,7 @@ impl<'m, 'a> CopyRows<'m, 'a> {
             buf,
             rows: 0,
             found: vec![None; mapping.slots()],
+            keys: mapping.key_compares_as_encoded().then(RowKeys::default),
         }
     }
 
@@ -47,16 +58,27 @@ impl<'m, 'a> CopyRows<'m, 'a> {
     /// nothing and says which.
     pub fn push(&mut self, record: &'a Record) -> Result<(), ConvertError> {
         let start = self.buf.len();
+        let keys_end = self.keys.as_ref().map_or(0, |k| k.bytes.len());
         let written = self.write_row(record);
-        if written.is_err() {
-            self.buf.truncate(start);
-        } else {
-            self.rows += 1;
+        match (&written, &mut self.keys) {
+            (Err(_), keys) => {
+                self.buf.truncate(start);
+                if let Some(k) = keys {
+                    k.bytes.truncate(keys_end);
+                }
+            }
+            (Ok(delete), keys) => {
+                self.rows += 1;
+                if let Some(k) = keys {
+                    k.rows.push((start, k.bytes.len(), *delete));
+                }
+            }
         }
-        written
+        written.map(|_| ())
     }
 
-    fn write_row(&mut self, r: &'a Record) -> Result<(), ConvertError> {
+    /// Writes one row; says whether it deletes its key's row.
+    fn write_row(&mut self, r: &'a Record) -> Result<bool, ConvertError> {
         let m = self.mapping;
         if let Err(reason) = m.extract(&r.payload, &mut self.found) {
             let c = &m.columns()[0];
@@ -92,14 +114,20 @@ impl<'m, 'a> CopyRows<'m, 'a> {
             if delete && !key.contains(&spec.name) {
                 buf.extend_from_slice(&NULL);
             } else {
+                let at = buf.len();
                 encode_field(spec, *raw, r, buf)?;
+                if let Some(k) = &mut self.keys {
+                    if key.contains(&spec.name) {
+                        k.bytes.extend_from_slice(&buf[at..]);
+                    }
+                }
             }
         }
         if m.upsert().is_some_and(|u| u.delete_when.is_some()) {
             buf.extend_from_slice(&1i32.to_be_bytes());
             buf.push(u8::from(delete));
         }
-        Ok(())
+        Ok(delete)
     }
 
     /// Rows appended so far.
@@ -111,6 +139,37 @@ impl<'m, 'a> CopyRows<'m, 'a> {
     pub fn finish(mut self) -> Vec<u8> {
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         self.buf
+    }
+
+    /// As [`CopyRows::finish`], keeping only the rows that decide their key's row when the
+    /// key compares as encoded ([`Mapping::key_compares_as_encoded`],
+    /// [`crate::upsert::deciding_rows`]); also says which rows it kept (their indexes among
+    /// the rows appended, ascending). Otherwise every row is kept.
+    pub fn finish_deciding(self) -> (Vec<u8>, Vec<usize>) {
+        let (Some(keys), Some(upsert)) = (&self.keys, self.mapping.upsert()) else {
+            let all = (0..self.rows).collect();
+            return (self.finish(), all);
+        };
+        let mut key_start = 0;
+        let rows = keys.rows.iter().map(|(_, end, delete)| {
+            let key = &keys.bytes[key_start..*end];
+            key_start = *end;
+            (key, *delete)
+        });
+        let kept = crate::upsert::deciding_rows(rows, upsert.on_conflict);
+        if kept.len() == self.rows {
+            return (self.finish(), kept);
+        }
+        let header = keys.rows.first().map_or(self.buf.len(), |r| r.0);
+        let mut buf = Vec::with_capacity(self.buf.len() + 2);
+        buf.extend_from_slice(&self.buf[..header]);
+        for i in &kept {
+            let start = keys.rows[*i].0;
+            let end = keys.rows.get(i + 1).map_or(self.buf.len(), |r| r.0);
+            buf.extend_from_slice(&self.buf[start..end]);
+        }
+        buf.extend_from_slice(&(-1i16).to_be_bytes());
+        (buf, kept)
     }
 }
 
@@ -249,6 +308,52 @@ mod tests {
         assert_eq!(gone[5], Some(4i64.to_be_bytes().to_vec()), "the key");
         assert_eq!((gone[4].as_ref(), gone[6].as_ref()), (None, None));
         assert_eq!(gone[7], Some(vec![1]), "a delete");
+    }
+
+    #[test]
+    fn only_the_rows_deciding_their_key_are_staged_when_the_key_compares_as_encoded() {
+        let m = upsert(Some("/op=delete"));
+        assert!(m.key_compares_as_encoded());
+        let records: Vec<Record> = [
+            r#"{"id":1,"name":"a"}"#,
+            r#"{"id":2,"name":"b"}"#,
+            r#"{"id":1,"name":"c"}"#,
+            r#"{"id":3,"name":"x"}"#,
+            r#"{"id":"bad"}"#,
+            r#"{"id":3,"op":"delete"}"#,
+            r#"{"id":4,"op":"delete"}"#,
+            r#"{"id":4,"name":"e"}"#,
+        ]
+        .iter()
+        .map(|p| record(p))
+        .collect();
+        let mut rows = CopyRows::new(&m, 0);
+        for r in &records {
+            let _ = rows.push(r);
+        }
+        let (buf, kept) = rows.finish_deciding();
+        // Rows (the bad record appended none): 1a, 2b, 1c, 3x, 3 delete, 4 delete, 4e.
+        assert_eq!(kept, [1, 2, 4, 5, 6]);
+        let want = encode_all(&m, [1, 2, 5, 6, 7].map(|i| &records[i]), 0).unwrap();
+        assert_eq!(buf, want, "the kept rows, whole, in order");
+        // A key Postgres may find equal under other bytes (numeric) keeps every row.
+        let columns = vec!["id:numeric=/id".parse().unwrap()];
+        let numeric = Mapping::new(columns, false)
+            .unwrap()
+            .with_upsert(crate::Upsert {
+                key: vec!["id".into()],
+                on_conflict: Default::default(),
+                delete_when: None,
+            })
+            .unwrap();
+        assert!(!numeric.key_compares_as_encoded());
+        let same = [r#"{"id":1}"#, r#"{"id":1.0}"#, r#"{"id":1}"#].map(record);
+        let mut rows = CopyRows::new(&numeric, 0);
+        for r in &same {
+            rows.push(r).unwrap();
+        }
+        assert_eq!(rows.finish_deciding().1, [0, 1, 2]);
+        assert!(!Mapping::default().key_compares_as_encoded());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! (a staging table merged with `INSERT … ON CONFLICT` in the flush transaction); here is only
 //! what decides it, with no IO.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -120,12 +121,79 @@ impl fmt::Display for Upsert {
     }
 }
 
+/// The rows of a batch that decide their key's row, in their order (ascending indexes), given
+/// each row's key (its encoded key values) and whether it deletes, in Kafka order: per key, its
+/// last delete, and after that the record that decides the row (the last one for
+/// [`OnConflict::Update`], the first for [`OnConflict::Ignore`]), if any. Applying only these
+/// leaves each key's row as applying every record one by one does: the delete removes the row
+/// there was, the record after it writes the row again. Every other row changes nothing, so
+/// the staging table need not hold it, and holds at most one delete and one record per key.
+pub fn deciding_rows<'k>(
+    rows: impl IntoIterator<Item = (&'k [u8], bool)>,
+    on_conflict: OnConflict,
+) -> Vec<usize> {
+    /// A key's last delete and the record after it that decides its row.
+    #[derive(Default)]
+    struct Decided {
+        delete: Option<usize>,
+        record: Option<usize>,
+    }
+    let mut keys: HashMap<&[u8], Decided> = HashMap::new();
+    for (i, (key, delete)) in rows.into_iter().enumerate() {
+        let d = keys.entry(key).or_default();
+        if delete {
+            *d = Decided {
+                delete: Some(i),
+                record: None,
+            };
+        } else if on_conflict == OnConflict::Update || d.record.is_none() {
+            d.record = Some(i);
+        }
+    }
+    let mut kept: Vec<usize> = keys
+        .into_values()
+        .flat_map(|d| d.delete.into_iter().chain(d.record))
+        .collect();
+    kept.sort_unstable();
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn m(s: &str) -> Matcher {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_key_keeps_its_last_delete_and_the_record_after_it_that_decides_its_row() {
+        // Keys: a, b, a(delete), a, c, a, b(delete), c.
+        let rows: Vec<(&[u8], bool)> = vec![
+            (b"a", false),
+            (b"b", false),
+            (b"a", true),
+            (b"a", false),
+            (b"c", false),
+            (b"a", false),
+            (b"b", true),
+            (b"c", false),
+        ];
+        assert_eq!(
+            deciding_rows(rows.iter().copied(), OnConflict::Update),
+            [2, 5, 6, 7],
+            "a: its delete and its last record; b: its delete only; c: its last record"
+        );
+        assert_eq!(
+            deciding_rows(rows.iter().copied(), OnConflict::Ignore),
+            [2, 3, 4, 6],
+            "the first record after the last delete"
+        );
+        assert_eq!(
+            deciding_rows([(&b"a"[..], true), (b"a", true)], OnConflict::Update),
+            [1]
+        );
+        assert!(deciding_rows([], OnConflict::Update).is_empty());
     }
 
     #[test]

@@ -182,3 +182,54 @@ async fn keys_past_their_retention_are_deleted_in_batches() -> Result<()> {
     wait_rows(&s.pg.url(), 5, Duration::from_secs(60)).await?;
     stop(consumer).await
 }
+
+/// Fault: none; a retry arrives late. Into a table written by key (`id`, typed, no `data`):
+/// request A sets id 1 to "a" and request B, in the same batch, to "b", so B decides the row
+/// and A's record is never staged; then A is sent again with its key. Invariant: A's key was
+/// claimed although its record was superseded, so the retry is skipped and id 1 stays "b"
+/// (the state of the last request, each written once). No randomness (one partition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_request_still_claims_its_key_in_a_table_written_by_key() -> Result<()> {
+    use spillway_core::{Mapping, Upsert};
+    let s = stack(1).await?;
+    let record = |v: &str| vec![format!(r#"{{"id":1,"v":"{v}"}}"#)];
+    let a = (Some("A".to_string()), record("a"));
+    let b = (Some("B".to_string()), record("b"));
+    produce_keyed(&s.broker.bootstrap(), &[a.clone(), b]).await?;
+    let mut cfg = settings(&s.broker.bootstrap(), &s.pg.url());
+    cfg.mapping = Mapping::new(
+        vec![
+            "id:bigint=/id".parse().unwrap(),
+            "v:text=/v".parse().unwrap(),
+        ],
+        false,
+    )?
+    .with_upsert(Upsert {
+        key: vec!["id".into()],
+        on_conflict: Default::default(),
+        delete_when: None,
+    })?;
+    let consumer = start(cfg).await?;
+    upsert::wait_positions(&s.pg.url(), 2).await?;
+    produce_keyed(&s.broker.bootstrap(), &[a]).await?;
+    upsert::wait_positions(&s.pg.url(), 3).await?;
+    let c = connect(&s.pg.url()).await?;
+    let v: String = c
+        .query_one("SELECT v FROM records WHERE id = 1", &[])
+        .await?
+        .get(0);
+    ensure!(v == "b", "id 1 is {v:?}: the late retry of A was written");
+    let keys: Vec<String> = c
+        .query("SELECT key FROM records_request_keys ORDER BY 1", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ensure!(keys == ["A", "B"], "keys {keys:?}");
+    let skipped = metric(
+        &consumer,
+        "spillway_consumer_repeated_records_skipped_total",
+    )?;
+    ensure!(skipped == 1.0, "skipped {skipped}");
+    stop(consumer).await
+}

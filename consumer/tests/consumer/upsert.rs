@@ -7,8 +7,10 @@ use spillway_consumer::pg::{self, TableName, Target, Targets};
 use spillway_core::batcher::{Batch, BatchId, Entry, Record};
 use spillway_core::{FlushResult, Mapping, Position, Upsert};
 
-fn upsert_mapping(on_conflict: &str) -> Mapping {
-    let columns = ["id:bigint=/id", "name:text=/name"]
+/// `key` is the key column's spec: a `bigint` key's rows are chosen before the staging COPY,
+/// a `numeric` key's (equal values with other bytes) in the merge's SQL.
+fn upsert_mapping(key: &str, on_conflict: &str) -> Mapping {
+    let columns = [key, "name:text=/name"]
         .iter()
         .map(|c| c.parse().unwrap())
         .collect();
@@ -66,7 +68,7 @@ async fn table_state(
     table: &str,
 ) -> Result<Vec<(i64, String, String)>> {
     Ok(c.query(
-        &format!("SELECT id, name, xmin::text FROM {table} ORDER BY id"),
+        &format!("SELECT id::bigint, name, xmin::text FROM {table} ORDER BY id"),
         &[],
     )
     .await?
@@ -91,7 +93,9 @@ async fn write(
 /// Postgres commit and the Kafka commit), after a later batch changed and deleted keys.
 /// Invariant: within a batch each key ends as its records applied one by one leave it (the
 /// last record for `update`, the first after the last delete for `ignore`); the replay is
-/// fenced and leaves every row, values and row versions, as it was. No randomness.
+/// fenced and leaves every row, values and row versions, as it was. Both with a `bigint` key
+/// (each key's deciding records chosen before the staging COPY) and a `numeric` one (chosen in
+/// SQL: `1.0` is the key `1`). No randomness.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_order() -> Result<()>
 {
@@ -103,7 +107,8 @@ async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_
             &[
                 r#"{"id":1,"name":"a"}"#,
                 r#"{"id":2,"name":"b"}"#,
-                r#"{"id":1,"name":"c"}"#,
+                // The same key under other bytes when numeric: still one key.
+                r#"{"id":1.0,"name":"c"}"#,
                 r#"{"id":3,"name":"x"}"#,
                 r#"{"id":3,"op":"delete"}"#,
             ],
@@ -120,91 +125,96 @@ async fn a_replayed_batch_changes_no_row_and_each_key_is_its_records_applied_in_
         &[&[r#"{"id":2,"op":"delete"}"#, r#"{"id":1,"name":"f"}"#]],
     );
     let s = |id: i64, name: &str| (id, name.to_string());
-    for (table, on_conflict, after_b1, after_b2) in [
-        (
-            "latest",
-            "update",
-            vec![s(1, "c"), s(2, "b"), s(4, "g")],
-            vec![s(1, "f"), s(4, "g")],
-        ),
-        (
-            "first",
-            "ignore",
-            vec![s(1, "a"), s(2, "b"), s(4, "e")],
-            vec![s(1, "a"), s(4, "e")],
-        ),
-    ] {
-        let mapping = upsert_mapping(on_conflict);
-        let name = TableName::parse(table).unwrap();
-        let target = Targets::single(Target::new(name, &mapping), TOPIC);
-        pg::migrate(&mut c, &target)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        pg::position(&c, table, TOPIC, 0)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let options: Option<Vec<String>> = c
-            .query_one(
-                "SELECT reloptions FROM pg_class WHERE oid = $1::text::regclass",
-                &[&table],
-            )
-            .await?
-            .get(0);
-        assert_eq!(
-            options,
-            Some(vec![format!(
-                "fillfactor={}",
-                spillway_consumer::upsert::FILLFACTOR
-            )]),
-            "{table}: a table created to be written by key keeps room on its pages for updates"
-        );
-        let names = |rows: &[(i64, String, String)]| -> Vec<(i64, String)> {
-            rows.iter().map(|(i, n, _)| (*i, n.clone())).collect()
-        };
-        let (result, merged) = write(&mut c, &target, &b1).await;
-        assert!(
-            matches!(result, FlushResult::Written),
-            "{table}: {result:?}"
-        );
-        assert_eq!(names(&table_state(&c, table).await?), after_b1, "{table}");
-        let merged = merged.unwrap();
-        assert_eq!(
+    for key in ["id:bigint=/id", "id:numeric=/id"] {
+        for (case, on_conflict, after_b1, after_b2) in [
             (
-                merged.inserted,
-                merged.updated,
-                merged.deleted,
-                merged.unchanged
+                "latest",
+                "update",
+                vec![s(1, "c"), s(2, "b"), s(4, "g")],
+                vec![s(1, "f"), s(4, "g")],
             ),
-            (3, 0, 0, 6),
-            "{table}: one record per key decided its row, on an empty table"
-        );
-        let (result, merged) = write(&mut c, &target, &b2).await;
-        assert!(
-            matches!(result, FlushResult::Written),
-            "{table}: {result:?}"
-        );
-        let before = table_state(&c, table).await?;
-        assert_eq!(names(&before), after_b2, "{table}");
-        let merged = merged.unwrap();
-        assert_eq!(merged.deleted, 1, "{table}");
-        let changed = if on_conflict == "update" { 1 } else { 0 };
-        assert_eq!(
-            (merged.updated, merged.unchanged),
-            (changed, 1 - changed),
-            "{table}"
-        );
+            (
+                "first",
+                "ignore",
+                vec![s(1, "a"), s(2, "b"), s(4, "e")],
+                vec![s(1, "a"), s(4, "e")],
+            ),
+        ] {
+            let ty = key.trim_start_matches("id:").trim_end_matches("=/id");
+            let table = format!("{case}_{ty}");
+            let table = table.as_str();
+            let mapping = upsert_mapping(key, on_conflict);
+            let name = TableName::parse(table).unwrap();
+            let target = Targets::single(Target::new(name, &mapping), TOPIC);
+            pg::migrate(&mut c, &target)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            pg::position(&c, table, TOPIC, 0)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let options: Option<Vec<String>> = c
+                .query_one(
+                    "SELECT reloptions FROM pg_class WHERE oid = $1::text::regclass",
+                    &[&table],
+                )
+                .await?
+                .get(0);
+            assert_eq!(
+                options,
+                Some(vec![format!(
+                    "fillfactor={}",
+                    spillway_consumer::upsert::FILLFACTOR
+                )]),
+                "{table}: a table created to be written by key keeps room on its pages for updates"
+            );
+            let names = |rows: &[(i64, String, String)]| -> Vec<(i64, String)> {
+                rows.iter().map(|(i, n, _)| (*i, n.clone())).collect()
+            };
+            let (result, merged) = write(&mut c, &target, &b1).await;
+            assert!(
+                matches!(result, FlushResult::Written),
+                "{table}: {result:?}"
+            );
+            assert_eq!(names(&table_state(&c, table).await?), after_b1, "{table}");
+            let merged = merged.unwrap();
+            assert_eq!(
+                (
+                    merged.inserted,
+                    merged.updated,
+                    merged.deleted,
+                    merged.unchanged
+                ),
+                (3, 0, 0, 6),
+                "{table}: one record per key decided its row, on an empty table"
+            );
+            let (result, merged) = write(&mut c, &target, &b2).await;
+            assert!(
+                matches!(result, FlushResult::Written),
+                "{table}: {result:?}"
+            );
+            let before = table_state(&c, table).await?;
+            assert_eq!(names(&before), after_b2, "{table}");
+            let merged = merged.unwrap();
+            assert_eq!(merged.deleted, 1, "{table}");
+            let changed = if on_conflict == "update" { 1 } else { 0 };
+            assert_eq!(
+                (merged.updated, merged.unchanged),
+                (changed, 1 - changed),
+                "{table}"
+            );
 
-        let (replayed, merged) = write(&mut c, &target, &b1).await;
-        assert!(
-            matches!(replayed, FlushResult::Fenced),
-            "{table}: {replayed:?}"
-        );
-        assert!(merged.is_none());
-        assert_eq!(
-            table_state(&c, table).await?,
-            before,
-            "{table}: the replay changed a row"
-        );
+            let (replayed, merged) = write(&mut c, &target, &b1).await;
+            assert!(
+                matches!(replayed, FlushResult::Fenced),
+                "{table}: {replayed:?}"
+            );
+            assert!(merged.is_none());
+            assert_eq!(
+                table_state(&c, table).await?,
+                before,
+                "{table}: the replay changed a row"
+            );
+        }
     }
     Ok(())
 }
