@@ -100,12 +100,6 @@ async fn produce_to(
     per_message: usize,
     bad: &[u64],
 ) -> Result<()> {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()?;
     let records: Vec<String> = ids
         .map(|id| {
             if bad.contains(&id) {
@@ -116,8 +110,7 @@ async fn produce_to(
             }
         })
         .collect();
-    let mut pending = vec![];
-    for (n, chunk) in records.chunks(per_message).enumerate() {
+    let messages = records.chunks(per_message).enumerate().map(|(n, chunk)| {
         let env = Envelope {
             received_at_micros: 1_764_000_000_000_000 + n as i64,
             request_id: RequestId::from_u128(n as u128),
@@ -126,8 +119,26 @@ async fn produce_to(
             source: None,
             records: chunk.iter().map(|r| r.as_bytes()).collect(),
         };
-        let payload = env.encode();
-        let key = format!("{n}-{}", fastrand_key());
+        (format!("{n}-{}", fastrand_key()), env.encode())
+    });
+    send_all(bootstrap, topic, messages).await
+}
+
+/// Sends each `(Kafka key, payload)` to `topic` from an idempotent producer, as the producer
+/// does, and waits for every acknowledgement.
+async fn send_all(
+    bootstrap: &str,
+    topic: &str,
+    messages: impl IntoIterator<Item = (String, Vec<u8>)>,
+) -> Result<()> {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let mut pending = vec![];
+    for (key, payload) in messages {
         let fut = p
             .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
             .map_err(|(e, _)| e)?;

@@ -85,17 +85,9 @@ pub fn message_key<'h>(
     let rule = format!(
         "send 1 to {MAX_KEY_BYTES} bytes of printable ASCII (space to `~`). {NOTHING_WRITTEN}"
     );
-    let mut values = values.into_iter();
-    let Some(key) = values.next() else {
+    let Some(key) = only_value("X-Spillway-Key", values, &format!("send it once; {rule}"))? else {
         return Ok(None);
     };
-    let also = values.count();
-    if also > 0 {
-        return Err(Rejection::BadRequest(format!(
-            "X-Spillway-Key is given {} times: send it once; {rule}",
-            also + 1
-        )));
-    }
     if key.is_empty() {
         return Err(Rejection::BadRequest(format!(
             "X-Spillway-Key is empty: leave it out for no key, or {rule}"
@@ -124,18 +116,10 @@ pub fn message_key<'h>(
 pub fn idempotency_key<'h>(
     values: impl IntoIterator<Item = &'h [u8]>,
 ) -> Result<Option<&'h str>, Rejection> {
-    let mut values = values.into_iter();
-    let Some(key) = values.next() else {
+    let what = format!("send it once, with one key per request. {NOTHING_WRITTEN}");
+    let Some(key) = only_value("Idempotency-Key", values, &what)? else {
         return Ok(None);
     };
-    let also = values.count();
-    if also > 0 {
-        return Err(Rejection::BadRequest(format!(
-            "Idempotency-Key is given {} times: send it once, with one key per request. \
-             {NOTHING_WRITTEN}",
-            also + 1
-        )));
-    }
     spillway_core::envelope::check_idempotency_key(key)
         .map(Some)
         .map_err(|problem| {
@@ -144,6 +128,26 @@ pub fn idempotency_key<'h>(
                  request again. {NOTHING_WRITTEN}"
             ))
         })
+}
+
+/// The one value of the header `name` (`None` without it); a header given more than once is
+/// refused, saying how many times and `what` to do, rather than one of the values chosen.
+fn only_value<'h>(
+    name: &str,
+    values: impl IntoIterator<Item = &'h [u8]>,
+    what: &str,
+) -> Result<Option<&'h [u8]>, Rejection> {
+    let mut values = values.into_iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    match values.count() {
+        0 => Ok(Some(value)),
+        also => Err(Rejection::BadRequest(format!(
+            "{name} is given {} times: {what}",
+            also + 1
+        ))),
+    }
 }
 
 /// Applies `Content-Encoding`, never producing more than `limit` bytes (a gzip bomb stops at

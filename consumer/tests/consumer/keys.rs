@@ -7,14 +7,7 @@ use super::*;
 /// One keyed request per `(key, records)`; the Kafka key is random, so a request and its
 /// retry may land in different partitions, as the producer's would.
 async fn produce_keyed(bootstrap: &str, requests: &[(Option<String>, Vec<String>)]) -> Result<()> {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()?;
-    let mut pending = vec![];
-    for (n, (key, records)) in requests.iter().enumerate() {
+    let messages = requests.iter().enumerate().map(|(n, (key, records))| {
         let env = Envelope {
             received_at_micros: 1_764_000_000_000_000 + n as i64,
             request_id: RequestId::from_u128(fastrand_key() as u128),
@@ -23,17 +16,9 @@ async fn produce_keyed(bootstrap: &str, requests: &[(Option<String>, Vec<String>
             source: None,
             records: records.iter().map(|r| r.as_bytes()).collect(),
         };
-        let payload = env.encode();
-        let kafka_key = fastrand_key().to_string();
-        let fut = p
-            .send_result(FutureRecord::to(TOPIC).key(&kafka_key).payload(&payload))
-            .map_err(|(e, _)| e)?;
-        pending.push(fut);
-    }
-    for f in pending {
-        f.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(())
+        (fastrand_key().to_string(), env.encode())
+    });
+    send_all(bootstrap, TOPIC, messages).await
 }
 
 /// Request `n`: key `req-n` (or none), records `5n..5n+5`; in request 7, record 36 is one

@@ -16,14 +16,7 @@ const DAY: i64 = 24 * HOUR;
 /// Sends each `(received_at, records)` as one envelope whose request the producer received at
 /// that instant (µs since the Unix epoch).
 async fn produce_at(bootstrap: &str, messages: &[(i64, Vec<String>)]) -> Result<()> {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()?;
-    let mut pending = vec![];
-    for (n, (at, records)) in messages.iter().enumerate() {
+    let messages = messages.iter().enumerate().map(|(n, (at, records))| {
         let env = Envelope {
             received_at_micros: *at,
             request_id: RequestId::from_u128(n as u128 + 1),
@@ -32,16 +25,9 @@ async fn produce_at(bootstrap: &str, messages: &[(i64, Vec<String>)]) -> Result<
             source: None,
             records: records.iter().map(|r| r.as_bytes()).collect(),
         };
-        let key = format!("{n}-{}", fastrand_key());
-        let fut = p
-            .send_result(FutureRecord::to(TOPIC).key(&key).payload(&env.encode()))
-            .map_err(|(e, _)| e)?;
-        pending.push(fut);
-    }
-    for f in pending {
-        f.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(())
+        (format!("{n}-{}", fastrand_key()), env.encode())
+    });
+    send_all(bootstrap, TOPIC, messages).await
 }
 
 /// The partitions of `table` by name.
