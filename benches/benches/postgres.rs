@@ -365,7 +365,7 @@ impl Written {
     async fn flush(&self, client: &mut Client, batch: &Batch) -> (Duration, Option<Merged>) {
         let encoded = pg::encode_rows(batch, &self.targets).expect("the bench rows fit");
         let t = Instant::now();
-        let (result, merged) =
+        let pg::Flushed { result, merged, .. } =
             pg::flush(client, &self.targets, &self.table.plain, batch, encoded).await;
         let took = t.elapsed();
         assert!(matches!(result, FlushResult::Written), "{result:?}");

@@ -173,6 +173,15 @@ pub struct Args {
     /// number and h, d or w, e.g. 30d [default: keep every partition].
     #[arg(long, env = "SPILLWAY_RETENTION", value_name = "DURATION")]
     pub retention: Option<String>,
+    /// How long the Idempotency-Keys written are kept (per table, in <table>_request_keys): a
+    /// request sent again with its key within this time is written once. A whole number and
+    /// h, d or w [default: 24h]. Older keys are deleted in small batches every minute.
+    #[arg(
+        long,
+        env = "SPILLWAY_IDEMPOTENCY_KEY_RETENTION",
+        value_name = "DURATION"
+    )]
+    pub idempotency_key_retention: Option<String>,
     /// This consumer's name: its stored positions are kept under it, whatever tables it
     /// writes [default: the --table name, where positions were kept before routing].
     #[arg(long, env = "SPILLWAY_NAME")]
@@ -292,6 +301,11 @@ pub struct Settings {
     /// How often partitions are checked, created ahead and dropped past the retention (not a
     /// flag: a minute, which tests shorten).
     pub partition_check_every: Duration,
+    /// How long the idempotency keys written are kept (`--idempotency-key-retention`).
+    pub key_retention: Duration,
+    /// How often keys past `key_retention` are deleted (not a flag: a minute, which tests
+    /// shorten).
+    pub key_expiry_every: Duration,
 }
 
 impl fmt::Debug for Settings {
@@ -379,6 +393,8 @@ impl Settings {
             routed: vec![],
             partitioning: None,
             partition_check_every: Duration::from_secs(60),
+            key_retention: Duration::from_secs(24 * 3600),
+            key_expiry_every: Duration::from_secs(60),
         }
     }
 
@@ -419,7 +435,8 @@ impl Settings {
                 name,
                 partition_by,
                 partition_interval,
-                retention
+                retention,
+                idempotency_key_retention
             );
             a.librdkafka = f.librdkafka;
             a.columns = f.columns;
@@ -552,6 +569,11 @@ impl Settings {
         }
         if let Some(v) = a.orphan_rejoin_ms {
             s.orphan_timeout = positive(v, "orphan-rejoin-ms")?;
+        }
+        if let Some(r) = a.idempotency_key_retention {
+            let r =
+                Retention::parse(&r).map_err(|e| bad("idempotency-key-retention", e.problem))?;
+            s.key_retention = Duration::from_micros(r.micros() as u64);
         }
         s.rdkafka = a.librdkafka.into_iter().collect();
         s.rdkafka.extend(parse_properties(&a.rdkafka)?);

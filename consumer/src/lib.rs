@@ -17,6 +17,7 @@ compile_error!(
 );
 
 pub mod config;
+pub mod keys;
 pub mod partitions;
 pub mod pg;
 mod pipeline;

@@ -11,7 +11,7 @@ use postgres_native_tls::MakeTlsConnector;
 use spillway_core::batcher::Record;
 use spillway_core::partitions::Range;
 use spillway_core::pgcopy::{CopyRows, ROW_OVERHEAD};
-use spillway_core::{routing, topics};
+use spillway_core::{idempotency, routing, topics};
 use spillway_core::{
     Batch, ErrorClass, FlushResult, Mapping, Partition, Partitioning, Position, ProducerSequence,
     Router, StoredPosition, Topics,
@@ -113,6 +113,7 @@ pub struct TableName {
     pub plain: String,
     quoted: String,
     dead_quoted: String,
+    keys_quoted: String,
     last: String,
     /// `"schema".` or nothing.
     schema_prefix: String,
@@ -145,10 +146,14 @@ impl TableName {
         let mut dead = parts.clone();
         let n = dead.len();
         dead[n - 1] = &last;
+        let keys_last = format!("{}_request_keys", parts[parts.len() - 1]);
+        let mut keys = parts.clone();
+        keys[n - 1] = &keys_last;
         Ok(TableName {
             plain: s.to_string(),
             quoted: quote(&parts),
             dead_quoted: quote(&dead),
+            keys_quoted: quote(&keys),
             last: parts[parts.len() - 1].to_string(),
             schema_prefix: match parts.len() {
                 2 => format!("{}.", quote(&parts[..1])),
@@ -170,6 +175,11 @@ impl TableName {
     /// The dead-letter table, quoted.
     pub fn dead_letters(&self) -> &str {
         &self.dead_quoted
+    }
+
+    /// The table of the idempotency keys written (`<table>_request_keys`), quoted.
+    pub fn request_keys(&self) -> &str {
+        &self.keys_quoted
     }
 
     /// Another table in this table's schema (a partition), quoted: `name` must be a plain
@@ -432,6 +442,25 @@ async fn create_table(
         .map_err(|e| classify(&e))?;
         tx.execute(
             "INSERT INTO spillway_schema_migrations (target, version) VALUES ($1, 1)",
+            &[&table.plain],
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    }
+    if applied.unwrap_or(0) < 2 {
+        // Each Idempotency-Key written to the table, with the message that owns it (the first
+        // written): `spillway_core::idempotency`.
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {k} (
+                 key text PRIMARY KEY, topic text NOT NULL, kafka_partition int NOT NULL,
+                 kafka_offset bigint NOT NULL, first_seen timestamptz NOT NULL DEFAULT now());
+             CREATE INDEX ON {k} (first_seen);",
+            k = table.request_keys(),
+        ))
+        .await
+        .map_err(|e| classify(&e))?;
+        tx.execute(
+            "INSERT INTO spillway_schema_migrations (target, version) VALUES ($1, 2)",
             &[&table.plain],
         )
         .await
@@ -810,6 +839,16 @@ pub type Encoded = Vec<EncodedRows>;
 /// [`FlushResult::Unconvertible`] with every such record and its reason: the core
 /// dead-letters them and the rest is flushed again. Nothing has been sent at that point.
 pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushResult> {
+    encode_rows_without(batch, targets, &BTreeSet::new())
+}
+
+/// [`encode_rows`] leaving out the entries `skip` (indexes into the batch's entries): neither
+/// rows nor dead letters.
+fn encode_rows_without(
+    batch: &Batch,
+    targets: &Targets,
+    skip: &BTreeSet<usize>,
+) -> Result<Encoded, FlushResult> {
     let mut found = Vec::new();
     let routes: Vec<usize> = batch
         .entries
@@ -837,7 +876,7 @@ pub fn encode_rows(batch: &Batch, targets: &Targets) -> Result<Encoded, FlushRes
     let mut refused = Vec::new();
     for (i, (e, t)) in batch.entries.iter().zip(&routes).enumerate() {
         let (copy, entries, dead) = &mut buffers[*t];
-        if e.copy {
+        if e.copy || skip.contains(&i) {
             continue;
         } else if e.dead_reason.is_some() {
             dead.push(i);
@@ -995,13 +1034,57 @@ impl Targets {
 /// highest sequences ([`stored_position`]), each table's rows
 /// (encoded by [`encode_rows`]) go in by COPY BINARY (appended, or into a staging table and
 /// merged by key: [`crate::upsert`]), the dead letters beside them. Each error is classified
-/// by the statement that raised it. Merges also say what they did.
+/// by the statement that raised it. Merges also say what they did. Before the rows, the
+/// batch claims its messages' idempotency keys ([`claim_keys`]): the records of a message
+/// that does not own its key are left out.
 pub async fn flush(
     client: &mut Client,
     targets: &Targets,
     name: &str,
     batch: &Batch,
     encoded: Encoded,
+) -> Flushed {
+    let mut flushed = Flushed {
+        result: FlushResult::Written,
+        merged: None,
+        repeated: Repeated::default(),
+        per_table: encoded.iter().map(EncodedRows::records).collect(),
+    };
+    (flushed.result, flushed.merged) =
+        flush_in(client, targets, name, batch, encoded, &mut flushed).await;
+    flushed
+}
+
+/// What a flush did.
+#[derive(Debug)]
+pub struct Flushed {
+    /// The outcome for the core.
+    pub result: FlushResult,
+    /// With tables written by key: what the merges did.
+    pub merged: Option<Merged>,
+    /// Records left out as repeats of a request already written (by its idempotency key).
+    pub repeated: Repeated,
+    /// Records (rows and dead letters) each table got, in the order of [`Targets::tables`].
+    pub per_table: Vec<usize>,
+}
+
+/// Records a flush left out because their request's idempotency key belongs to another
+/// message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Repeated {
+    /// Rows not written.
+    pub rows: usize,
+    /// Dead letters not written.
+    pub dead_letters: usize,
+}
+
+async fn flush_in(
+    client: &mut Client,
+    targets: &Targets,
+    name: &str,
+    batch: &Batch,
+    encoded: Encoded,
+    flushed: &mut Flushed,
 ) -> (FlushResult, Option<Merged>) {
     use Stage::*;
     let place = match targets.place(batch.partition) {
@@ -1055,6 +1138,16 @@ pub async fn flush(
             return (staged(Bookkeeping, &e, &[]), None);
         }
     }
+    let encoded = match claim_keys(&tx, targets, place, batch, encoded).await {
+        Ok((encoded, repeated)) => {
+            if repeated != Repeated::default() {
+                flushed.per_table = encoded.iter().map(EncodedRows::records).collect();
+            }
+            flushed.repeated = repeated;
+            encoded
+        }
+        Err(result) => return (result, None),
+    };
     let mut merged: Option<Merged> = None;
     for (target, rows) in targets.tables.iter().zip(&encoded) {
         if rows.entries.is_empty() {
@@ -1107,6 +1200,80 @@ pub async fn flush(
         Ok(()) => (FlushResult::Written, merged),
         Err(e) => (staged(Commit, &e, &[]), None),
     }
+}
+
+/// Claims, for each table, the idempotency keys of the batch's messages that go to it (each
+/// key for its first message, unless another message owns it already: an insert that keeps
+/// the existing owner, waiting for a concurrent claim to commit or roll back), reads the
+/// owners back, and encodes the batch again without the records of messages that do not own
+/// their key ([`spillway_core::idempotency`]). The two statements go in one round trip; the
+/// second sees what the first waited for (each statement reads the committed state anew).
+async fn claim_keys(
+    tx: &tokio_postgres::Transaction<'_>,
+    targets: &Targets,
+    (_, topic, partition): Place<'_>,
+    batch: &Batch,
+    encoded: Encoded,
+) -> Result<(Encoded, Repeated), FlushResult> {
+    let mut skip = BTreeSet::new();
+    for (target, rows) in targets.tables.iter().zip(&encoded) {
+        let entries = || rows.entries.iter().chain(&rows.dead).copied();
+        let claims = idempotency::claims(batch, entries());
+        if claims.is_empty() {
+            continue;
+        }
+        let keys: Vec<&str> = claims.iter().map(|(k, _)| &**k).collect();
+        let offsets: Vec<i64> = claims.iter().map(|(_, o)| *o).collect();
+        let table = target.table.request_keys();
+        let claim = format!(
+            "INSERT INTO {table} (key, topic, kafka_partition, kafka_offset)
+             SELECT k, $2, $3, o FROM unnest($1::text[], $4::bigint[]) AS u(k, o)
+             ON CONFLICT (key) DO NOTHING"
+        );
+        let owners = format!(
+            "SELECT key, topic, kafka_partition, kafka_offset FROM {table} WHERE key = ANY($1)"
+        );
+        let (_, owners) = futures::future::try_join(
+            tx.execute(&claim, &[&keys, &topic, &partition, &offsets]),
+            tx.query(&owners, &[&keys]),
+        )
+        .await
+        .map_err(|e| staged(Stage::Bookkeeping, &e, &[]))?;
+        let owners: BTreeMap<String, idempotency::Owner> = owners
+            .iter()
+            .map(|r| {
+                let (key, topic, kafka): (String, String, i32) = (r.get(0), r.get(1), r.get(2));
+                // Owned by a topic this consumer does not read: never this message.
+                let p = targets
+                    .topics
+                    .number(&topic, kafka)
+                    .unwrap_or(Partition::MIN);
+                (key, (p, r.get::<_, i64>(3)))
+            })
+            .collect();
+        skip.extend(idempotency::repeated(batch, entries(), |k| {
+            owners.get(k).copied()
+        }));
+    }
+    if skip.is_empty() {
+        return Ok((encoded, Repeated::default()));
+    }
+    let repeated = Repeated {
+        rows: skip
+            .iter()
+            .filter(|i| batch.entries.get(**i).is_some_and(|e| e.is_row()))
+            .count(),
+        dead_letters: skip
+            .iter()
+            .filter(|i| {
+                batch
+                    .entries
+                    .get(**i)
+                    .is_some_and(|e| e.dead_reason.is_some())
+            })
+            .count(),
+    };
+    Ok((encode_rows_without(batch, targets, &skip)?, repeated))
 }
 
 /// Inserts dead letters with their reasons into `table`'s dead-letter table.

@@ -43,6 +43,9 @@ pub struct Metrics {
     batches: Counter,
     dead_letters: Counter,
     copies: Counter,
+    repeated: Counter,
+    /// Idempotency keys deleted past their retention.
+    pub(crate) keys_expired: Counter,
     retries: Counter,
     fenced: Counter,
     dropped: Counter,
@@ -99,6 +102,14 @@ impl Metrics {
         let copies = counter(
             "spillway_consumer_copies_skipped_total",
             "Second copies of messages already written, skipped: a producer's Kafka client stored them again after an answer was lost.",
+        );
+        let repeated = counter(
+            "spillway_consumer_repeated_records_skipped_total",
+            "Records not written because their request was sent again with an Idempotency-Key already written (rows and dead letters).",
+        );
+        let keys_expired = counter(
+            "spillway_consumer_request_keys_expired_total",
+            "Idempotency keys deleted past --idempotency-key-retention.",
         );
         let retries = counter(
             "spillway_consumer_flush_retries_total",
@@ -218,6 +229,8 @@ impl Metrics {
             batches,
             dead_letters,
             copies,
+            repeated,
+            keys_expired,
             retries,
             fenced,
             dropped,
@@ -340,6 +353,9 @@ pub(crate) struct Pipeline {
     dropped_reported: u64,
     /// With `--partition-by`: the tables' time partitions.
     rotation: Option<Arc<Rotation>>,
+    /// What the last written batch of a partition left out as repeated requests, until its
+    /// `Committed` notice counts it.
+    repeated: Arc<Mutex<HashMap<Partition, pg::Repeated>>>,
     #[cfg(feature = "failpoints")]
     exit_after_commits: Option<u64>,
     #[cfg(feature = "failpoints")]
@@ -403,6 +419,7 @@ impl Pipeline {
             health,
             dropped_reported: 0,
             rotation,
+            repeated: Arc::default(),
             #[cfg(feature = "failpoints")]
             exit_after_commits: std::env::var(FAILPOINT_EXIT_AFTER_COMMITS)
                 .ok()
@@ -437,6 +454,13 @@ impl Pipeline {
             .rotation
             .as_ref()
             .map(|r| r.spawn(self.settings.partition_check_every));
+        let expiry_task = crate::keys::spawn(
+            self.targets.clone(),
+            self.pool.clone(),
+            self.metrics.clone(),
+            self.settings.key_retention,
+            self.settings.key_expiry_every,
+        );
         let mut stopping = false;
         let result = loop {
             let timer = self.machine.poll_timeout();
@@ -476,6 +500,7 @@ impl Pipeline {
             self.update_gauges();
         };
         lag_task.abort();
+        expiry_task.abort();
         if let Some(task) = rotation_task {
             task.abort();
         }
@@ -627,6 +652,7 @@ impl Pipeline {
                     let targets = self.targets.clone();
                     let rotation = self.rotation.clone();
                     let routed = self.metrics.routed.clone();
+                    let repeats = self.repeated.clone();
                     let merges = self.metrics.merged.clone();
                     // A stopped (SIGSTOP) or unreachable server never fires its own statement
                     // timeout: give up on our side too, counting from when a pooled connection
@@ -670,14 +696,22 @@ impl Pipeline {
                         let started = Instant::now();
                         let attempt = async {
                             let mut conn = pool.open(turn?).await?;
-                            let per_table: Vec<usize> =
-                                rows.iter().map(pg::EncodedRows::records).collect();
-                            let (result, merged) =
-                                pg::flush(conn.client_mut(), &targets, &name, &batch, rows)
-                                    .await;
-                            if matches!(result, FlushResult::Written) && targets.tables.len() > 1 {
-                                for (t, n) in targets.tables.iter().zip(per_table) {
-                                    routed.get(&t.table.plain).inc_by(n as u64);
+                            let pg::Flushed {
+                                result,
+                                merged,
+                                repeated,
+                                per_table,
+                            } = pg::flush(conn.client_mut(), &targets, &name, &batch, rows).await;
+                            if matches!(result, FlushResult::Written) {
+                                if targets.tables.len() > 1 {
+                                    for (t, n) in targets.tables.iter().zip(per_table) {
+                                        routed.get(&t.table.plain).inc_by(n as u64);
+                                    }
+                                }
+                                if repeated != pg::Repeated::default() {
+                                    // Read by the batch's `Committed` notice (one batch per
+                                    // partition is in flight).
+                                    lock(&repeats).insert(batch.partition, repeated);
                                 }
                             }
                             if let Some(m) = merged {
@@ -753,6 +787,19 @@ impl Pipeline {
                 dead_letters,
                 copies,
             } => {
+                let repeated = lock(&self.repeated).remove(&partition).unwrap_or_default();
+                let rows = rows.saturating_sub(repeated.rows);
+                let dead_letters = dead_letters.saturating_sub(repeated.dead_letters);
+                if repeated != pg::Repeated::default() {
+                    let skipped = repeated.rows + repeated.dead_letters;
+                    self.metrics.repeated.inc_by(skipped as u64);
+                    tracing::info!(
+                        partition = %self.shown(partition),
+                        ?position,
+                        skipped,
+                        "skipped records of requests sent again with an Idempotency-Key already written: nothing written twice"
+                    );
+                }
                 self.metrics.rows.inc_by(rows as u64);
                 self.metrics.dead_letters.inc_by(dead_letters as u64);
                 if copies > 0 {
@@ -1086,4 +1133,8 @@ pub fn fresh_metrics_page() -> Result<String, std::fmt::Error> {
 
 pub(crate) fn new_metrics(capacity: &BatcherConfig) -> Arc<Metrics> {
     Arc::new(Metrics::new(capacity))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

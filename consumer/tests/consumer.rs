@@ -16,6 +16,8 @@ use spillway_harness::metrics::sample_sum;
 use spillway_harness::postgres::{connect, copy_backends};
 use spillway_harness::{FaultProxy, Faults, KafkaBroker, PostgresServer, Tansu};
 
+#[path = "consumer/keys.rs"]
+mod keys;
 #[path = "consumer/partitions.rs"]
 mod partitions;
 #[path = "consumer/routing.rs"]

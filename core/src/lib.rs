@@ -7,7 +7,8 @@
 //! again ([`retry`]), which Kafka position is safe to commit ([`ledger`]), and how a record
 //! becomes a row of typed columns in COPY BINARY ([`columns`], [`pgcopy`]), and which time
 //! partitions a table needs and which are past their retention ([`partitions`]), and how the
-//! partitions of several topics share one number space ([`topics`]).
+//! partitions of several topics share one number space ([`topics`]), and which records of a
+//! request sent again with its `Idempotency-Key` are repeats ([`idempotency`]).
 //!
 //! It never performs IO and never reads a clock: every method that depends on time takes `now`
 //! as an argument. The services (`spillway-producer`, `spillway-consumer`) are thin shells that
@@ -22,6 +23,7 @@ pub mod columns;
 pub mod consumer;
 pub mod envelope;
 pub mod error;
+pub mod idempotency;
 pub mod ledger;
 pub mod metrics;
 pub mod partitions;

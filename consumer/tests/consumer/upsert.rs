@@ -83,7 +83,8 @@ async fn write(
 ) -> (FlushResult, Option<spillway_consumer::upsert::Merged>) {
     let rows = pg::encode_rows(b, targets).unwrap();
     let name = targets.tables[0].table.plain.clone();
-    pg::flush(c, targets, &name, b, rows).await
+    let flushed = pg::flush(c, targets, &name, b, rows).await;
+    (flushed.result, flushed.merged)
 }
 
 /// Fault: a batch committed in Postgres is written again (as after a crash between the
