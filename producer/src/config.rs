@@ -71,6 +71,16 @@ pub struct Args {
     #[arg(long, env = "SPILLWAY_RETRY_AFTER_SECS")]
     pub retry_after_secs: Option<u64>,
 
+    /// Idempotency-Keys remembered, each with its body's digest, to refuse a key reused for
+    /// another body with 422; past it the oldest is forgotten [default: 100000].
+    #[arg(long, env = "SPILLWAY_MAX_IDEMPOTENCY_KEYS")]
+    pub max_idempotency_keys: Option<usize>,
+
+    /// How long an Idempotency-Key is remembered, from when its request was first handed to
+    /// Kafka, in seconds; keep it at the consumer's key retention [default: 86400].
+    #[arg(long, env = "SPILLWAY_IDEMPOTENCY_WINDOW_SECS")]
+    pub idempotency_window_secs: Option<u64>,
+
     /// Comma-separated bearer tokens; when set, /store requires `Authorization: Bearer <token>`.
     /// Never logged.
     #[arg(long, env = "SPILLWAY_AUTH_TOKENS", hide_env_values = true)]
@@ -124,6 +134,10 @@ pub struct Settings {
     pub produce_timeout: Duration,
     /// Retry-After for 429 and 503.
     pub retry_after: Duration,
+    /// Idempotency-Keys remembered at most.
+    pub max_idempotency_keys: usize,
+    /// How long an Idempotency-Key is remembered.
+    pub idempotency_window: Duration,
     /// Accepted bearer tokens (empty: no auth).
     pub auth_tokens: Vec<String>,
     /// linger.ms.
@@ -146,6 +160,8 @@ impl fmt::Debug for Settings {
             .field("max_in_flight_requests", &self.max_in_flight_requests)
             .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("produce_timeout", &self.produce_timeout)
+            .field("max_idempotency_keys", &self.max_idempotency_keys)
+            .field("idempotency_window", &self.idempotency_window)
             .field(
                 "auth_tokens",
                 &format_args!("<{} redacted>", self.auth_tokens.len()),
@@ -171,6 +187,8 @@ impl Settings {
             max_in_flight_bytes: 256 << 20,
             produce_timeout: Duration::from_secs(5),
             retry_after: Duration::from_secs(1),
+            max_idempotency_keys: 100_000,
+            idempotency_window: Duration::from_secs(24 * 3600),
             auth_tokens: vec![],
             linger: Duration::from_millis(2),
             shutdown_timeout: Duration::from_secs(30),
@@ -196,6 +214,10 @@ impl Settings {
             args.max_in_flight_bytes = args.max_in_flight_bytes.or(file.max_in_flight_bytes);
             args.produce_timeout_ms = args.produce_timeout_ms.or(file.produce_timeout_ms);
             args.retry_after_secs = args.retry_after_secs.or(file.retry_after_secs);
+            args.max_idempotency_keys = args.max_idempotency_keys.or(file.max_idempotency_keys);
+            args.idempotency_window_secs = args
+                .idempotency_window_secs
+                .or(file.idempotency_window_secs);
             args.auth_tokens = args.auth_tokens.or(file.auth_tokens);
             args.linger_ms = args.linger_ms.or(file.linger_ms);
             args.shutdown_timeout_ms = args.shutdown_timeout_ms.or(file.shutdown_timeout_ms);
@@ -263,6 +285,20 @@ impl Settings {
         }
         if let Some(secs) = args.retry_after_secs {
             s.retry_after = Duration::from_secs(secs.max(1));
+        }
+        s.max_idempotency_keys = positive(
+            "max-idempotency-keys",
+            args.max_idempotency_keys,
+            s.max_idempotency_keys,
+        )?;
+        if let Some(secs) = args.idempotency_window_secs {
+            if secs == 0 {
+                return Err(bad(
+                    "idempotency-window-secs",
+                    "must be greater than zero: set it to the consumer's key retention",
+                ));
+            }
+            s.idempotency_window = Duration::from_secs(secs);
         }
         if let Some(tokens) = args.auth_tokens {
             s.auth_tokens = tokens
@@ -368,6 +404,47 @@ mod tests {
         let err = parse(&["--config", path.to_str().unwrap(), "--max-depth", "500"]).unwrap_err();
         assert_eq!(err.setting, "max-depth", "{err}");
         assert!(err.to_string().contains("--schema"), "{err}");
+    }
+
+    #[test]
+    fn idempotency_key_memory_comes_from_flags_or_the_file() {
+        let s = parse(&["--brokers", "b", "--topic", "t"]).unwrap();
+        assert_eq!(
+            (s.max_idempotency_keys, s.idempotency_window),
+            (100_000, Duration::from_secs(86_400))
+        );
+        let dir = tempfile_dir();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "brokers = \"b\"\ntopic = \"t\"\nmax-idempotency-keys = 50\nidempotency-window-secs = 600\n",
+        )
+        .unwrap();
+        let s = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            (s.max_idempotency_keys, s.idempotency_window),
+            (50, Duration::from_secs(600))
+        );
+        let s = parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--max-idempotency-keys",
+            "7",
+            "--idempotency-window-secs",
+            "60",
+        ])
+        .unwrap();
+        assert_eq!(
+            (s.max_idempotency_keys, s.idempotency_window),
+            (7, Duration::from_secs(60))
+        );
+        for (flag, setting) in [
+            ("--max-idempotency-keys", "max-idempotency-keys"),
+            ("--idempotency-window-secs", "idempotency-window-secs"),
+        ] {
+            let err = parse(&["--brokers", "b", "--topic", "t", flag, "0"]).unwrap_err();
+            assert_eq!(err.setting, setting, "{err}");
+        }
     }
 
     /// A directory removed when the test ends (it used to be left in the temp directory).

@@ -1,6 +1,7 @@
 //! Turning a request body into records: content type, decompression under a hard cap, UTF-8,
 //! nesting depth and JSON validation; and reading the request's Kafka message key
-//! ([`message_key`]). Pure functions; the HTTP layer maps [`Rejection`] to a status.
+//! ([`message_key`]) and idempotency key ([`idempotency_key`]). Pure functions; the HTTP
+//! layer maps [`Rejection`] to a status.
 //!
 //! Nothing here recurses on the input's nesting: the depth is counted by one loop over the
 //! bytes before any parser sees them, and splitting into raw records uses serde_json's
@@ -113,6 +114,36 @@ pub fn message_key<'h>(
         )));
     }
     Ok(Some(key))
+}
+
+/// Reads the `Idempotency-Key` header, given every value the request sent for it, as sent:
+/// `None` without the header, else its one value, which must be a key
+/// [`spillway_core::envelope::check_idempotency_key`] accepts (1 to 255 printable ASCII
+/// characters). It travels in the envelope; the consumer writes the records of one key once.
+/// A key given twice is refused rather than one of them chosen: the two could differ.
+pub fn idempotency_key<'h>(
+    values: impl IntoIterator<Item = &'h [u8]>,
+) -> Result<Option<&'h str>, Rejection> {
+    let mut values = values.into_iter();
+    let Some(key) = values.next() else {
+        return Ok(None);
+    };
+    let also = values.count();
+    if also > 0 {
+        return Err(Rejection::BadRequest(format!(
+            "Idempotency-Key is given {} times: send it once, with one key per request. \
+             {NOTHING_WRITTEN}",
+            also + 1
+        )));
+    }
+    spillway_core::envelope::check_idempotency_key(key)
+        .map(Some)
+        .map_err(|problem| {
+            Rejection::BadRequest(format!(
+                "Idempotency-Key {problem}; fix the key (or leave the header out) and send the \
+                 request again. {NOTHING_WRITTEN}"
+            ))
+        })
 }
 
 /// Applies `Content-Encoding`, never producing more than `limit` bytes (a gzip bomb stops at
@@ -580,6 +611,34 @@ mod tests {
         );
         check_key(&[b"\x1f"], Err("byte 0x1f at offset 0"));
         check_key(&[b"a\x7f"], Err("byte 0x7f at offset 1"));
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        let longest = [b'k'; 255];
+        fn ok<'h>(values: &[&'h [u8]]) -> Result<Option<&'h str>, Rejection> {
+            idempotency_key(values.iter().copied())
+        }
+        assert_eq!(ok(&[]), Ok(None));
+        assert_eq!(ok(&[b"order-42 retry ~"]), Ok(Some("order-42 retry ~")));
+        assert_eq!(ok(&[&longest]).map(|k| k.map(str::len)), Ok(Some(255)));
+        let refused: [(&[&[u8]], &str); 5] = [
+            (&[b""], "is 0 bytes long"),
+            (&[&[b'k'; 256]], "is 256 bytes long"),
+            (&[b"a\tb"], "holds byte 0x09 at position 1"),
+            (&["cl\u{e9}".as_bytes()], "holds byte 0xc3 at position 2"),
+            (&[b"a", b"a"], "is given 2 times: send it once"),
+        ];
+        for (values, needle) in refused {
+            let Err(Rejection::BadRequest(msg)) = ok(values) else {
+                panic!("{values:?} accepted");
+            };
+            assert!(
+                msg.starts_with("Idempotency-Key ") && msg.contains(needle),
+                "{values:?}: {msg:?} lacks {needle:?}"
+            );
+            assert!(msg.ends_with(NOTHING_WRITTEN), "{msg}");
+        }
     }
 
     fn gzip(data: &[u8]) -> bytes::Bytes {

@@ -26,6 +26,7 @@ use warp::hyper::Body;
 use warp::Filter;
 
 use crate::config::{redact_properties, Settings};
+use crate::idempotency::{self, KeyUse, RecentKeys, Ticket};
 use crate::ingest::{self, Rejection};
 use crate::mutation::{self, Mutation};
 use crate::schema::{self, Mismatch, RecordSchema, SchemaError};
@@ -156,6 +157,8 @@ struct Metrics {
     in_flight: Gauge,
     queue_depth: Gauge,
     client_resets: Counter,
+    idempotency_keys: Labelled<Counter>,
+    remembered_keys: Gauge,
 }
 
 /// The statuses `/store` answers, each exported from the start (at 0) so that a rate over
@@ -173,7 +176,22 @@ impl Metrics {
         for s in STATUSES {
             by_status.get(&s.to_string());
         }
+        let idempotency_keys = registry.counters(
+            "spillway_producer_idempotency_keys_total",
+            "Requests with an Idempotency-Key, by what the key was to the keys remembered: new, \
+             repeat (same body, produced again) or conflict (another body, refused with 422).",
+            "outcome",
+        );
+        for outcome in ["new", "repeat", "conflict"] {
+            idempotency_keys.get(outcome);
+        }
         Metrics {
+            idempotency_keys,
+            remembered_keys: registry.gauge(
+                "spillway_producer_idempotency_keys_remembered",
+                "Idempotency-Keys remembered with their body's digest (at most \
+                 --max-idempotency-keys, each for --idempotency-window-secs).",
+            ),
             client_resets: registry.counter(
                 "spillway_producer_kafka_client_resets_total",
                 "Kafka clients replaced after the broker rejected the idempotent producer's state.",
@@ -230,6 +248,11 @@ struct State {
     discards: Arc<Semaphore>,
     metrics: Metrics,
     readiness: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// Recent Idempotency-Keys and their bodies' digests, to refuse a key reused for another
+    /// body.
+    recent_keys: Mutex<RecentKeys>,
+    /// Keys the body digests: drawn at start-up, so no client can aim at a collision.
+    digests: std::collections::hash_map::RandomState,
 }
 
 struct KafkaClient {
@@ -305,6 +328,31 @@ fn random_client_id() -> u64 {
 const CLIENT_RESET_INTERVAL: Duration = Duration::from_secs(2);
 
 impl State {
+    fn lock_recent_keys(&self) -> std::sync::MutexGuard<'_, RecentKeys> {
+        self.recent_keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `key` with a body of `digest` is to the keys remembered, as its message is about to
+    /// be handed to Kafka (see [`RecentKeys::remember`]); counted.
+    fn remember_key(&self, key: &str, digest: u64) -> KeyUse {
+        let mut keys = self.lock_recent_keys();
+        let key_use = keys.remember(key, digest, Instant::now());
+        self.metrics.remembered_keys.set(keys.len() as i64);
+        drop(keys);
+        self.metrics.idempotency_keys.get(key_use.outcome()).inc();
+        key_use
+    }
+
+    /// After a request whose key was new certainly wrote nothing: the key may be used for
+    /// another body.
+    fn forget_key(&self, new_key: Option<(&str, Ticket)>) {
+        if let Some((key, ticket)) = new_key {
+            let mut keys = self.lock_recent_keys();
+            keys.forget(key, ticket);
+            self.metrics.remembered_keys.set(keys.len() as i64);
+        }
+    }
+
     fn producer(&self) -> (u64, Arc<SequencedProducer>) {
         let k = self.kafka.read().unwrap_or_else(|p| p.into_inner());
         (k.generation, Arc::clone(&k.producer))
@@ -495,6 +543,11 @@ pub async fn start(settings: Settings) -> Result<RunningProducer, StartError> {
         discards: Arc::new(Semaphore::new(MAX_DISCARDS)),
         metrics: Metrics::new(),
         readiness: Mutex::new(None),
+        recent_keys: Mutex::new(RecentKeys::new(
+            settings.max_idempotency_keys,
+            settings.idempotency_window,
+        )),
+        digests: std::collections::hash_map::RandomState::new(),
         max_message_bytes,
         kafka: std::sync::RwLock::new(KafkaClient {
             generation: 0,
@@ -723,6 +776,11 @@ pub fn fresh_metrics_page() -> Result<String, std::fmt::Error> {
 }
 
 fn render_metrics(state: &State) -> Result<String, std::fmt::Error> {
+    {
+        let mut keys = state.lock_recent_keys();
+        keys.expire(Instant::now());
+        state.metrics.remembered_keys.set(keys.len() as i64);
+    }
     state
         .metrics
         .queue_depth
@@ -799,6 +857,12 @@ fn authorized(state: &State, headers: &HeaderMap) -> bool {
 ///   before the body is read, and nothing is written. HTTP drops a value's leading and
 ///   trailing spaces, so they are not part of a key. Without it the message has no key and
 ///   goes to any partition.
+/// - `Idempotency-Key` (optional): travels in the envelope; the consumer writes one key's
+///   records once. A key [`spillway_core::envelope::check_idempotency_key`] refuses, or the
+///   header sent twice, is a `400` before the body is read. A key this process handed to
+///   Kafka with another body within `--idempotency-window-secs` is a `422`, and nothing is
+///   written ([`RecentKeys`]); with the same body the request is produced again, as usual.
+///   The `200` echoes the key.
 async fn store<S, B>(
     state: &Arc<State>,
     headers: &HeaderMap,
@@ -817,6 +881,12 @@ where
     let key = ingest::message_key(
         headers
             .get_all("x-spillway-key")
+            .iter()
+            .map(|v| v.as_bytes()),
+    )?;
+    let idempotency_key = ingest::idempotency_key(
+        headers
+            .get_all("idempotency-key")
             .iter()
             .map(|v| v.as_bytes()),
     )?;
@@ -896,7 +966,7 @@ where
         // Stamped when the message is handed to Kafka (`SequencedProducer::send`).
         request_id: RequestId::from_u128(0),
         sequenced: true,
-        idempotency_key: None,
+        idempotency_key,
         source,
         records,
     };
@@ -914,11 +984,26 @@ where
     }
     let count = envelope.records.len();
     let mut payload = envelope.encode();
+    // Remembered as the message is handed to Kafka: from here on it may be written, whatever
+    // the answer says.
+    let mut new_key = None;
+    if let Some(key) = idempotency_key {
+        match state.remember_key(
+            key,
+            idempotency::body_digest(&state.digests, kind, &decoded),
+        ) {
+            KeyUse::New(ticket) => new_key = Some((key, ticket)),
+            KeyUse::Repeat => {}
+            KeyUse::Conflict { since } => return Err(key_conflict(key, since)),
+        }
+    }
     let sent = Instant::now();
     let (generation, producer) = state.producer();
     let (request_id, delivery) = producer
         .send(&state.settings.topic, &mut payload, key)
         .map_err(|e| {
+            // The client never took the message.
+            state.forget_key(new_key);
             state.replace_client_after(generation, &e);
             kafka_refusal(&e, state)
         })?;
@@ -932,7 +1017,10 @@ where
                 state.replace_client_after(generation, &e);
             }
         });
-        return Ok(serde_json::json!({"request_id": request_id.to_string(), "records": count}));
+        let mut accepted =
+            serde_json::json!({"request_id": request_id.to_string(), "records": count});
+        echo_key(&mut accepted, idempotency_key);
+        return Ok(accepted);
     }
     // librdkafka fails the message itself at message.timeout.ms; the margin only guards a bug.
     let waited = tokio::time::timeout(
@@ -944,7 +1032,12 @@ where
         Ok(Ok(Ok(d))) => d,
         Ok(Ok(Err((e, _)))) => {
             state.replace_client_after(generation, &e);
-            return Err(kafka_refusal(&e, state));
+            let refusal = kafka_refusal(&e, state);
+            if refusal.status == StatusCode::PAYLOAD_TOO_LARGE {
+                // The broker refused the message: it is not stored.
+                state.forget_key(new_key);
+            }
+            return Err(refusal);
         }
         Ok(Err(_canceled)) => {
             return Err(Refusal::new(
@@ -970,12 +1063,36 @@ where
     state.metrics.records.inc_by(count as u64);
     state.metrics.bytes.inc_by(payload.len() as u64);
     state.metrics.records_per_request.observe(count as f64);
-    Ok(serde_json::json!({
+    let mut accepted = serde_json::json!({
         "request_id": request_id.to_string(),
         "records": count,
         "partition": delivery.partition,
         "offset": delivery.offset,
-    }))
+    });
+    echo_key(&mut accepted, idempotency_key);
+    Ok(accepted)
+}
+
+/// Adds the request's `Idempotency-Key`, if it sent one, to its answer.
+fn echo_key(answer: &mut serde_json::Value, key: Option<&str>) {
+    if let (Some(fields), Some(key)) = (answer.as_object_mut(), key) {
+        fields.insert("idempotency_key".into(), key.into());
+    }
+}
+
+/// `key` was handed to Kafka with another body `since` ago.
+fn key_conflict(key: &str, since: Duration) -> Refusal {
+    let mut refusal = Refusal::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        format!(
+            "Idempotency-Key {key:?} was used with a different body {}s ago; nothing was \
+             written. A retry must send the same body as its first attempt; a new request needs \
+             a new key.",
+            since.as_secs()
+        ),
+    );
+    refusal.details.insert("idempotency_key".into(), key.into());
+    refusal
 }
 
 fn too_large(limit: usize) -> Refusal {

@@ -14,6 +14,9 @@ use spillway_harness::kafka::{message_count, read_all, watermarks};
 use spillway_harness::{KafkaBroker, Mock, Tansu};
 use spillway_producer::{start, RunningProducer, Settings, StartError};
 
+#[path = "ingest/idempotency.rs"]
+mod idempotency;
+
 const TOPIC: &str = "ingest";
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
