@@ -356,6 +356,7 @@ pub async fn produce_backlog(
     per_message: u64,
 ) -> Result<(), rdkafka::error::KafkaError> {
     let sequenced = true;
+    let idempotency_keys = false;
     produce_backlog_of(
         bootstrap,
         topic,
@@ -364,13 +365,17 @@ pub async fn produce_backlog(
         per_message,
         record,
         sequenced,
+        idempotency_keys,
     )
     .await
 }
 
 /// [`produce_backlog`] with records made by `record` (e.g. [`typed_record`]), and sequenced
 /// request ids as the producer's (or, to measure what they cost the consumer, unsequenced ones
-/// as an older producer's).
+/// as an older producer's); with `idempotency_keys`, each message carries a distinct
+/// idempotency key (`<topic>-<message number>`), as the producer's messages of requests sent
+/// with an `Idempotency-Key` do.
+#[allow(clippy::too_many_arguments)]
 pub async fn produce_backlog_of(
     bootstrap: &str,
     topic: &str,
@@ -379,6 +384,7 @@ pub async fn produce_backlog_of(
     per_message: u64,
     record: fn(u64) -> Vec<u8>,
     sequenced: bool,
+    idempotency_keys: bool,
 ) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -395,6 +401,7 @@ pub async fn produce_backlog_of(
         let recs: Vec<Vec<u8>> = (0..per_message)
             .map(|i| record(m * per_message + i))
             .collect();
+        let idempotency_key = idempotency_keys.then(|| format!("{topic}-{m}"));
         let env = Envelope {
             received_at_micros: 1_764_000_000_000_000,
             // As the producer numbers its messages: the consumer stores each batch's highest.
@@ -403,7 +410,7 @@ pub async fn produce_backlog_of(
                 sequence: m,
             }),
             sequenced,
-            idempotency_key: None,
+            idempotency_key: idempotency_key.as_deref(),
             source: None,
             records: recs.iter().map(|r| r.as_slice()).collect(),
         }

@@ -10,6 +10,10 @@
 //! record while it drains, typed vs jsonb only: the consumer's (this process's) and Postgres's
 //! (the postmaster and its backends).
 //!
+//! Idempotency keys: the same jsonb backlog with a distinct idempotency key on every message
+//! (as the producer writes requests sent with an `Idempotency-Key`), drained beside the keyless
+//! one in the same run: what writing each key's records once costs the drain.
+//!
 //! The broker is `kafka::from_env`'s: Tansu on SQLite by default, whose fetch rate bounds the
 //! drains; `SPILLWAY_TEST_KAFKA=mock` drains from librdkafka's in-process mock cluster instead
 //! (memory, no disk), which shows the consumer's own ceiling.
@@ -56,6 +60,7 @@ fn pipeline(c: &mut Criterion) {
         10,
         typed_record,
         true,
+        false,
     ))
     .expect("typed backlog");
     // The same records as `backlog` without sequenced request ids (an older producer's): the
@@ -70,9 +75,29 @@ fn pipeline(c: &mut Criterion) {
         10,
         spillway_benches::record,
         false,
+        false,
     ))
     .expect("unsequenced backlog");
-    for topic in ["backlog", "typed_backlog", "unsequenced_backlog"] {
+    // The same records as `backlog`, each message with a distinct idempotency key.
+    rt.block_on(broker.create_topic("keyed_backlog", partitions))
+        .expect("topic");
+    rt.block_on(produce_backlog_of(
+        &broker.bootstrap(),
+        "keyed_backlog",
+        None,
+        RECORDS,
+        10,
+        spillway_benches::record,
+        true,
+        true,
+    ))
+    .expect("keyed backlog");
+    for topic in [
+        "backlog",
+        "typed_backlog",
+        "unsequenced_backlog",
+        "keyed_backlog",
+    ] {
         if let Err(e) = backlog_intact(&broker.bootstrap(), topic, RECORDS / 10) {
             panic!("the backlog is not whole, the drains would never end: {e}");
         }
@@ -173,6 +198,11 @@ fn pipeline(c: &mut Criterion) {
             "unsequenced_backlog",
             spillway_core::Mapping::default(),
         ),
+        (
+            "consumer_drain_keyed",
+            "keyed_backlog",
+            spillway_core::Mapping::default(),
+        ),
     ] {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -205,7 +235,12 @@ fn pipeline(c: &mut Criterion) {
                         consumer.shutdown().await.expect("shutdown");
                         let client = connect(&url).await.expect("connect");
                         let table = format!("drained_{run}");
-                        drop_tables(&client, &[&table, &format!("{table}_dead_letters")]).await;
+                        // The consumer keeps the idempotency keys it wrote beside the table.
+                        let (dead, keys) = (
+                            format!("{table}_dead_letters"),
+                            format!("{table}_request_keys"),
+                        );
+                        drop_tables(&client, &[&table, &dead, &keys]).await;
                         (elapsed, (used, pg_used))
                     });
                     total += elapsed;
@@ -245,6 +280,15 @@ fn pipeline(c: &mut Criterion) {
             ("consumer_drain_backlog".into(), RECORDS),
         ],
         "consumer_drain_unsequenced",
+    );
+    // What writing each idempotency key's records once costs a drain.
+    print_ratios(
+        GROUP,
+        &[
+            ("consumer_drain_backlog".into(), RECORDS),
+            ("consumer_drain_keyed".into(), RECORDS),
+        ],
+        "consumer_drain_backlog",
     );
     // µs per record: this process's, and Postgres's (the postmaster and its backends).
     let per_record = |name: &str| {

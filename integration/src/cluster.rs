@@ -19,7 +19,9 @@ use spillway_harness::{
 use spillway_loadgen::keyed::{verify_latest_per_key, KeyedVerdict, RequestsSeen};
 use spillway_loadgen::payload::{PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
-use spillway_loadgen::runner::{self, Live, RunConfig, RunResult};
+use spillway_loadgen::report::retries_line;
+use spillway_loadgen::retry::RetrySettings;
+use spillway_loadgen::runner::{self, KeyedRetries, Live, RunConfig, RunResult};
 use spillway_loadgen::verify::{verify, Verdict, VerifyConfig};
 
 use crate::child::{ARGS_ENV, ENTRY_TEST, ROLE_ENV};
@@ -661,11 +663,42 @@ impl Cluster {
         spec: Option<PayloadSpec>,
         connections: usize,
     ) -> Traffic {
+        self.start_traffic(ctx, profile, duration, spec, connections, None)
+    }
+
+    /// [`Cluster::traffic`] with idempotency keys (`loadgen --idempotency-keys`): every request
+    /// carries one, and a request answered 503 or 429, or left without an answer, is retried
+    /// with it (loadgen's default retry settings, jitter seeded by the scenario's seed).
+    pub(crate) fn traffic_with_idempotency_keys(
+        &self,
+        ctx: &Ctx,
+        profile: RateProfile,
+        duration: Duration,
+    ) -> Traffic {
+        let keys = KeyedRetries {
+            settings: RetrySettings::default(),
+            seed: ctx.seed,
+        };
+        let connections = RunConfig::new(String::new(), vec![]).connections;
+        self.start_traffic(ctx, profile, duration, None, connections, Some(keys))
+    }
+
+    fn start_traffic(
+        &self,
+        ctx: &Ctx,
+        profile: RateProfile,
+        duration: Duration,
+        spec: Option<PayloadSpec>,
+        connections: usize,
+        idempotency_keys: Option<KeyedRetries>,
+    ) -> Traffic {
         let run_id = format!("c{:x}", ctx.seed);
         let schedule = profile.schedule(duration);
         let spec = spec.unwrap_or_else(|| PayloadSpec::generated((1, 5), (100, 300)));
+        let keyed = idempotency_keys.is_some();
         let cfg = RunConfig {
             connections,
+            idempotency_keys,
             ..RunConfig::new(self.producer.url("/store"), schedule)
         };
         let payloads = PayloadGen::new(spec.clone(), &run_id, ctx.seed);
@@ -674,8 +707,13 @@ impl Cluster {
             other => format!("{other:?}"),
         };
         self.tl.note(format!(
-            "traffic starts: {} requests over {duration:?} ({shape})",
-            cfg.schedule.len()
+            "traffic starts: {} requests over {duration:?} ({shape}){}",
+            cfg.schedule.len(),
+            if keyed {
+                ", each with an Idempotency-Key, retried on 503, 429 or no answer"
+            } else {
+                ""
+            }
         ));
         let tl = self.tl.clone();
         let live = Arc::new(Live::default());
@@ -688,6 +726,9 @@ impl Cluster {
                 r.statuses,
                 r.transport_errors
             ));
+            if r.retries.enabled {
+                tl.note(retries_line(&r.retries));
+            }
             r
         });
         Traffic {
@@ -713,6 +754,12 @@ impl Cluster {
         let cfg = VerifyConfig {
             // Typed traffic runs against a consumer that maps the id to a column.
             id_column: done.spec.typed.then(|| "id".to_string()),
+            // With idempotency keys an unexpected record fails; a given-up one is apart.
+            given_up: done
+                .result
+                .retries
+                .enabled
+                .then(|| done.spec.without_states(&done.result.retries.given_up)),
             ..VerifyConfig::new(
                 self.pg.url(),
                 TABLE,
@@ -726,19 +773,31 @@ impl Cluster {
         // rest, exactly once ([`Cluster::keyed_verdict`] judges the states).
         let acked = done.spec.without_states(&done.result.acked);
         let v = verify(&cfg, &acked, |_| {}).await?;
+        let unexpected = if v.idempotency_keys {
+            format!(
+                "unexpected {} (must be 0 with idempotency keys; first: {:?}), given up {} records of which {} landed",
+                v.unexpected,
+                ids(&done.run_id, &v.unexpected_sample),
+                v.given_up,
+                v.given_up_landed
+            )
+        } else {
+            format!("unexpected {} (allowed)", v.unexpected)
+        };
         self.tl.note(format!(
-            "verdict: acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, unexpected {} (allowed); quiet {} after {:.1} s",
-            v.acknowledged, v.found, v.dead_lettered, v.lost, v.duplicated, v.unexpected,
+            "verdict: acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, {unexpected}; quiet {} after {:.1} s",
+            v.acknowledged, v.found, v.dead_lettered, v.lost, v.duplicated,
             if v.quiet { "yes" } else { "NO" }, v.waited_seconds
         ));
         *locked(&ctx.verdict) = Some((v.clone(), self.log_tails()));
         if !v.passed() {
             let detail = format!(
-                "lost {} acknowledged records (first: {:?}) and duplicated {} (first: {:?}); {}",
+                "lost {} acknowledged records (first: {:?}) and duplicated {} (first: {:?}); {}; {}",
                 v.lost,
                 ids(&done.run_id, &v.lost_sample),
                 v.duplicated,
                 ids(&done.run_id, &v.duplicated_sample),
+                unexpected,
                 v.not_quiet.as_deref().unwrap_or("the pipeline was quiet")
             );
             match ctx.mutant() {

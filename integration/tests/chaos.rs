@@ -1,4 +1,4 @@
-//! The chaos suite: `cargo test --test chaos`. Fifteen faults on real processes; after each,
+//! The chaos suite: `cargo test --test chaos`. Sixteen faults on real processes; after each,
 //! the fault's evidence and loadgen's verdict (no acknowledged record lost, none duplicated).
 //! The scenarios live in `spillway_integration::scenarios`; each prints its seed, and
 //! `SPILLWAY_CHAOS_SEED=<seed> cargo test --test chaos <name>` replays it.
@@ -88,4 +88,9 @@ async fn upsert_and_routing_through_a_consumer_crash() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_answers_lost_under_load() -> Result<()> {
     scenarios::broker_answers_lost_under_load(Proof).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_under_load_with_idempotency_keys() -> Result<()> {
+    scenarios::broker_killed_under_load_with_idempotency_keys(Proof).await
 }

@@ -11,7 +11,8 @@ use spillway_loadgen::keyed::verify_latest_per_key;
 use spillway_loadgen::payload::{read_records_file, typed_columns, PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::{parse_duration, RateProfile};
 use spillway_loadgen::report::Report;
-use spillway_loadgen::runner::{self, Live, RunConfig};
+use spillway_loadgen::retry::RetrySettings;
+use spillway_loadgen::runner::{self, KeyedRetries, Live, RunConfig};
 use spillway_loadgen::stack::{LocalStack, STATES, TABLE, TOPIC};
 use spillway_loadgen::verify::{self, VerifyConfig};
 
@@ -108,6 +109,28 @@ struct Args {
     /// With --keys: the table written by key that the verdict reads.
     #[arg(long, default_value = STATES)]
     keyed_table: String,
+    /// Send an Idempotency-Key with every request (the run's id and the request's number) and
+    /// retry a request answered 503 or 429, or left without an answer (connection refused or
+    /// lost, no answer within --answer-timeout), with the same key and body: after its
+    /// Retry-After, else an exponential backoff with jitter. The verdict then wants no
+    /// unexpected record either; the records of a request given up after --max-retries are
+    /// counted apart (they may land).
+    #[arg(long)]
+    idempotency_keys: bool,
+    /// With --idempotency-keys: retries per request before it is given up.
+    #[arg(long, default_value_t = 10, requires = "idempotency_keys")]
+    max_retries: u32,
+    /// With --idempotency-keys: the first retry's backoff when the answer has no Retry-After
+    /// (it doubles per retry, with jitter), and the spread added to a Retry-After.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration, requires = "idempotency_keys")]
+    retry_initial: Duration,
+    /// With --idempotency-keys: the longest backoff without a Retry-After.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, requires = "idempotency_keys")]
+    retry_max: Duration,
+    /// With --idempotency-keys: an attempt with no whole answer after this long is abandoned
+    /// (its connection closed) and retried.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "idempotency_keys")]
+    answer_timeout: Duration,
     /// Gzip request bodies.
     #[arg(long)]
     gzip: bool,
@@ -312,6 +335,19 @@ async fn run(a: Args) -> Result<bool> {
         (None, true) => Some("id".to_string()),
         (None, false) => None,
     };
+    let idempotency_keys = if a.idempotency_keys {
+        let settings = RetrySettings {
+            max_retries: a.max_retries,
+            initial: a.retry_initial,
+            max: a.retry_max,
+            answer_timeout: a.answer_timeout,
+            ..RetrySettings::default()
+        };
+        settings.validate().map_err(anyhow::Error::msg)?;
+        Some(KeyedRetries { settings, seed })
+    } else {
+        None
+    };
     let schedule = profile.schedule(a.duration);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     eprintln!("loadgen: run {run_id}, seed {seed} (replay with --seed {seed}), {} requests planned: {description}", schedule.len());
@@ -401,6 +437,7 @@ async fn run(a: Args) -> Result<bool> {
             .map(|t| ("authorization".to_string(), format!("Bearer {t}")))
             .collect(),
         content_encoding: a.gzip.then(|| "gzip".to_string()),
+        idempotency_keys,
     };
     let payloads = PayloadGen::new(spec.clone(), &run_id, seed);
     let result = runner::run(cfg, payloads, live.clone(), move |s, live, p99| {
@@ -435,6 +472,10 @@ async fn run(a: Args) -> Result<bool> {
                 id_field: a.id_field.clone(),
                 id_column: id_column.clone(),
                 settle: a.settle,
+                given_up: result
+                    .retries
+                    .enabled
+                    .then(|| spec.without_states(&result.retries.given_up)),
                 ..VerifyConfig::new(url, &a.table, &run_id, &brokers, &topic, a.drain_timeout)
             };
             // With --keys the states are judged by the keyed verdict below, not found here.

@@ -169,6 +169,11 @@ impl PayloadGen {
         }
     }
 
+    /// The run's id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
     /// The id of sequence number `seq` in this run.
     pub fn id(run_id: &str, seq: u64) -> String {
         format!("{run_id}-{seq}")

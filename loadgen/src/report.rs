@@ -82,6 +82,9 @@ impl Report<'_> {
             statuses.join(", "),
             r.transport_errors
         );
+        if r.retries.enabled {
+            let _ = writeln!(s, "{}", retries_line(&r.retries));
+        }
         let _ = writeln!(
             s,
             "\n{:<22}{}",
@@ -110,25 +113,38 @@ impl Report<'_> {
         }
         match self.verdict {
             Some(v) => {
+                let unexpected = if v.idempotency_keys {
+                    format!(
+                        "unexpected {} (must be 0 with idempotency keys); given up {} records, of which {} landed (counted apart)",
+                        v.unexpected, v.given_up, v.given_up_landed
+                    )
+                } else {
+                    format!("unexpected {} (allowed)", v.unexpected)
+                };
                 let _ = writeln!(
                     s,
-                    "\nverdict: {} — acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, unexpected {} (allowed), quiet {} after {:.1} s",
+                    "\nverdict: {} — acknowledged {}, found {}, dead-lettered {}, lost {}, duplicated {}, {unexpected}, quiet {} after {:.1} s",
                     if v.passed() { "PASS" } else { "FAIL" },
                     v.acknowledged,
                     v.found,
                     v.dead_lettered,
                     v.lost,
                     v.duplicated,
-                    v.unexpected,
                     if v.quiet { "yes" } else { "NO" },
                     v.waited_seconds
                 );
                 if let Some(why) = &v.not_quiet {
                     let _ = writeln!(s, "not quiet: {why}");
                 }
+                let unexpected_sample: &[u64] = if v.idempotency_keys {
+                    &v.unexpected_sample
+                } else {
+                    &[]
+                };
                 for (what, sample) in [
-                    ("lost", &v.lost_sample),
-                    ("duplicated", &v.duplicated_sample),
+                    ("lost", &v.lost_sample[..]),
+                    ("duplicated", &v.duplicated_sample[..]),
+                    ("unexpected", unexpected_sample),
                 ] {
                     if !sample.is_empty() {
                         let ids: Vec<String> = sample
@@ -191,6 +207,7 @@ impl Report<'_> {
             "records_acknowledged": r.acked.len(),
             "statuses": r.statuses,
             "transport_errors": r.transport_errors,
+            "retries": r.retries.enabled.then_some(&r.retries),
             "latency_ms_from_planned_send": lat,
             "service_time_ms": svc,
             "verdict": self.verdict,
@@ -287,6 +304,23 @@ impl Report<'_> {
             cmd = html_escape(&self.command),
         )
     }
+}
+
+/// The retries of a run with idempotency keys, in one line.
+pub fn retries_line(r: &crate::runner::Retries) -> String {
+    let after: Vec<String> = r.after.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        "retries (idempotency keys): {} sent (after {}); {} requests acknowledged after retrying; {} given up after their last retry ({} records, which may still land)",
+        r.sent,
+        if after.is_empty() {
+            "nothing".to_string()
+        } else {
+            after.join(", ")
+        },
+        r.succeeded_after_retrying,
+        r.given_up_requests,
+        r.given_up.len()
+    )
 }
 
 fn html_escape(s: &str) -> String {

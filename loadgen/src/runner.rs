@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::payload::PayloadGen;
+use crate::retry::{parse_retry_after, Attempt, Next, Retrier, RetrySettings, Transport};
 
 /// Acknowledged sequence numbers, as a growable bitset.
 #[derive(Clone, Debug, Default)]
@@ -113,6 +114,29 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// Sample of error answers (status, body) for the report.
     pub error_samples: Vec<(u16, String)>,
+    /// With `--idempotency-keys`: the retries, and the requests given up.
+    pub retries: Retries,
+}
+
+/// With `--idempotency-keys`: what the retries did. A request's final outcome is what
+/// [`RunResult::statuses`] and [`RunResult::transport_errors`] count; the outcomes that were
+/// retried are counted here.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Retries {
+    /// Whether requests carried idempotency keys and were retried.
+    pub enabled: bool,
+    /// Retries sent (attempts after a request's first).
+    pub sent: u64,
+    /// The outcomes that were retried: by HTTP status, and `transport` for no answer.
+    pub after: BTreeMap<String, u64>,
+    /// Requests answered 2xx after at least one retry.
+    pub succeeded_after_retrying: u64,
+    /// Requests given up: still refused, or unanswered, after the last retry allowed.
+    pub given_up_requests: u64,
+    /// The records of the requests given up (their writes may still land: the verdict counts
+    /// them apart).
+    #[serde(skip)]
+    pub given_up: AckSet,
 }
 
 /// Traffic settings.
@@ -134,6 +158,26 @@ pub struct RunConfig {
     pub headers: Vec<(String, String)>,
     /// Content-Encoding of the bodies, if any.
     pub content_encoding: Option<String>,
+    /// `--idempotency-keys`: every request carries an `Idempotency-Key` (the run's id and the
+    /// request's number) and is retried with it. `None`: no keys, no retries.
+    pub idempotency_keys: Option<KeyedRetries>,
+}
+
+/// How requests with idempotency keys are retried.
+#[derive(Clone, Debug)]
+pub struct KeyedRetries {
+    /// When and how often.
+    pub settings: RetrySettings,
+    /// Seeds each connection's jitter (with its index).
+    pub seed: u64,
+}
+
+impl KeyedRetries {
+    /// The key of request number `n` of run `run_id`: unique per logical request within the
+    /// run, the same on each of its retries.
+    pub fn key(run_id: &str, n: u64) -> String {
+        format!("{run_id}-req-{n}")
+    }
 }
 
 impl RunConfig {
@@ -148,6 +192,7 @@ impl RunConfig {
             late_threshold: Duration::from_millis(10),
             headers: vec![],
             content_encoding: None,
+            idempotency_keys: None,
         }
     }
 }
@@ -173,14 +218,41 @@ struct Job {
     body: bytes::Bytes,
     /// The request's `X-Spillway-Key`, if any.
     key: Option<u64>,
+    /// The request's `Idempotency-Key`, with `--idempotency-keys`.
+    idempotency_key: Option<Arc<str>>,
+    /// Retries so far.
+    retries: u32,
+    /// With `--idempotency-keys`: where a retry goes. Each job holds it while it lives, so the
+    /// connections' queues stay open until the last retry is answered (and close once the
+    /// schedule is done and no job is left).
+    pool: Option<Arc<Pool>>,
     planned: f64,
     first_seq: u64,
     records: u64,
 }
 
+/// The connection workers' queues; each job goes to the next in turn.
+struct Pool {
+    workers: Vec<mpsc::UnboundedSender<Job>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    fn send(&self, job: Job) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let _ = self.workers[n].send(job);
+    }
+}
+
 struct Outcome {
     /// False for a send that never left (too many in flight): no latency to record.
     left: bool,
+    /// An attempt that is retried: counted as a retry, not as the request's outcome.
+    retried: bool,
+    /// The request's last outcome was still retriable when its retries ran out.
+    given_up: bool,
+    /// Retries before this outcome.
+    retries: u32,
     planned_at: f64,
     sent_at: f64,
     done_at: f64,
@@ -229,6 +301,7 @@ pub async fn run(
         let mut statuses = BTreeMap::new();
         let (mut transport_errors, mut records_sent) = (0, 0);
         let mut acked = AckSet::default();
+        let mut retries = Retries::default();
         let mut samples = Vec::new();
         let mut batch = Vec::with_capacity(256);
         while rx.recv_many(&mut batch, 256).await > 0 {
@@ -241,6 +314,12 @@ pub async fn run(
                     if samples.len() < 10 {
                         samples.push((0, o.body.unwrap_or_default()));
                     }
+                    continue;
+                }
+                if o.retried {
+                    retries.sent += 1;
+                    let after = o.status.map_or("transport".to_string(), |s| s.to_string());
+                    *retries.after.entry(after).or_insert(0) += 1;
                     continue;
                 }
                 let lat = ((o.done_at - o.planned_at) * 1e6).max(1.0) as u64;
@@ -258,6 +337,13 @@ pub async fn run(
                 match o.status {
                     Some(s) => *statuses.entry(s).or_insert(0) += 1,
                     None => transport_errors += 1,
+                }
+                if ok && o.retries > 0 {
+                    retries.succeeded_after_retrying += 1;
+                }
+                if o.given_up {
+                    retries.given_up_requests += 1;
+                    retries.given_up.insert_range(o.first_seq, o.records);
                 }
                 if ok {
                     acked.insert_range(o.first_seq, o.records);
@@ -307,6 +393,7 @@ pub async fn run(
             records_sent,
             acked,
             samples,
+            retries,
         )
     });
 
@@ -339,32 +426,64 @@ pub async fn run(
     });
 
     // Connection workers: each sends its jobs one after another over its own kept-alive
-    // connection (reconnecting after an error), as wrk's connections do.
+    // connection (reconnecting after an error), as wrk's connections do. With idempotency
+    // keys, a job to retry waits its backoff off the connection and then goes back to the
+    // pool, so a retry never holds up the requests behind it.
     let mut workers = Vec::new();
     let mut worker_tasks = Vec::new();
-    for _ in 0..cfg.connections.max(1) {
+    for n in 0..cfg.connections.max(1) {
         let (job_tx, mut jobs) = mpsc::unbounded_channel::<Job>();
         let (target, tx, live) = (target.clone(), tx.clone(), live.clone());
+        let mut retrier = cfg
+            .idempotency_keys
+            .as_ref()
+            .map(|k| Retrier::new(k.settings.clone(), k.seed ^ (n as u64).rotate_left(32)));
         workers.push(job_tx);
         worker_tasks.push(tokio::spawn(async move {
             let mut conn: Option<Conn> = None;
-            while let Some(job) = jobs.recv().await {
+            while let Some(mut job) = jobs.recv().await {
                 let sent = Instant::now();
-                let (status, body) = match target.exchange(&mut conn, job.body, job.key).await {
-                    Ok((status, body)) => {
-                        let text = (!(200..300).contains(&status))
-                            .then(|| String::from_utf8_lossy(&body).into_owned());
-                        (Some(status), text)
+                let exchange = target.exchange(
+                    &mut conn,
+                    job.body.clone(),
+                    job.key,
+                    job.idempotency_key.as_deref(),
+                );
+                let result = match &retrier {
+                    None => exchange.await,
+                    Some(r) => tokio::time::timeout(r.settings().answer_timeout, exchange)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(TransportError::new(
+                                Transport::NoAnswer,
+                                format!("no answer within {:?}", r.settings().answer_timeout),
+                            ))
+                        }),
+                };
+                let (status, body, attempt) = match result {
+                    Ok(a) => {
+                        let text = (!(200..300).contains(&a.status))
+                            .then(|| String::from_utf8_lossy(&a.body).into_owned());
+                        let attempt = Attempt::Answered {
+                            status: a.status,
+                            retry_after: a.retry_after,
+                        };
+                        (Some(a.status), text, attempt)
                     }
                     Err(e) => {
                         conn = None;
-                        (None, Some(e))
+                        (None, Some(e.detail), Attempt::Failed(e.kind))
                     }
                 };
                 let done = Instant::now();
-                live.in_flight.fetch_sub(1, Ordering::Relaxed);
-                let _ = tx.send(Outcome {
+                let next = retrier
+                    .as_mut()
+                    .map_or(Next::Done, |r| r.next(&attempt, job.retries));
+                let outcome = Outcome {
                     left: true,
+                    retried: matches!(next, Next::RetryIn(_)),
+                    given_up: next == Next::GiveUp,
+                    retries: job.retries,
                     planned_at: job.planned,
                     sent_at: secs_since(start, sent),
                     done_at: secs_since(start, done),
@@ -372,16 +491,37 @@ pub async fn run(
                     first_seq: job.first_seq,
                     records: job.records,
                     body,
-                });
+                };
+                match (next, job.pool.clone()) {
+                    (Next::RetryIn(wait), Some(pool)) => {
+                        let _ = tx.send(outcome);
+                        job.retries += 1;
+                        tokio::spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            pool.send(job);
+                        });
+                    }
+                    _ => {
+                        live.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        let _ = tx.send(Outcome {
+                            retried: false,
+                            ..outcome
+                        });
+                    }
+                }
             }
         }));
     }
-    let mut next_worker = 0;
+    let pool = Arc::new(Pool {
+        workers,
+        next: std::sync::atomic::AtomicUsize::new(1),
+    });
+    let run_id = payloads.run_id().to_string();
 
     // The scheduler: never waits for answers.
     let mut late = 0;
     let mut skipped = 0;
-    for t in &cfg.schedule {
+    for (n, t) in cfg.schedule.iter().enumerate() {
         let planned_at = start + Duration::from_secs_f64(*t);
         let now = Instant::now();
         if planned_at > now {
@@ -395,6 +535,9 @@ pub async fn run(
             skipped += 1;
             let _ = tx.send(Outcome {
                 left: false,
+                retried: false,
+                given_up: false,
+                retries: 0,
                 planned_at: *t,
                 sent_at: secs_since(start, sent),
                 done_at: secs_since(start, sent),
@@ -410,25 +553,38 @@ pub async fn run(
         }
         let p = payloads.next_payload();
         live.in_flight.fetch_add(1, Ordering::Relaxed);
+        let keyed = cfg.idempotency_keys.is_some();
         let job = Job {
             body: p.body,
             key: p.key,
+            idempotency_key: keyed.then(|| KeyedRetries::key(&run_id, n as u64).into()),
+            retries: 0,
+            pool: keyed.then(|| pool.clone()),
             planned: *t,
             first_seq: p.first_seq,
             records: p.records,
         };
-        next_worker = (next_worker + 1) % workers.len();
-        let _ = workers[next_worker].send(job);
+        pool.send(job);
     }
-    drop(workers);
+    // The queues close once no job (a retry waiting its turn included) holds the pool.
+    drop(pool);
     for w in worker_tasks {
         let _ = w.await;
     }
     drop(tx);
-    let (latency, service, statuses, transport_errors, records_sent, acked, error_samples) =
-        aggregator
-            .await
-            .unwrap_or_else(|_| panic!("aggregator panicked"));
+    let (
+        latency,
+        service,
+        statuses,
+        transport_errors,
+        records_sent,
+        acked,
+        error_samples,
+        mut retries,
+    ) = aggregator
+        .await
+        .unwrap_or_else(|_| panic!("aggregator panicked"));
+    retries.enabled = cfg.idempotency_keys.is_some();
     ticker.abort();
     let elapsed = start.elapsed();
     let seconds = seconds.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -445,6 +601,30 @@ pub async fn run(
         seconds,
         elapsed,
         error_samples,
+        retries,
+    }
+}
+
+/// An HTTP answer.
+struct Answer {
+    status: u16,
+    body: bytes::Bytes,
+    retry_after: Option<Duration>,
+}
+
+/// An exchange that got no HTTP answer: why (for the retry decision) and what happened.
+#[derive(Debug)]
+struct TransportError {
+    kind: Transport,
+    detail: String,
+}
+
+impl TransportError {
+    fn new(kind: Transport, detail: impl std::fmt::Display) -> Self {
+        TransportError {
+            kind,
+            detail: detail.to_string(),
+        }
     }
 }
 
@@ -505,16 +685,18 @@ impl Target {
 
     /// Sends one request over `conn` (connecting first if there is none) and reads the whole
     /// answer. HTTP/1.1 is spoken directly, as wrk does: one write of the prebuilt head and the
-    /// body, and the answer parsed from a reused buffer. A request is never sent twice: if the
-    /// connection fails after the write, that is the request's error.
+    /// body, and the answer parsed from a reused buffer. An exchange never sends its request
+    /// twice: if the connection fails after the write, that is the exchange's error (with
+    /// `--idempotency-keys` the runner may then send it again, as a retry with the same key).
     async fn exchange(
         &self,
         conn: &mut Option<Conn>,
         body: bytes::Bytes,
         key: Option<u64>,
-    ) -> Result<(u16, bytes::Bytes), String> {
+        idempotency_key: Option<&str>,
+    ) -> Result<Answer, TransportError> {
         if let Some(p) = &self.problem {
-            return Err(p.clone());
+            return Err(TransportError::new(Transport::Setup, p));
         }
         if conn.as_ref().is_some_and(Conn::closed_by_peer) {
             *conn = None;
@@ -522,7 +704,12 @@ impl Target {
         if conn.is_none() {
             let stream = tokio::net::TcpStream::connect(&self.authority)
                 .await
-                .map_err(|e| format!("connecting to {}: {e}", self.authority))?;
+                .map_err(|e| {
+                    TransportError::new(
+                        Transport::Connect,
+                        format!("connecting to {}: {e}", self.authority),
+                    )
+                })?;
             let _ = stream.set_nodelay(true);
             *conn = Some(Conn {
                 stream,
@@ -530,25 +717,31 @@ impl Target {
             });
         }
         let Some(c) = conn.as_mut() else {
-            return Err("no connection".into());
+            return Err(TransportError::new(Transport::Connect, "no connection"));
         };
         let mut req = Vec::with_capacity(self.head.len() + 32 + body.len());
         req.extend_from_slice(&self.head);
         if let Some(key) = key {
             req.extend_from_slice(format!("x-spillway-key: {key}\r\n").as_bytes());
         }
+        if let Some(key) = idempotency_key {
+            req.extend_from_slice(format!("idempotency-key: {key}\r\n").as_bytes());
+        }
         req.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
         req.extend_from_slice(&body);
         let answer = async {
-            c.stream.write_all(&req).await.map_err(|e| e.to_string())?;
+            c.stream
+                .write_all(&req)
+                .await
+                .map_err(|e| TransportError::new(Transport::Lost, e))?;
             c.read_response().await
         };
         match answer.await {
-            Ok((status, body, keep)) => {
+            Ok((answer, keep)) => {
                 if !keep {
                     *conn = None;
                 }
-                Ok((status, body))
+                Ok(answer)
             }
             Err(e) => {
                 *conn = None;
@@ -572,7 +765,7 @@ impl Conn {
         !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
-    async fn fill(&mut self) -> Result<usize, String> {
+    async fn fill(&mut self) -> Result<usize, TransportError> {
         if self.buf.capacity() - self.buf.len() < 4096 {
             self.buf.reserve(8192);
         }
@@ -580,23 +773,28 @@ impl Conn {
             .stream
             .read_buf(&mut self.buf)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TransportError::new(Transport::Lost, e))?;
         Ok(n)
     }
 
-    /// Reads one response: (status, body, whether the connection stays open).
-    async fn read_response(&mut self) -> Result<(u16, bytes::Bytes, bool), String> {
-        let closed = || "the server closed the connection before answering".to_string();
-        let (status, head_len, length, chunked, keep) = loop {
+    /// Reads one response: the answer, and whether the connection stays open.
+    async fn read_response(&mut self) -> Result<(Answer, bool), TransportError> {
+        let closed = || {
+            TransportError::new(
+                Transport::Lost,
+                "the server closed the connection before answering",
+            )
+        };
+        let (status, head_len, length, chunked, keep, retry_after) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut r = httparse::Response::new(&mut headers);
-            match r
-                .parse(&self.buf)
-                .map_err(|e| format!("bad response: {e}"))?
-            {
+            match r.parse(&self.buf).map_err(|e| {
+                TransportError::new(Transport::BadAnswer, format!("bad response: {e}"))
+            })? {
                 httparse::Status::Complete(n) => {
                     let status = r.code.unwrap_or(0);
                     let (mut length, mut chunked, mut keep) = (None, false, true);
+                    let mut retry_after = None;
                     for h in r.headers.iter() {
                         let v = std::str::from_utf8(h.value).unwrap_or("").trim();
                         if h.name.eq_ignore_ascii_case("content-length") {
@@ -605,12 +803,14 @@ impl Conn {
                             chunked = v.to_ascii_lowercase().contains("chunked");
                         } else if h.name.eq_ignore_ascii_case("connection") {
                             keep = !v.eq_ignore_ascii_case("close");
+                        } else if h.name.eq_ignore_ascii_case("retry-after") {
+                            retry_after = parse_retry_after(v);
                         }
                     }
                     if r.version == Some(0) {
                         keep = false;
                     }
-                    break (status, n, length, chunked, keep);
+                    break (status, n, length, chunked, keep, retry_after);
                 }
                 httparse::Status::Partial => {
                     if self.fill().await? == 0 {
@@ -620,6 +820,11 @@ impl Conn {
             }
         };
         let _ = self.buf.split_to(head_len);
+        let answer = |body| Answer {
+            status,
+            body,
+            retry_after,
+        };
         let no_body = status == 204 || status == 304 || (100..200).contains(&status);
         let body = if no_body {
             bytes::Bytes::new()
@@ -635,12 +840,12 @@ impl Conn {
         } else {
             // No length: the body runs to the end of the connection.
             while self.fill().await? > 0 {}
-            return Ok((status, self.buf.split().freeze(), false));
+            return Ok((answer(self.buf.split().freeze()), false));
         };
-        Ok((status, body, keep))
+        Ok((answer(body), keep))
     }
 
-    async fn read_chunked(&mut self) -> Result<bytes::Bytes, String> {
+    async fn read_chunked(&mut self) -> Result<bytes::Bytes, TransportError> {
         let mut body = bytes::BytesMut::new();
         loop {
             let line_end = loop {
@@ -648,13 +853,17 @@ impl Conn {
                     break i;
                 }
                 if self.fill().await? == 0 {
-                    return Err("the connection closed inside a chunked body".into());
+                    return Err(TransportError::new(
+                        Transport::Lost,
+                        "the connection closed inside a chunked body",
+                    ));
                 }
             };
             let line = std::str::from_utf8(&self.buf[..line_end]).unwrap_or("");
             let size_hex = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_hex, 16)
-                .map_err(|_| format!("bad chunk size {size_hex:?}"))?;
+            let size = usize::from_str_radix(size_hex, 16).map_err(|_| {
+                TransportError::new(Transport::BadAnswer, format!("bad chunk size {size_hex:?}"))
+            })?;
             let _ = self.buf.split_to(line_end + 2);
             if size == 0 {
                 // Trailers, if any, end with an empty line.
@@ -672,7 +881,10 @@ impl Conn {
             }
             while self.buf.len() < size + 2 {
                 if self.fill().await? == 0 {
-                    return Err("the connection closed inside a chunk".into());
+                    return Err(TransportError::new(
+                        Transport::Lost,
+                        "the connection closed inside a chunk",
+                    ));
                 }
             }
             body.extend_from_slice(&self.buf[..size]);
@@ -707,8 +919,18 @@ mod tests {
     /// A server that answers the n-th request it gets (over any connection) with
     /// `answers[n]`, closing the connection after answers that mention `close`.
     async fn canned_server(answers: Vec<&'static str>) -> String {
+        canned_server_recording(answers).await.0
+    }
+
+    /// [`canned_server`], which also keeps each request it got (head and body, the head in
+    /// lower case).
+    async fn canned_server_recording(
+        answers: Vec<&'static str>,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
         tokio::spawn(async move {
             let mut next = 0;
             while let Ok((mut s, _)) = listener.accept().await {
@@ -742,6 +964,8 @@ mod tests {
                         }
                         buf.extend_from_slice(&chunk[..n]);
                     }
+                    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
+                    record.lock().unwrap().push(format!("{head}{body}"));
                     buf.drain(..head_end + len);
                     let answer = answers[next % answers.len()];
                     next += 1;
@@ -752,7 +976,99 @@ mod tests {
                 }
             }
         });
-        format!("http://{addr}/store")
+        (format!("http://{addr}/store"), seen)
+    }
+
+    const REFUSED: &str =
+        "HTTP/1.1 503 Service Unavailable\r\nretry-after: 0\r\ncontent-length: 4\r\n\r\nbusy";
+    const SHED: &str =
+        "HTTP/1.1 429 Too Many Requests\r\nretry-after: 0\r\ncontent-length: 0\r\n\r\n";
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+
+    /// One request against `answers`, with idempotency keys and at most `max_retries` retries
+    /// (`None`: without keys); what the run measured and the requests the server got.
+    async fn one_request(
+        answers: Vec<&'static str>,
+        max_retries: Option<u32>,
+    ) -> (RunResult, Vec<String>, u64) {
+        let (url, seen) = canned_server_recording(answers).await;
+        let cfg = RunConfig {
+            connections: 1,
+            idempotency_keys: max_retries.map(|max_retries| KeyedRetries {
+                settings: RetrySettings {
+                    max_retries,
+                    initial: Duration::from_millis(1),
+                    max: Duration::from_millis(1),
+                    ..RetrySettings::default()
+                },
+                seed: 1,
+            }),
+            ..RunConfig::new(url, vec![0.0])
+        };
+        let payloads = PayloadGen::new(
+            crate::payload::PayloadSpec::generated((3, 3), (50, 50)),
+            "t",
+            1,
+        );
+        let r = run(cfg, payloads, Arc::new(Live::default()), |_, _, _| {}).await;
+        let requests = seen.lock().unwrap().clone();
+        (r, requests, 3)
+    }
+
+    #[tokio::test]
+    async fn with_keys_a_refused_request_is_sent_again_with_the_same_key_and_body_until_acknowledged(
+    ) {
+        let (r, requests, records) = one_request(vec![REFUSED, SHED, OK], Some(10)).await;
+        assert_eq!(r.statuses, BTreeMap::from([(200, 1)]), "the final answer");
+        assert_eq!(r.acked.len(), records);
+        assert_eq!(r.retries.sent, 2);
+        let after: Vec<(&str, u64)> = r
+            .retries
+            .after
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(after, vec![("429", 1), ("503", 1)]);
+        assert_eq!(
+            (
+                r.retries.succeeded_after_retrying,
+                r.retries.given_up_requests
+            ),
+            (1, 0)
+        );
+        assert_eq!(requests.len(), 3);
+        assert!(
+            requests[0].contains("idempotency-key: t-req-0\r\n"),
+            "{}",
+            requests[0]
+        );
+        assert!(
+            requests.iter().all(|q| q == &requests[0]),
+            "every attempt is the same request: {requests:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_keys_a_request_still_refused_after_its_last_retry_is_given_up_with_its_records() {
+        let (r, requests, records) = one_request(vec![REFUSED], Some(2)).await;
+        assert_eq!(requests.len(), 3, "the request and its 2 retries");
+        assert_eq!(r.statuses, BTreeMap::from([(503, 1)]));
+        assert!(r.acked.is_empty());
+        assert_eq!(r.retries.given_up_requests, 1);
+        assert_eq!(
+            r.retries.given_up.iter().collect::<Vec<_>>(),
+            (0..records).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn without_keys_nothing_is_retried_and_no_key_is_sent() {
+        let (r, requests, _) = one_request(vec![REFUSED, OK], None).await;
+        assert_eq!(requests.len(), 1);
+        assert!(!requests[0].contains("idempotency-key"));
+        assert_eq!(r.statuses, BTreeMap::from([(503, 1)]));
+        assert_eq!((r.retries.enabled, r.retries.sent), (false, 0));
+        assert!(r.retries.given_up.is_empty());
     }
 
     #[tokio::test]
@@ -768,33 +1084,33 @@ mod tests {
         let mut conn = None;
         let body = bytes::Bytes::from_static(b"[{\"id\":1}]");
         let a = target
-            .exchange(&mut conn, body.clone(), None)
+            .exchange(&mut conn, body.clone(), None, None)
             .await
             .unwrap();
-        assert_eq!((a.0, &a.1[..]), (200, &b"{}"[..]));
+        assert_eq!((a.status, &a.body[..]), (200, &b"{}"[..]));
         let a = target
-            .exchange(&mut conn, body.clone(), None)
+            .exchange(&mut conn, body.clone(), None, None)
             .await
             .unwrap();
-        assert_eq!((a.0, &a.1[..]), (503, &b"busy!!!"[..]));
+        assert_eq!((a.status, &a.body[..]), (503, &b"busy!!!"[..]));
         let a = target
-            .exchange(&mut conn, body.clone(), None)
+            .exchange(&mut conn, body.clone(), None, None)
             .await
             .unwrap();
-        assert_eq!((a.0, a.1.len()), (204, 0));
+        assert_eq!((a.status, a.body.len()), (204, 0));
         assert!(conn.is_some(), "one connection kept alive so far");
         let a = target
-            .exchange(&mut conn, body.clone(), None)
+            .exchange(&mut conn, body.clone(), None, None)
             .await
             .unwrap();
-        assert_eq!((a.0, &a.1[..]), (200, &b"bye"[..]));
+        assert_eq!((a.status, &a.body[..]), (200, &b"bye"[..]));
         assert!(
             conn.is_none(),
             "a close-delimited answer ends the connection"
         );
         // The next request opens a new connection.
-        let a = target.exchange(&mut conn, body, None).await.unwrap();
-        assert_eq!((a.0, &a.1[..]), (200, &b"{}"[..]));
+        let a = target.exchange(&mut conn, body, None, None).await.unwrap();
+        assert_eq!((a.status, &a.body[..]), (200, &b"{}"[..]));
     }
 
     #[tokio::test]
@@ -808,16 +1124,20 @@ mod tests {
         let mut conn = None;
         for _ in 0..3 {
             let a = target
-                .exchange(&mut conn, bytes::Bytes::from_static(b"{}"), None)
+                .exchange(&mut conn, bytes::Bytes::from_static(b"{}"), None, None)
                 .await
                 .unwrap();
-            assert_eq!(a.0, 200);
+            assert_eq!(a.status, 200);
             assert!(conn.is_some(), "the answer did not say it closes");
             // Idle long enough for the server's close to arrive: that is the case under test.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let bad = Target::new(&RunConfig::new("https://example.invalid/".into(), vec![]));
-        let e = bad.exchange(&mut None, bytes::Bytes::new(), None).await;
-        assert!(e.unwrap_err().contains("only http://"));
+        let e = bad
+            .exchange(&mut None, bytes::Bytes::new(), None, None)
+            .await;
+        let e = e.err().expect("a bad target fails");
+        assert_eq!(e.kind, Transport::Setup);
+        assert!(e.detail.contains("only http://"));
     }
 }

@@ -7,7 +7,10 @@
 //! a moment later: a zombie's late write, a replay after a rebalance.
 //!
 //! Lost: acknowledged, missing. Duplicated: present more than once. Unexpected: present but
-//! never acknowledged (a 503 whose write landed after all): allowed, shown. Dead-lettered:
+//! never acknowledged (a 503 whose write landed after all): allowed, shown; with idempotency
+//! keys (`loadgen --idempotency-keys`) such a request was retried until it was acknowledged,
+//! so an unexpected record fails the verdict, except the records of a request given up after
+//! its last retry: they may land, and are counted apart ("given up, landed"). Dead-lettered:
 //! acknowledged and in the table's dead-letter table (the consumer's `<table>_dead_letters`)
 //! instead: not lost, shown, and listed so a caller can check they were meant to be there.
 
@@ -48,6 +51,10 @@ pub struct VerifyConfig {
     /// The longest wait for quiet; past it the comparison is made anyway and the verdict says
     /// why the pipeline was not quiet.
     pub timeout: Duration,
+    /// With idempotency keys (requests retried until acknowledged): the records of the
+    /// requests given up after their last retry. `Some` makes an unexpected record fail the
+    /// verdict; these records are counted apart instead, landed or not.
+    pub given_up: Option<AckSet>,
 }
 
 impl VerifyConfig {
@@ -70,6 +77,7 @@ impl VerifyConfig {
             topic: topic.into(),
             settle: DEFAULT_SETTLE,
             timeout,
+            given_up: None,
         }
     }
 }
@@ -85,8 +93,17 @@ pub struct Verdict {
     pub lost: u64,
     /// Ids present more than once (count of extra copies).
     pub duplicated: u64,
-    /// Present but never acknowledged.
+    /// Present but never acknowledged (and, with idempotency keys, not of a request given up).
     pub unexpected: u64,
+    /// Up to 20 unexpected sequence numbers.
+    pub unexpected_sample: Vec<u64>,
+    /// Whether the requests carried idempotency keys: then an unexpected record fails.
+    pub idempotency_keys: bool,
+    /// With idempotency keys: records of requests given up after their last retry.
+    pub given_up: u64,
+    /// Of those, how many are in the table (each once, or it is a duplicate): a write that
+    /// landed although its client gave up. Neither lost nor unexpected.
+    pub given_up_landed: u64,
     /// Up to 20 lost sequence numbers.
     pub lost_sample: Vec<u64>,
     /// Up to 20 duplicated sequence numbers.
@@ -106,9 +123,12 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// Quiet, no loss and no duplicate.
+    /// Quiet, no loss and no duplicate; with idempotency keys, nothing unexpected either.
     pub fn passed(&self) -> bool {
-        self.quiet && self.lost == 0 && self.duplicated == 0
+        self.quiet
+            && self.lost == 0
+            && self.duplicated == 0
+            && (!self.idempotency_keys || self.unexpected == 0)
     }
 }
 
@@ -478,9 +498,23 @@ async fn compare(cfg: &VerifyConfig, acked: &AckSet) -> Result<Verdict, HarnessE
         }
     }
     let dead = dead_lettered(url, table, &cfg.id_field, run_id).await?;
+    Ok(tally(&counts, &dead, acked, cfg.given_up.as_ref()))
+}
+
+/// The verdict on what the tables hold: `counts` (rows per sequence number), `dead` (sequence
+/// numbers dead-lettered), against what was acknowledged and, with idempotency keys, what was
+/// given up.
+fn tally(
+    counts: &std::collections::HashMap<u64, u32>,
+    dead: &[u64],
+    acked: &AckSet,
+    given_up: Option<&AckSet>,
+) -> Verdict {
     let dead_set: std::collections::HashSet<u64> = dead.iter().copied().collect();
     let mut v = Verdict {
         acknowledged: acked.len(),
+        idempotency_keys: given_up.is_some(),
+        given_up: given_up.map_or(0, AckSet::len),
         ..Verdict::default()
     };
     for seq in acked.iter() {
@@ -497,18 +531,27 @@ async fn compare(cfg: &VerifyConfig, acked: &AckSet) -> Result<Verdict, HarnessE
         }
     }
     let mut dups: Vec<u64> = Vec::new();
-    for (seq, n) in &counts {
+    let mut unexpected: Vec<u64> = Vec::new();
+    for (seq, n) in counts {
         if *n > 1 {
             v.duplicated += (*n - 1) as u64;
             dups.push(*seq);
         }
-        if !acked.contains(*seq) {
+        if acked.contains(*seq) {
+            continue;
+        }
+        if given_up.is_some_and(|g| g.contains(*seq)) {
+            v.given_up_landed += 1;
+        } else {
             v.unexpected += 1;
+            unexpected.push(*seq);
         }
     }
     dups.sort_unstable();
     v.duplicated_sample = dups.into_iter().take(20).collect();
-    Ok(v)
+    unexpected.sort_unstable();
+    v.unexpected_sample = unexpected.into_iter().take(20).collect();
+    v
 }
 
 #[cfg(test)]
@@ -553,6 +596,59 @@ mod tests {
         assert!(!settle.observe(None, s(10_250)));
         assert!(!settle.observe(Some(&seen(&[(5, 5), (4, 4)], 11)), s(10_500)));
         assert!(settle.observe(Some(&seen(&[(5, 5), (4, 4)], 11)), s(13_500)));
+    }
+
+    fn acks(seqs: &[u64]) -> AckSet {
+        let mut a = AckSet::default();
+        for s in seqs {
+            a.insert_range(*s, 1);
+        }
+        a
+    }
+
+    #[test]
+    fn a_given_up_request_s_records_that_landed_are_counted_apart_not_as_unexpected() {
+        // Rows: 0, 1 (twice), 2, 5 (given up, landed), 7 (never acknowledged, not given up).
+        let counts = std::collections::HashMap::from([(0, 1), (1, 2), (2, 1), (5, 1), (7, 1)]);
+        let acked = acks(&[0, 1, 2, 3, 4]);
+        let given_up = acks(&[5, 6]);
+        let v = tally(&counts, &[4], &acked, Some(&given_up));
+        assert_eq!(
+            (v.found, v.lost, v.dead_lettered, v.duplicated),
+            (3, 1, 1, 1)
+        );
+        assert_eq!((v.given_up, v.given_up_landed), (2, 1));
+        assert_eq!((v.unexpected, v.unexpected_sample.clone()), (1, vec![7]));
+        assert!(v.idempotency_keys);
+        // Without keys nothing was given up: both are unexpected, and allowed.
+        let v = tally(&counts, &[4], &acked, None);
+        assert_eq!((v.unexpected, v.given_up_landed), (2, 0));
+        assert!(!v.idempotency_keys);
+    }
+
+    #[test]
+    fn with_idempotency_keys_an_unexpected_record_fails_and_a_given_up_one_does_not() {
+        let passing = Verdict {
+            quiet: true,
+            unexpected: 3,
+            ..Verdict::default()
+        };
+        assert!(
+            passing.passed(),
+            "without keys an unexpected record is allowed"
+        );
+        let keyed = Verdict {
+            idempotency_keys: true,
+            ..passing.clone()
+        };
+        assert!(!keyed.passed(), "with keys it is not");
+        let given_up = Verdict {
+            unexpected: 0,
+            given_up: 5,
+            given_up_landed: 3,
+            ..keyed
+        };
+        assert!(given_up.passed(), "a given-up request's records may land");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use anyhow::{ensure, Result};
 use spillway_harness::postgres::connect;
 use spillway_loadgen::payload::{typed_columns, PayloadGen, PayloadSpec};
 use spillway_loadgen::profile::RateProfile;
-use spillway_loadgen::runner::{self, Live, RunConfig};
+use spillway_loadgen::retry::RetrySettings;
+use spillway_loadgen::runner::{self, AckSet, KeyedRetries, Live, RunConfig};
 use spillway_loadgen::stack::{LocalStack, TABLE, TOPIC};
 use spillway_loadgen::verify::{verify, VerifyConfig};
 
@@ -198,5 +199,89 @@ fn loadgen_with_keys_checks_each_keys_last_state_and_says_so() -> Result<()> {
         keys > 0 && keys <= 25 && keyed["verdict"]["wrong"] == 0 && keyed["verdict"]["split"] == 0,
         "{keyed}"
     );
+    Ok(())
+}
+
+/// With idempotency keys the verdict wants no unexpected record: a row of the run that no
+/// acknowledged request carried fails it (without keys it is allowed), unless its request was
+/// given up after its last retry (then it is counted apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_idempotency_keys_a_record_that_landed_without_an_acknowledgement_fails_the_verdict(
+) -> Result<()> {
+    let stack = LocalStack::start(2).await?;
+    let schedule = RateProfile::Constant { rate: 50.0 }.schedule(Duration::from_secs(2));
+    let cfg = RunConfig {
+        idempotency_keys: Some(KeyedRetries {
+            settings: RetrySettings::default(),
+            seed: 5,
+        }),
+        ..RunConfig::new(stack.producer.store_url(), schedule)
+    };
+    let spec = PayloadSpec::generated((1, 3), (100, 150));
+    let result = runner::run(
+        cfg,
+        PayloadGen::new(spec, "idem", 5),
+        Arc::new(Live::default()),
+        |_, _, _| {},
+    )
+    .await;
+    assert!(result.retries.enabled && result.retries.given_up.is_empty());
+    let url = stack.database_url();
+    let keyed = VerifyConfig {
+        given_up: Some(result.retries.given_up.clone()),
+        ..VerifyConfig::new(
+            &url,
+            TABLE,
+            "idem",
+            stack.broker.bootstrap(),
+            TOPIC,
+            Duration::from_secs(60),
+        )
+    };
+    let v = verify(&keyed, &result.acked, |_| {}).await?;
+    ensure!(
+        v.passed() && v.unexpected == 0 && v.idempotency_keys,
+        "{v:?}"
+    );
+
+    // A copy of an acknowledged row under the id of a record nobody acknowledged: what a
+    // refused request's write that landed anyway looks like.
+    let never = result.records_sent + 1_000;
+    connect(&url)
+        .await?
+        .execute(
+            "INSERT INTO records SELECT kafka_partition, kafka_offset, record_index + 1000, \
+             received_at, jsonb_set(data, '{id}', to_jsonb($1::text)) \
+             FROM records WHERE data->>'id' = 'idem-0'",
+            &[&format!("idem-{never}")],
+        )
+        .await?;
+    let v = verify(&keyed, &result.acked, |_| {}).await?;
+    assert_eq!(
+        (v.unexpected, v.unexpected_sample.clone()),
+        (1, vec![never])
+    );
+    assert!(!v.passed(), "with keys an unexpected record fails: {v:?}");
+    let plain = VerifyConfig {
+        given_up: None,
+        ..keyed.clone()
+    };
+    let v = verify(&plain, &result.acked, |_| {}).await?;
+    assert!(
+        v.passed() && v.unexpected == 1,
+        "without keys it is allowed: {v:?}"
+    );
+    let mut given_up = AckSet::default();
+    given_up.insert_range(never, 1);
+    let apart = VerifyConfig {
+        given_up: Some(given_up),
+        ..keyed
+    };
+    let v = verify(&apart, &result.acked, |_| {}).await?;
+    assert!(
+        v.passed() && (v.unexpected, v.given_up, v.given_up_landed) == (0, 1, 1),
+        "a given-up request's record is counted apart: {v:?}"
+    );
+    stack.shutdown().await;
     Ok(())
 }
