@@ -855,14 +855,11 @@ fn encode_rows_without(
     skip: &BTreeSet<usize>,
 ) -> Result<Encoded, FlushResult> {
     let mut found = Vec::new();
+    let router = targets.router(batch.partition);
     let routes: Vec<usize> = batch
         .entries
         .iter()
-        .map(|e| {
-            targets
-                .router(batch.partition)
-                .route(&e.record.payload, &mut found)
-        })
+        .map(|e| router.route(&e.record.payload, &mut found))
         .collect();
     // Each table's buffer, sized for its rows in one pass over the batch.
     let mut sizes = vec![0; targets.tables.len()];
@@ -1219,8 +1216,10 @@ async fn flush_in(
 /// key for its first message, unless another message owns it already: an insert that keeps
 /// the existing owner, waiting for a concurrent claim to commit or roll back), reads the
 /// owners back, and encodes the batch again without the records of messages that do not own
-/// their key ([`spillway_core::idempotency`]). The two statements go in one round trip; the
-/// second sees what the first waited for (each statement reads the committed state anew).
+/// their key ([`spillway_core::idempotency`]). The two statements are pipelined (each is
+/// prepared, then run: two round trips for both, not four), and the server runs them in
+/// order: the second sees what the first waited for (at read committed, each statement reads
+/// the committed state anew).
 async fn claim_keys(
     tx: &tokio_postgres::Transaction<'_>,
     targets: &Targets,

@@ -332,7 +332,9 @@ struct PendingAssignment {
     reply: std_mpsc::SyncSender<Vec<StartAt>>,
 }
 
-type FlushDone = (BatchId, FlushResult, Duration);
+/// A flush task's outcome: its batch, the result for the core, how long it took, and what it
+/// left out as repeated requests (counted by the batch's `Committed` notice).
+type FlushDone = (BatchId, FlushResult, Duration, pg::Repeated);
 type PositionsRead = Result<Vec<StoredPosition>, PgFailure>;
 
 pub(crate) struct Pipeline {
@@ -353,9 +355,9 @@ pub(crate) struct Pipeline {
     dropped_reported: u64,
     /// With `--partition-by`: the tables' time partitions.
     rotation: Option<Arc<Rotation>>,
-    /// What the last written batch of a partition left out as repeated requests, until its
-    /// `Committed` notice counts it.
-    repeated: Arc<Mutex<HashMap<Partition, pg::Repeated>>>,
+    /// What the flush last joined left out as repeated requests: its `Committed` notice, which
+    /// the core emits while taking that flush's result, counts it.
+    repeated: pg::Repeated,
     #[cfg(feature = "failpoints")]
     exit_after_commits: Option<u64>,
     #[cfg(feature = "failpoints")]
@@ -419,7 +421,7 @@ impl Pipeline {
             health,
             dropped_reported: 0,
             rotation,
-            repeated: Arc::default(),
+            repeated: pg::Repeated::default(),
             #[cfg(feature = "failpoints")]
             exit_after_commits: std::env::var(FAILPOINT_EXIT_AFTER_COMMITS)
                 .ok()
@@ -566,8 +568,8 @@ impl Pipeline {
         joined: Result<(tokio::task::Id, FlushDone), tokio::task::JoinError>,
     ) {
         let now = Instant::now();
-        let (id, result) = match joined {
-            Ok((task, (id, result, elapsed))) => {
+        let (id, result, repeated) = match joined {
+            Ok((task, (id, result, elapsed, repeated))) => {
                 self.flush_tasks.remove(&task);
                 if result == FlushResult::Written {
                     self.metrics.flush_latency.observe(elapsed.as_secs_f64());
@@ -581,7 +583,7 @@ impl Pipeline {
                     FlushResult::Fatal { .. } | FlushResult::Unconvertible { .. } => {}
                     _ => self.db.observe(true, None, &self.metrics, buffered),
                 }
-                (id, result)
+                (id, result, repeated)
             }
             Err(e) => {
                 let Some(id) = self.flush_tasks.remove(&e.id()) else {
@@ -589,9 +591,10 @@ impl Pipeline {
                 };
                 tracing::error!(error = %e, "a flush task panicked; its batch will be retried");
                 let reason = format!("the flush task failed: {e}");
-                (id, FlushResult::Retriable { reason })
+                (id, FlushResult::Retriable { reason }, Default::default())
             }
         };
+        self.repeated = repeated;
         self.machine.on_flush_result(id, result, now);
     }
 
@@ -652,7 +655,6 @@ impl Pipeline {
                     let targets = self.targets.clone();
                     let rotation = self.rotation.clone();
                     let routed = self.metrics.routed.clone();
-                    let repeats = self.repeated.clone();
                     let merges = self.metrics.merged.clone();
                     // A stopped (SIGSTOP) or unreachable server never fires its own statement
                     // timeout: give up on our side too, counting from when a pooled connection
@@ -675,7 +677,9 @@ impl Pipeline {
                         // its column is known without asking Postgres.
                         let rows = match pg::encode_rows(&batch, &targets) {
                             Ok(rows) => rows,
-                            Err(unconvertible) => return (id, unconvertible, Duration::ZERO),
+                            Err(unconvertible) => {
+                                return (id, unconvertible, Duration::ZERO, Default::default())
+                            }
                         };
                         // Before taking a turn: the rotation takes one of the pool's
                         // connections to create a partition, and must not wait for ours.
@@ -689,7 +693,7 @@ impl Pipeline {
                                 })
                             });
                             if let Err(not_ready) = ready {
-                                return (id, not_ready, Duration::ZERO);
+                                return (id, not_ready, Duration::ZERO, Default::default());
                             }
                         }
                         let turn = pool.wait_turn().await;
@@ -702,16 +706,9 @@ impl Pipeline {
                                 repeated,
                                 per_table,
                             } = pg::flush(conn.client_mut(), &targets, &name, &batch, rows).await;
-                            if matches!(result, FlushResult::Written) {
-                                if targets.tables.len() > 1 {
-                                    for (t, n) in targets.tables.iter().zip(per_table) {
-                                        routed.get(&t.table.plain).inc_by(n as u64);
-                                    }
-                                }
-                                if repeated != pg::Repeated::default() {
-                                    // Read by the batch's `Committed` notice (one batch per
-                                    // partition is in flight).
-                                    lock(&repeats).insert(batch.partition, repeated);
+                            if matches!(result, FlushResult::Written) && targets.tables.len() > 1 {
+                                for (t, n) in targets.tables.iter().zip(per_table) {
+                                    routed.get(&t.table.plain).inc_by(n as u64);
                                 }
                             }
                             if let Some(m) = merged {
@@ -727,16 +724,22 @@ impl Pipeline {
                             if matches!(result, FlushResult::Written | FlushResult::Fenced) {
                                 conn.release();
                             }
-                            Ok::<_, PgFailure>(result)
+                            Ok::<_, PgFailure>((result, repeated))
                         };
-                        let result = match tokio::time::timeout(deadline, attempt).await {
-                            Ok(Ok(r)) => r,
-                            Ok(Err(f)) => pg::flush_result(f),
-                            Err(_) => FlushResult::Retriable {
-                                reason: format!("no answer from Postgres within {deadline:?}"),
-                            },
-                        };
-                        (id, result, started.elapsed())
+                        let (result, repeated) =
+                            match tokio::time::timeout(deadline, attempt).await {
+                                Ok(Ok(done)) => done,
+                                Ok(Err(f)) => (pg::flush_result(f), Default::default()),
+                                Err(_) => (
+                                    FlushResult::Retriable {
+                                        reason: format!(
+                                            "no answer from Postgres within {deadline:?}"
+                                        ),
+                                    },
+                                    Default::default(),
+                                ),
+                            };
+                        (id, result, started.elapsed(), repeated)
                     });
                     self.flush_tasks.insert(task.id(), id);
                 }
@@ -787,7 +790,7 @@ impl Pipeline {
                 dead_letters,
                 copies,
             } => {
-                let repeated = lock(&self.repeated).remove(&partition).unwrap_or_default();
+                let repeated = std::mem::take(&mut self.repeated);
                 let rows = rows.saturating_sub(repeated.rows);
                 let dead_letters = dead_letters.saturating_sub(repeated.dead_letters);
                 if repeated != pg::Repeated::default() {
@@ -1133,8 +1136,4 @@ pub fn fresh_metrics_page() -> Result<String, std::fmt::Error> {
 
 pub(crate) fn new_metrics(capacity: &BatcherConfig) -> Arc<Metrics> {
     Arc::new(Metrics::new(capacity))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

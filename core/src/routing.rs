@@ -40,11 +40,6 @@ impl Router {
         }
     }
 
-    /// Where a record no rule names goes.
-    pub fn default_table(&self) -> usize {
-        self.default
-    }
-
     /// Whether every record goes to the default table.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()

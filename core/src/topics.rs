@@ -78,12 +78,6 @@ impl Topics {
         let topic = self.0.get(topic_index(p))?;
         Some((topic, kafka_partition(p)))
     }
-
-    /// The topic of the partition the core numbers `p` (the first one's for a number no topic
-    /// has: the core only holds numbers [`Topics::number`] gave).
-    pub fn topic(&self, p: Partition) -> &str {
-        self.split(p).map_or(&self.0[0], |(t, _)| t)
-    }
 }
 
 impl std::fmt::Display for Topics {
@@ -105,7 +99,7 @@ mod tests {
         assert_eq!(t.split(b3), Some(("b", 3)));
         assert_eq!(t.split(3), Some(("a", 3)));
         assert_eq!(kafka_partition(b3), 3);
-        assert_eq!(t.topic(b3), "b");
+        assert_eq!(t.split(b3).map(|(topic, _)| topic), Some("b"));
         assert_eq!(t.number("c", 0), None, "not a topic of the list");
         assert_eq!(t.number("a", STRIDE), None, "past the stride");
         assert_eq!(t.number("a", -1), None);

@@ -1,7 +1,7 @@
 //! The producer's memory of recent `Idempotency-Key`s: which body each key was sent with, so
 //! that a key reused for a *different* body is refused (`422`) instead of being written under
-//! a key the consumer has already written once (it would keep the first body and drop the
-//! second without a word).
+//! a key the consumer has already written once (it would keep the first body and skip the
+//! second, only counting it in `spillway_consumer_repeated_records_skipped_total`).
 //!
 //! Pure and synchronous: time comes in as `now`, and nothing here reads a clock or does IO.
 //! Bounded twice: at most `capacity` keys (the oldest is forgotten first) and each for at most
