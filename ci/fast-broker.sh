@@ -4,7 +4,8 @@
 # 200,000-message backlog must read back completely, its high watermark must count every
 # message, and loadgen's spiky run through the whole pipeline on it must pass the no-loss
 # verdict. Benchmarks select it with SPILLWAY_TEST_KAFKA=fast; fault tests never do (it loses
-# everything on restart). On nisshi 0.7.0-pre.2 the watermark check fails (README, Benchmarks).
+# everything on restart). Unpatched, Tansu 0.6.0's in-memory engine fails the first and the
+# third check (ci/tansu/dynostore.patch fixes both).
 #
 #   ci/fast-broker.sh           # build if missing, then the three checks
 set -euo pipefail

@@ -52,18 +52,6 @@ tansu_bin() {
   echo "$SPILLWAY_CACHE/tansu-$TANSU_BUILD/bin/tansu"
 }
 
-# A broker built once from crates.io into $SPILLWAY_CACHE/CRATE-VERSION (its build directory
-# removed after), unless BIN is already there: cargo_install_cached BIN CRATE VERSION FEATURES.
-cargo_install_cached() {
-  local bin="$1" crate="$2" version="$3" features="$4"
-  if [[ -x "$bin" ]]; then return; fi
-  step "cargo install $crate $version --features $features (first run only, long: ~15 min for tansu)"
-  mkdir -p "$SPILLWAY_CACHE"
-  CARGO_TARGET_DIR="$SPILLWAY_CACHE/$crate-target" cargo install "$crate" --version "$version" \
-    --locked --no-default-features --features "$features" --root "$SPILLWAY_CACHE/$crate-$version"
-  rm -rf "$SPILLWAY_CACHE/$crate-target"
-}
-
 # A crate's published source from crates.io, checked against its SHA-256 and unpacked into DIR:
 # fetch_crate NAME VERSION SHA256 DIR.
 fetch_crate() {
@@ -83,42 +71,50 @@ fetch_crate() {
 TANSU_SHA256=4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d
 TANSU_STORAGE_SHA256=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
 ensure_tansu() {
-  local bin work patch_sha
-  bin="$(tansu_bin)"
-  # The build is redone when the patch changes (its SHA-256 is kept beside the binary).
-  patch_sha="$(sha256sum "$SPILLWAY_CI_DIR/tansu/storage.patch" | cut -d' ' -f1)"
+  build_patched_tansu "$(tansu_bin)" libsql storage.patch
+}
+
+# Tansu 0.6.0 built from crates.io with patches from ci/tansu applied to tansu-storage, into
+# BIN, unless BIN is there and was built from the same patches (their SHA-256 is kept beside
+# it): build_patched_tansu BIN FEATURES PATCH...
+build_patched_tansu() {
+  local bin="$1" features="$2" work patch patch_sha
+  shift 2
+  patch_sha="$(cd "$SPILLWAY_CI_DIR/tansu" && cat "$@" | sha256sum | cut -d' ' -f1)"
   if [[ -x "$bin" && "$(cat "$bin.patch-sha256" 2>/dev/null)" == "$patch_sha" ]]; then return; fi
-  step "building tansu $TANSU_VERSION with ci/tansu/storage.patch (first run only, long: ~15 min)"
-  work="$SPILLWAY_CACHE/tansu-build"
+  step "building tansu $TANSU_VERSION (features $features) with ci/tansu/{$*} (first run only, long: ~15 min)"
+  work="$(dirname "$bin")/../build"
   rm -rf "$work"
   mkdir -p "$work"
   fetch_crate tansu "$TANSU_VERSION" "$TANSU_SHA256" "$work"
   fetch_crate tansu-storage "$TANSU_VERSION" "$TANSU_STORAGE_SHA256" "$work"
-  (cd "$work/tansu-storage-$TANSU_VERSION" && git apply "$SPILLWAY_CI_DIR/tansu/storage.patch")
+  for patch in "$@"; do
+    (cd "$work/tansu-storage-$TANSU_VERSION" && git apply "$SPILLWAY_CI_DIR/tansu/$patch")
+  done
   # Its own workspace (whatever Cargo.toml is above the cache), with the patched storage.
   printf '\n[workspace]\n\n[patch.crates-io]\ntansu-storage = { path = "../tansu-storage-%s" }\n' \
     "$TANSU_VERSION" >>"$work/tansu-$TANSU_VERSION/Cargo.toml"
   (cd "$work/tansu-$TANSU_VERSION" && CARGO_TARGET_DIR="$work/target" \
-    cargo build --release --no-default-features --features libsql --bin tansu)
+    cargo build --release --no-default-features --features "$features" --bin tansu)
   install -D -m 755 "$work/target/release/tansu" "$bin.new"
   mv "$bin.new" "$bin"
   echo "$patch_sha" >"$bin.patch-sha256"
   rm -rf "$work"
 }
 
-# The fast broker for benchmarks only (issue 15): Tansu's successor, renamed nisshi, with its
-# in-memory storage engine. It loses everything on restart, so no fault test uses it.
-# 0.7.0-pre.2 builds on rustc 1.95 (about 50 minutes here at low priority beside other builds)
-# and serves a fetch from inside a stored batch (0.6.0's in-memory engine skipped that batch),
-# but reports a high watermark short of its last batch: ci/fast-broker.sh shows both. Built
-# once and cached like Tansu; the test command does not build it.
-FAST_BROKER_VERSION=0.7.0-pre.2
+# The fast broker for benchmarks only (issue 15): the same Tansu 0.6.0 with its in-memory
+# storage engine (`memory://`, feature dynostore) and ci/tansu/dynostore.patch, which fixes the
+# two bugs that made that engine unfit to measure with (a fetch from inside a stored batch
+# skipped it; the latest offset fell short of the last batch): ci/fast-broker.sh checks both.
+# It loses everything on restart, so no fault test uses it. Built once and cached like Tansu
+# (about 15 minutes); the test command does not build it.
+FAST_BROKER_BUILD="$TANSU_VERSION-fast1"
 fast_broker_bin() {
   if [[ -n "${SPILLWAY_FAST_BROKER_BIN:-}" ]]; then echo "$SPILLWAY_FAST_BROKER_BIN"; return; fi
-  echo "$SPILLWAY_CACHE/nisshi-$FAST_BROKER_VERSION/bin/nisshi"
+  echo "$SPILLWAY_CACHE/tansu-$FAST_BROKER_BUILD/bin/tansu"
 }
 ensure_fast_broker() {
-  cargo_install_cached "$(fast_broker_bin)" nisshi "$FAST_BROKER_VERSION" libsql,dynostore
+  build_patched_tansu "$(fast_broker_bin)" libsql,dynostore storage.patch dynostore.patch
 }
 
 SPILLWAY_PG_IMAGE="${SPILLWAY_DOCKER_PG_IMAGE:-spillway-postgres:15}"

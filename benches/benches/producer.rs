@@ -1,6 +1,8 @@
 //! HTTP to Kafka-acknowledged records per second through the producer, 1 and 10 records per
-//! request, against Tansu (when installed) and the mock cluster; beside it the ceiling: a plain
-//! rdkafka producer sending the same envelopes straight to the broker (no HTTP), same settings.
+//! request, 64, 400 and 2,000 requests outstanding, against Tansu (when installed), the fast
+//! broker (when built: `ci/fast-broker.sh`) and the mock cluster; beside it the ceiling: a
+//! plain rdkafka producer sending the same envelopes straight to the broker (no HTTP), same
+//! settings, as many outstanding. `compare-baseline` measures the same beside the original.
 
 use std::time::{Duration, Instant};
 
@@ -13,12 +15,17 @@ use spillway_core::{Envelope, RequestId};
 use spillway_harness::http::HttpClient;
 use spillway_harness::{kafka, KafkaBroker, Mock, Tansu};
 
-const REQUESTS: u64 = 2_000;
-const CONCURRENCY: usize = 64;
+/// Requests per iteration: at least five rounds of the outstanding ones.
+fn requests(concurrency: usize) -> u64 {
+    (concurrency as u64 * 5).max(2_000)
+}
+/// Requests outstanding at once: 64 (the ids without a suffix, as before), then what many
+/// clients bring.
+const CONCURRENCY: [usize; 3] = [64, 400, 2_000];
 const GROUP: &str = "producer";
 
-fn bodies(per: usize) -> Vec<String> {
-    (0..REQUESTS)
+fn bodies(per: usize, n: u64) -> Vec<String> {
+    (0..n)
         .map(|r| {
             let recs: Vec<String> = (0..per as u64)
                 .map(|i| String::from_utf8_lossy(&record(r * 100 + i)).into_owned())
@@ -28,8 +35,8 @@ fn bodies(per: usize) -> Vec<String> {
         .collect()
 }
 
-fn envelopes(per: usize) -> Vec<Vec<u8>> {
-    (0..REQUESTS)
+fn envelopes(per: usize, n: u64) -> Vec<Vec<u8>> {
+    (0..n)
         .map(|r| {
             let recs: Vec<Vec<u8>> = (0..per as u64).map(|i| record(r * 100 + i)).collect();
             Envelope {
@@ -51,7 +58,10 @@ fn bench_broker(
     broker: &dyn KafkaBroker,
     ids: &mut Vec<(String, u64)>,
 ) {
-    let kind = broker.kind();
+    let kind = match broker.kind() {
+        "fast (in-memory)" => "fast",
+        other => other,
+    };
     rt.block_on(broker.create_topic("bench", 4)).expect("topic");
     let mut settings = spillway_producer::Settings::new(broker.bootstrap(), "bench");
     settings.listen = "127.0.0.1:0".parse().expect("addr");
@@ -70,11 +80,19 @@ fn bench_broker(
     g.sample_size(10)
         .measurement_time(Duration::from_secs(5))
         .warm_up_time(Duration::from_secs(1));
-    for per in [1usize, 10] {
-        g.throughput(Throughput::Elements(REQUESTS * per as u64));
-        let bodies = bodies(per);
+    for (per, concurrency) in [1usize, 10]
+        .into_iter()
+        .flat_map(|per| CONCURRENCY.map(|c| (per, c)))
+    {
+        let n = requests(concurrency);
+        g.throughput(Throughput::Elements(n * per as u64));
+        let bodies = bodies(per, n);
         let http = HttpClient::new();
-        let id = format!("{kind}/http/{per}_per_request");
+        let suffix = match concurrency {
+            64 => String::new(),
+            c => format!("/{c}_outstanding"),
+        };
+        let id = format!("{kind}/http/{per}_per_request{suffix}");
         g.bench_function(&id, |b| {
             b.iter_custom(|iters| {
                 let t = Instant::now();
@@ -91,16 +109,16 @@ fn bench_broker(
                                     assert_eq!(a.status, 200, "{}", a.body);
                                 }
                             })
-                            .buffer_unordered(CONCURRENCY)
+                            .buffer_unordered(concurrency)
                             .collect::<Vec<_>>(),
                     );
                 }
                 t.elapsed()
             })
         });
-        ids.push((id, REQUESTS * per as u64));
-        let envs = envelopes(per);
-        let id = format!("{kind}/ceiling_rdkafka/{per}_per_request");
+        ids.push((id, n * per as u64));
+        let envs = envelopes(per, n);
+        let id = format!("{kind}/ceiling_rdkafka/{per}_per_request{suffix}");
         g.bench_function(&id, |b| {
             b.iter_custom(|iters| {
                 let t = Instant::now();
@@ -119,14 +137,14 @@ fn bench_broker(
                                         .expect("produce");
                                 }
                             })
-                            .buffer_unordered(CONCURRENCY)
+                            .buffer_unordered(concurrency)
                             .collect::<Vec<_>>(),
                     );
                 }
                 t.elapsed()
             })
         });
-        ids.push((id, REQUESTS * per as u64));
+        ids.push((id, n * per as u64));
     }
     g.finish();
     rt.block_on(producer.shutdown());
@@ -143,6 +161,12 @@ fn producer(c: &mut Criterion) {
         eprintln!(
             "Tansu not installed (ci/test.sh installs it): benchmarking the mock cluster only"
         );
+    }
+    if kafka::fast_broker_bin().is_some() {
+        let fast = Tansu::start_in_memory().expect("fast broker");
+        let mut fast_ids = vec![];
+        bench_broker(c, &rt, &fast, &mut fast_ids);
+        print_ratios(GROUP, &fast_ids, "fast/ceiling_rdkafka/10_per_request");
     }
     let mock = rt.block_on(async { Mock::start(1) }).expect("mock");
     let mut mock_ids = vec![];

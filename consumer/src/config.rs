@@ -627,7 +627,10 @@ impl Settings {
             return Err(bad(
                 "name",
                 "required with several topics: pass --name NAME, the name their positions are \
-                 kept under (keep it when the list of topics changes)",
+                 kept under, and keep it when the list of topics changes. A consumer that read \
+                 one of these topics alone kept its positions under its table's name (its \
+                 --table, default records): pass that name, or that topic starts over from \
+                 its first offset",
             ));
         }
         for t in &a.tables {

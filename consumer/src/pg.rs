@@ -1213,13 +1213,10 @@ async fn flush_in(
 }
 
 /// Claims, for each table, the idempotency keys of the batch's messages that go to it (each
-/// key for its first message, unless another message owns it already: an insert that keeps
-/// the existing owner, waiting for a concurrent claim to commit or roll back), reads the
-/// owners back, and encodes the batch again without the records of messages that do not own
-/// their key ([`spillway_core::idempotency`]). The two statements are pipelined (each is
-/// prepared, then run: two round trips for both, not four), and the server runs them in
-/// order: the second sees what the first waited for (at read committed, each statement reads
-/// the committed state anew).
+/// key for its first message, unless another message owns it already: an upsert that keeps
+/// and locks the existing owner, waiting for a concurrent claim to commit or roll back), with
+/// the owners returned by the same statement, and encodes the batch again without the records
+/// of messages that do not own their key ([`spillway_core::idempotency`]).
 async fn claim_keys(
     tx: &tokio_postgres::Transaction<'_>,
     targets: &Targets,
@@ -1237,20 +1234,21 @@ async fn claim_keys(
         let keys: Vec<&str> = claims.iter().map(|(k, _)| &**k).collect();
         let offsets: Vec<i64> = claims.iter().map(|(_, o)| *o).collect();
         let table = target.table.request_keys();
+        // One statement claims every key and returns each one's owner: this batch's message
+        // where the key was free, else the row already there, which DO UPDATE (a no-op write)
+        // locks until this transaction ends, so the key expiry cannot delete it in between
+        // (`keys.rs`; with DO NOTHING and a separate SELECT it could, and the repeat would
+        // have been written). `claims` holds each key once, as DO UPDATE requires.
         let claim = format!(
-            "INSERT INTO {table} (key, topic, kafka_partition, kafka_offset)
+            "INSERT INTO {table} AS t (key, topic, kafka_partition, kafka_offset)
              SELECT k, $2, $3, o FROM unnest($1::text[], $4::bigint[]) AS u(k, o)
-             ON CONFLICT (key) DO NOTHING"
+             ON CONFLICT (key) DO UPDATE SET key = t.key
+             RETURNING t.key, t.topic, t.kafka_partition, t.kafka_offset"
         );
-        let owners = format!(
-            "SELECT key, topic, kafka_partition, kafka_offset FROM {table} WHERE key = ANY($1)"
-        );
-        let (_, owners) = futures::future::try_join(
-            tx.execute(&claim, &[&keys, &topic, &partition, &offsets]),
-            tx.query(&owners, &[&keys]),
-        )
-        .await
-        .map_err(|e| staged(Stage::Bookkeeping, &e, &[]))?;
+        let owners = tx
+            .query(&claim, &[&keys, &topic, &partition, &offsets])
+            .await
+            .map_err(|e| staged(Stage::Bookkeeping, &e, &[]))?;
         let owners: BTreeMap<String, idempotency::Owner> = owners
             .iter()
             .map(|r| {

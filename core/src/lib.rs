@@ -52,5 +52,6 @@ pub use partitions::{Interval, Partitioning, Retention};
 pub use pgcopy::CopyRows;
 pub use retry::{Jitter, RetryConfig, RetryPolicy};
 pub use routing::Router;
+pub use scan::plain_run;
 pub use topics::Topics;
 pub use upsert::{Matcher, OnConflict, Upsert};

@@ -98,6 +98,26 @@ fn special(w: u64) -> u64 {
     zero_in(w ^ (ONES * u64::from(b'"'))) | zero_in(w ^ (ONES * u64::from(b'\\'))) | below_space
 }
 
+/// How many of the first bytes of `b` are plain JSON string content (none a quote, a
+/// backslash or a control character), eight at a time: where a string's scan resumes byte by
+/// byte. The producer's depth check skips string content with it too.
+pub fn plain_run(b: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(block) = b.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(block);
+        let m = special(u64::from_le_bytes(w));
+        if m != 0 {
+            return i + (m.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i + b[i..]
+        .iter()
+        .take_while(|&&c| c != b'"' && c != b'\\' && c >= 0x20)
+        .count()
+}
+
 impl<'a> Scanner<'a> {
     fn err(&self, what: &str) -> String {
         match self.b.get(self.i) {
@@ -321,16 +341,7 @@ impl<'a> Scanner<'a> {
         let mut escaped = false;
         loop {
             // Eight bytes at a time, up to the first quote, backslash or control character.
-            while let Some(block) = b.get(i..i + 8) {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(block);
-                let m = special(u64::from_le_bytes(w));
-                if m != 0 {
-                    i += (m.trailing_zeros() / 8) as usize;
-                    break;
-                }
-                i += 8;
-            }
+            i += plain_run(b.get(i..).unwrap_or_default());
             match b.get(i) {
                 Some(b'"') => {
                     self.i = i + 1;
@@ -713,5 +724,26 @@ mod tests {
             }
         }
         assert_eq!(special(u64::from_le_bytes(*b" ~\x7f\x80\xff!#[")), 0);
+    }
+
+    #[test]
+    fn a_plain_run_ends_at_the_first_quote_backslash_or_control_byte() {
+        let naive = |b: &[u8]| {
+            b.iter()
+                .take_while(|&&c| c != b'"' && c != b'\\' && c >= 0x20)
+                .count()
+        };
+        // Every length up to three blocks, the special byte at every place (or none).
+        for len in 0..24 {
+            for at in 0..=len {
+                for special_byte in [b'"', b'\\', b'\n', 0u8] {
+                    let mut b: Vec<u8> = (0..len).map(|i| b"a[{ \xc3\xa9~"[i % 7]).collect();
+                    if at < len {
+                        b[at] = special_byte;
+                    }
+                    assert_eq!(plain_run(&b), naive(&b), "{b:?}");
+                }
+            }
+        }
     }
 }

@@ -54,7 +54,7 @@ pub struct Args {
     #[arg(long, env = "SPILLWAY_SCHEMA")]
     pub schema: Option<PathBuf>,
 
-    /// Requests being handled at once; more are shed with 429 [default: 1024].
+    /// Requests being handled at once; more are shed with 429 [default: 4096].
     #[arg(long, env = "SPILLWAY_MAX_IN_FLIGHT_REQUESTS")]
     pub max_in_flight_requests: Option<usize>,
 
@@ -183,7 +183,7 @@ impl Settings {
             max_body_bytes: 900 * 1024,
             max_depth: 128,
             schema: None,
-            max_in_flight_requests: 1024,
+            max_in_flight_requests: 4096,
             max_in_flight_bytes: 256 << 20,
             produce_timeout: Duration::from_secs(5),
             retry_after: Duration::from_secs(1),

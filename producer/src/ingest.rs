@@ -248,15 +248,27 @@ fn split(kind: BodyKind, text: &str) -> Result<Vec<&[u8]>, Rejection> {
 
 /// Refuses a body with a record nested more than `max_depth` arrays and objects deep (a
 /// scalar has depth 0, `{"a": [1]}` depth 2), naming the first such record. One loop over the
-/// bytes, whatever the depth; it runs before the JSON is parsed, so on a body that is also
-/// malformed it may speak first.
+/// bytes (string content eight at a time), whatever the depth; it runs before the JSON is
+/// parsed, so on a body that is also malformed it may speak first.
 pub fn check_depth(kind: BodyKind, text: &str, max_depth: usize) -> Result<(), Rejection> {
     // The records of a JSON array body sit one level inside it.
     let wrapped = kind == BodyKind::Json && text.trim_start().starts_with('[');
     let limit = max_depth.saturating_add(usize::from(wrapped));
     let (mut depth, mut index) = (0usize, 0usize);
     let (mut in_string, mut escaped, mut line_has_record) = (false, false, false);
-    for &b in text.as_bytes() {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if in_string && !escaped {
+            // String content holds no bracket: skip it eight bytes at a time, up to a quote,
+            // a backslash or a control character (a newline among them).
+            i += spillway_core::plain_run(&bytes[i..]);
+            if i == bytes.len() {
+                break;
+            }
+        }
+        let b = bytes[i];
+        i += 1;
         if b == b'\n' && kind == BodyKind::NdJson {
             // Each line is a record of its own (a JSON string holds no raw newline).
             index += usize::from(line_has_record);
@@ -513,6 +525,22 @@ mod tests {
             &format!("[1, {{\"a\": \"[[[,\\\"[\"}}, {over}]"),
             Err("record 2 is nested more than 128 levels deep"),
         );
+        // Brackets, commas, escaped quotes and backslashes inside strings, at every place in
+        // an eight-byte block (string content is skipped eight bytes at a time).
+        for pad in 0..9 {
+            let p = "x".repeat(pad);
+            let tricky = format!("{{\"{p}\": \"{p}[[[,\\\\\\\"{{{p}\\\\\", \"b\": [\"]]]{p}\"]}}");
+            check(
+                Json,
+                &format!("[{tricky}, {over}]"),
+                Err("record 1 is nested more than 128"),
+            );
+            check(
+                Json,
+                &format!("[{tricky},1]"),
+                Ok(vec![tricky.as_str(), "1"]),
+            );
+        }
         let objects = format!("{}1{}", "{\"a\":".repeat(129), "}".repeat(129));
         check(Json, &objects, Err("record 0 is nested more than 128"));
         check(

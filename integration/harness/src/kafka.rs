@@ -28,11 +28,11 @@ pub const TANSU_VERSION: &str = "0.6.0";
 /// Its build with Spillway's patch (`ci/tansu/storage.patch`): where `ci/test.sh` caches it.
 pub const TANSU_BUILD: &str = "0.6.0-spillway1";
 
-/// The release of Tansu's successor (renamed nisshi) that `ci/lib.sh` builds with the in-memory
-/// storage engine for benchmarks: the last that builds on rustc 1.95. Free of 0.6.0's bug where
-/// a fetch from an offset inside a stored batch skips that batch, but its high watermark falls
-/// short of the last batch (`tests/fast_broker.rs`).
-pub const FAST_BROKER_VERSION: &str = "0.7.0-pre.2";
+/// The fast broker's build: Tansu 0.6.0 with its in-memory storage engine (feature
+/// `dynostore`) and `ci/tansu/dynostore.patch`, which fixes that engine's two bugs (a fetch from
+/// inside a stored batch skipped it; the latest offset fell short of the last batch), as
+/// `ci/lib.sh`'s `ensure_fast_broker` builds it for benchmarks (`tests/fast_broker.rs`).
+pub const FAST_BROKER_BUILD: &str = "0.6.0-fast1";
 
 /// Where a Tansu-family broker keeps its records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +110,7 @@ pub fn tansu_bin() -> Option<PathBuf> {
 }
 
 /// The fast broker's binary: `SPILLWAY_FAST_BROKER_BIN`, else where `ci/lib.sh`'s
-/// `ensure_fast_broker` installs it (`~/.cache/spillway/nisshi-0.7.0-pre.2/bin/nisshi`).
+/// `ensure_fast_broker` builds it (`~/.cache/spillway/tansu-0.6.0-fast1/bin/tansu`).
 pub fn fast_broker_bin() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SPILLWAY_FAST_BROKER_BIN") {
         return Some(PathBuf::from(p)).filter(|p| p.is_file());
@@ -118,12 +118,12 @@ pub fn fast_broker_bin() -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
     let p = PathBuf::from(home)
         .join(".cache/spillway")
-        .join(format!("nisshi-{FAST_BROKER_VERSION}/bin/nisshi"));
+        .join(format!("tansu-{FAST_BROKER_BUILD}/bin/tansu"));
     p.is_file().then_some(p)
 }
 
-/// The Tansu broker as a child process, storing in SQLite in a temporary directory, or its
-/// successor storing in memory ([`Storage`]).
+/// The Tansu broker as a child process, storing in SQLite in a temporary directory, or in
+/// memory ([`Storage`]).
 #[derive(Debug)]
 pub struct Tansu {
     bin: PathBuf,
@@ -156,15 +156,15 @@ impl Tansu {
         Self::spawn_new(bin, Storage::Durable, advertised_port)
     }
 
-    /// Starts the fast broker: Tansu's successor with the in-memory storage engine, on a free
+    /// Starts the fast broker: patched Tansu with the in-memory storage engine, on a free
     /// port of 127.0.0.1. For benchmarks: it loses everything when it stops.
     pub fn start_in_memory() -> Result<Self> {
         let bin = fast_broker_bin().ok_or_else(|| HarnessError::NotInstalled {
             what: "the fast (in-memory) broker",
             hint: format!(
-                "run `. ci/lib.sh; ensure_fast_broker` (the bench scripts do), or `cargo install \
-                 nisshi --version {FAST_BROKER_VERSION} --locked --no-default-features --features \
-                 dynostore` and set SPILLWAY_FAST_BROKER_BIN"
+                "run ci/fast-broker.sh (it builds Tansu {TANSU_VERSION} with the in-memory \
+                 engine and ci/tansu/dynostore.patch into ~/.cache/spillway/tansu-\
+                 {FAST_BROKER_BUILD}), or set SPILLWAY_FAST_BROKER_BIN to such a build"
             ),
         })?;
         Self::spawn_new(bin, Storage::Memory, None)

@@ -1,4 +1,4 @@
-//! Whether the fast broker (Tansu's successor with its in-memory engine, for benchmarks) is fit
+//! Whether the fast broker (Tansu 0.6.0's in-memory engine, patched, for benchmarks) is fit
 //! to measure with: it must serve a fetch from inside a stored batch (Tansu 0.6.0's in-memory
 //! engine skipped that batch), a backlog must drain from it completely, and its high watermark
 //! must count every message.
@@ -79,8 +79,8 @@ fn start() -> Result<(Tansu, tokio::runtime::Runtime)> {
     Ok((broker, rt))
 }
 
-/// Fault avoided: Tansu 0.6.0's in-memory engine answers a fetch from an offset inside a stored
-/// batch by skipping that batch. Invariant: a consumer that seeks into the middle of a batch
+/// Fault avoided: Tansu 0.6.0's in-memory engine, unpatched, answers a fetch from an offset
+/// inside a stored batch by skipping that batch (`ci/tansu/dynostore.patch`). Invariant: a consumer that seeks into the middle of a batch
 /// (what Spillway's consumer does after every restart or rebalance) reads the rest of it.
 #[test]
 #[ignore = "needs the fast broker: ci/fast-broker.sh builds it and runs this"]
@@ -189,9 +189,8 @@ fn the_in_memory_broker_refuses_a_restart() -> Result<()> {
 
 /// Invariant: after 100,000 acknowledged messages, written in batches, the partition's
 /// watermarks are (0, 100,000): the high watermark is what lag, the consumer's group view and
-/// loadgen's quiet verdict rely on. nisshi 0.7.0-pre.2's in-memory engine fails this (it
-/// reports 90,001: the last stored batch's base offset + 1), so the fast broker is not yet
-/// fit for benchmarks whose end is decided by lag.
+/// loadgen's quiet verdict rely on. Tansu 0.6.0's in-memory engine, unpatched, fails this (it
+/// reports the last stored batch's base offset + 1; so did nisshi 0.7.0-pre.2's, 90,001).
 #[test]
 #[ignore = "needs the fast broker: ci/fast-broker.sh builds it and runs this"]
 fn the_high_watermark_counts_every_message() -> Result<()> {
