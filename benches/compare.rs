@@ -369,7 +369,8 @@ async fn trial(url: &str, per: u64, rate: f64, secs: u64, connections: usize) ->
 }
 
 /// The highest constant rate whose trial passes (p99 within `max_p99_ms`, every request
-/// answered 2xx): doubling from `first` until a trial fails, then bisecting three times.
+/// answered 2xx): doubling from `--first-rate` until a trial fails, then bisecting to within
+/// 10%.
 /// Returns (rate, its p99 ms) and prints each trial.
 async fn max_sustainable(url: &str, per: u64, args: &Args, label: &str) -> (f64, f64) {
     let found = highest_passing(args.first_rate, 1.1, 50.0, 2, |rate| async move {
@@ -388,8 +389,9 @@ async fn max_sustainable(url: &str, per: u64, args: &Args, label: &str) -> (f64,
 
 /// The highest rate whose `trial` passes: doubling from `first` while trials pass, then
 /// bisecting until the lowest failing rate is within `precision` (a ratio) of the highest
-/// passing one; halving while trials fail, down to `floor`. Pauses `pause_secs` after each
-/// trial (what a failed one queued drains). Returns the rate and what its trial measured.
+/// passing one; halving while trials fail, until one passes or the rate is at most `floor`.
+/// Pauses `pause_secs` after each trial (what a failed one queued drains). Returns the rate
+/// and what its trial measured.
 async fn highest_passing<T, Fut: std::future::Future<Output = (bool, T)>>(
     first: f64,
     precision: f64,
@@ -488,12 +490,13 @@ async fn spike_trial(url: &str, db: &str, table: &str, rate: f64, args: &Args, r
         );
         tokio::spawn(async move {
             loop {
-                // Acknowledged before the count: rows counted later can only be more.
+                // Acknowledged before the count, and the time after it: a burst's records are
+                // never judged in before they were counted.
                 let acked = live
                     .acked_records
                     .load(std::sync::atomic::Ordering::Relaxed);
-                let t = start.elapsed().as_secs_f64();
                 if let Ok(rows) = count_rows(&db, &table, IdSource::Field("id"), &run).await {
+                    let t = start.elapsed().as_secs_f64();
                     samples
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -518,6 +521,10 @@ async fn spike_trial(url: &str, db: &str, table: &str, rate: f64, args: &Args, r
     }
     sampler.abort();
     let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // The next trial starts once this one's records are all written (or a minute passed), so
+    // a backlog left by a failed trial is not judged against the next.
+    let acked = r.acked.len() as i64;
+    let _ = settled(db, table, run, acked, Duration::from_secs(60)).await;
     let ok: u64 = r
         .statuses
         .iter()
@@ -532,6 +539,42 @@ async fn spike_trial(url: &str, db: &str, table: &str, rate: f64, args: &Args, r
             .map(|(_, end)| caught_up_after(&samples, *end, args.catch_up_secs as f64))
             .collect(),
     }
+}
+
+/// Waits until `run`'s rows in `table` reach `acked`, at most `limit`; whether they did.
+async fn settled(db: &str, table: &str, run: &str, acked: i64, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if count_rows(db, table, IdSource::Field("id"), run)
+            .await
+            .is_ok_and(|n| n >= acked)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
+/// Sends 20 requests of one record and waits until they are in `table`: the consumer has
+/// joined its group and writes, before the first trial is timed.
+async fn warm_up(url: &str, db: &str, table: &str, label: &str) -> Result<()> {
+    let run = format!("{label}warm");
+    let schedule = RateProfile::Constant { rate: 20.0 }.schedule(Duration::from_secs(1));
+    let spec = PayloadSpec::generated((1, 1), (200, 200));
+    let r = runner::run(
+        RunConfig::new(url.to_string(), schedule),
+        PayloadGen::new(spec, &run, 7),
+        Arc::new(Live::default()),
+        |_, _, _| {},
+    )
+    .await;
+    let acked = r.acked.len() as i64;
+    ensure!(
+        acked > 0 && settled(db, table, &run, acked, Duration::from_secs(60)).await,
+        "{label}: the warm-up's {acked} acknowledged records were not all in {table} within 60 s"
+    );
+    Ok(())
 }
 
 /// The highest spiky base rate whose trial passes, doubling from `--spike-first-rate` until a
@@ -574,8 +617,9 @@ async fn max_spiky(
 
 /// A plain librdkafka consumer reading `topic`'s 4 partitions from the start until it has
 /// `want` messages, keeping none (the consumer's fetch settings, no Postgres): the fetch
-/// side's rate. Returns the messages read and the time from the first to the last (as the
-/// consumers are timed).
+/// side's rate. Returns the messages read and the time from the first to the last. The clock
+/// starts with the first fetch already local, so this rate is if anything high, and the
+/// consumers' ratios to it low.
 fn fetch_only(bootstrap: &str, topic: &str, want: u64) -> Result<(u64, Duration)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
@@ -921,6 +965,13 @@ async fn spikes(args: &Args, broker: &Tansu, url: &str, dsn: &str) -> Result<()>
     let py = python_producer(args, &bootstrap, "baseline_spike", py_port)?;
     let py_consumer = python_consumer(args, &bootstrap, "baseline_spike", "baseline-spike", dsn)?;
     wait_http(py_port).await?;
+    warm_up(
+        &format!("http://127.0.0.1:{py_port}/store"),
+        url,
+        "data",
+        "Python",
+    )
+    .await?;
     let (py_rate, py_trial) = max_spiky(
         &format!("http://127.0.0.1:{py_port}/store"),
         url,
@@ -941,6 +992,7 @@ async fn spikes(args: &Args, broker: &Tansu, url: &str, dsn: &str) -> Result<()>
     s.table = spillway_consumer::pg::TableName::parse("spike").map_err(anyhow::Error::msg)?;
     s.topic_tables = vec!["spike".into()];
     let consumer = spillway_consumer::start(s).await?;
+    warm_up(&producer.store_url(), url, "spike", "Spillway").await?;
     let (sp_rate, sp_trial) =
         max_spiky(&producer.store_url(), url, "spike", args, "Spillway").await;
     producer.shutdown().await;

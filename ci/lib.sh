@@ -71,19 +71,20 @@ fetch_crate() {
 TANSU_SHA256=4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d
 TANSU_STORAGE_SHA256=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
 ensure_tansu() {
-  build_patched_tansu "$(tansu_bin)" libsql storage.patch
+  build_patched_tansu tansu "$(tansu_bin)" libsql storage.patch
 }
 
 # Tansu 0.6.0 built from crates.io with patches from ci/tansu applied to tansu-storage, into
 # BIN, unless BIN is there and was built from the same patches (their SHA-256 is kept beside
-# it): build_patched_tansu BIN FEATURES PATCH...
+# it), in $SPILLWAY_CACHE/NAME-build (removed after): build_patched_tansu NAME BIN FEATURES
+# PATCH...
 build_patched_tansu() {
-  local bin="$1" features="$2" work patch patch_sha
-  shift 2
+  local name="$1" bin="$2" features="$3" work patch patch_sha
+  shift 3
   patch_sha="$(cd "$SPILLWAY_CI_DIR/tansu" && cat "$@" | sha256sum | cut -d' ' -f1)"
   if [[ -x "$bin" && "$(cat "$bin.patch-sha256" 2>/dev/null)" == "$patch_sha" ]]; then return; fi
   step "building tansu $TANSU_VERSION (features $features) with ci/tansu/{$*} (first run only, long: ~15 min)"
-  work="$(dirname "$bin")/../build"
+  work="$SPILLWAY_CACHE/$name-build"
   rm -rf "$work"
   mkdir -p "$work"
   fetch_crate tansu "$TANSU_VERSION" "$TANSU_SHA256" "$work"
@@ -114,7 +115,9 @@ fast_broker_bin() {
   echo "$SPILLWAY_CACHE/tansu-$FAST_BROKER_BUILD/bin/tansu"
 }
 ensure_fast_broker() {
-  build_patched_tansu "$(fast_broker_bin)" libsql,dynostore storage.patch dynostore.patch
+  # A binary named by SPILLWAY_FAST_BROKER_BIN is used as it is, never rebuilt over.
+  if [[ -n "${SPILLWAY_FAST_BROKER_BIN:-}" ]]; then return; fi
+  build_patched_tansu fast-broker "$(fast_broker_bin)" libsql,dynostore storage.patch dynostore.patch
 }
 
 SPILLWAY_PG_IMAGE="${SPILLWAY_DOCKER_PG_IMAGE:-spillway-postgres:15}"

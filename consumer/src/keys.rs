@@ -45,10 +45,13 @@ pub async fn expire(
     let mut conn = pool.open(turn).await.map_err(|f| f.message)?;
     let mut total = 0;
     for target in &targets.tables {
+        // SKIP LOCKED: a key a flush is claiming (its row locked until that flush commits,
+        // `pg::claim_keys`) is left for a later round, so the delete never waits on a flush
+        // and the two cannot deadlock over two keys.
         let sql = format!(
             "DELETE FROM {k} WHERE ctid = ANY(ARRAY(
                  SELECT ctid FROM {k} WHERE first_seen < now() - make_interval(secs => $1)
-                 LIMIT {EXPIRE_BATCH}))",
+                 LIMIT {EXPIRE_BATCH} FOR UPDATE SKIP LOCKED))",
             k = target.table.request_keys()
         );
         for _ in 0..BATCHES_PER_ROUND {

@@ -371,7 +371,8 @@ impl<'a> Scanner<'a> {
                     self.i = i;
                     return Err(self.err("a control character in a string"));
                 }
-                // The last few bytes, fewer than a block.
+                // Not reached (`plain_run` stops only at a quote, a backslash or a control
+                // byte); kept so that any other byte moves on rather than loops.
                 Some(_) => i += 1,
                 None => {
                     self.i = i;
