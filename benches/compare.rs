@@ -358,14 +358,22 @@ async fn trial(url: &str, per: u64, rate: f64, secs: u64, connections: usize) ->
         |_, _, _| {},
     )
     .await;
+    outcome(&r)
+}
+
+/// A runner's result as the searches judge it: (p99 ms from the planned send, requests planned
+/// but not answered 2xx).
+fn outcome(r: &runner::RunResult) -> (f64, u64) {
     let ok: u64 = r
         .statuses
         .iter()
         .filter(|(s, _)| (200..300).contains(*s))
         .map(|(_, n)| *n)
         .sum();
-    let errors = r.planned.saturating_sub(ok);
-    (r.latency.value_at_quantile(0.99) as f64 / 1000.0, errors)
+    (
+        r.latency.value_at_quantile(0.99) as f64 / 1000.0,
+        r.planned.saturating_sub(ok),
+    )
 }
 
 /// The highest constant rate whose trial passes (p99 within `max_p99_ms`, every request
@@ -525,15 +533,10 @@ async fn spike_trial(url: &str, db: &str, table: &str, rate: f64, args: &Args, r
     // a backlog left by a failed trial is not judged against the next.
     let acked = r.acked.len() as i64;
     let _ = settled(db, table, run, acked, Duration::from_secs(60)).await;
-    let ok: u64 = r
-        .statuses
-        .iter()
-        .filter(|(s, _)| (200..300).contains(*s))
-        .map(|(_, n)| *n)
-        .sum();
+    let (p99_ms, errors) = outcome(&r);
     Spike {
-        p99_ms: r.latency.value_at_quantile(0.99) as f64 / 1000.0,
-        errors: r.planned.saturating_sub(ok),
+        p99_ms,
+        errors,
         catch_up: judged
             .iter()
             .map(|(_, end)| caught_up_after(&samples, *end, args.catch_up_secs as f64))
